@@ -1,0 +1,30 @@
+"""attend: the attention core for PyTorch models.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+    from attend import Attend, attention, explain, list_backends
+"""
+
+from .backends.base import Backend, Caps
+from .dispatch import NoBackendError, Report, get_backend, list_backends, register_backend
+from .functional import attention, explain
+from .inputs import AttnInputs
+from .module import Attend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attend",
+    "attention",
+    "explain",
+    "list_backends",
+    "get_backend",
+    "register_backend",
+    "NoBackendError",
+    "Report",
+    "AttnInputs",
+    "Backend",
+    "Caps",
+    "__version__",
+]

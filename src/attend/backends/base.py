@@ -1,0 +1,122 @@
+"""`Backend`: a way to compute attention, with its capabilities declared as data.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+A backend declares, per device type, a `Caps` record. One generic `reasons_unsupported` reads it; a
+backend extends it with `super()` for checks that cannot be data. The dispatcher, `explain`, the test
+generator and the error messages all read the same declarations, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .._helpers import cuda_capability, fmt_dtypes
+from ..inputs import AttnInputs
+
+__all__ = ["Caps", "Backend"]
+
+ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What a backend can run on one device type. Every field is read by `Backend.reasons_unsupported`."""
+
+    dtypes: frozenset = ALL_FLOATS
+    max_head_dim: int | None = None  # applies to d and e
+    head_dim_multiple: dict = field(default_factory=dict)  # dtype -> d and e must be multiples of it
+    same_value_dim: bool = False  # needs e == d
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability
+    min_capability_for: dict = field(default_factory=dict)  # dtype -> capability (bf16 needs sm80)
+    mask: bool = True  # bool masks and causal combined with other constraints
+    bias: bool = True
+    bias_grad: bool = True  # gradient with respect to `bias`
+    causal: bool = True
+    dropout: bool = True
+    dropout_step: float | None = None  # dropout_p must be a multiple of this
+    grad: bool = True
+    native_gqa: bool = True  # False: k/v are expanded to h heads (a copy)
+    deterministic: bool = True
+
+
+class Backend:
+    """A way to compute attention. Subclasses set `name` and `caps` and implement `run`.
+
+    `run(inp)` takes validated `AttnInputs` and returns `(b, h, i, e)` in the dtype of q.
+    """
+
+    name: ClassVar[str] = ""
+    caps: ClassVar[dict[str, Caps]] = {}
+    fused: ClassVar[bool] = False  # counts as "flash" for Attend(flash=True)
+
+    def unavailable_reason(self) -> str | None:
+        """Environment check independent of the inputs (missing dependency, torch too old). None = available."""
+        return None
+
+    def caps_for(self, device: torch.device) -> Caps | None:
+        return self.caps.get(device.type)
+
+    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
+        """Every reason this backend cannot run `inp`; an empty list means it can.
+
+        One short line each, naming the actual value and the limit: `head_dim=320 > 256`.
+        """
+        why = self.unavailable_reason()
+        if why is not None:
+            return [why]
+        caps = self.caps_for(inp.device)
+        if caps is None:
+            return [f"device={inp.device.type} (supported: {', '.join(sorted(self.caps))})"]
+        reasons = []
+        if inp.dtype not in caps.dtypes:
+            reasons.append(f"dtype={inp.dtype} (supported: {fmt_dtypes(caps.dtypes)})")
+        if caps.same_value_dim and inp.e != inp.d:
+            reasons.append(f"value head dim e={inp.e} != d={inp.d} (needs e == d)")
+        if caps.max_head_dim is not None:
+            for letter, size in (("d", inp.d), ("e", inp.e)):
+                if size > caps.max_head_dim:
+                    reasons.append(f"head_dim {letter}={size} > {caps.max_head_dim}")
+        multiple = caps.head_dim_multiple.get(inp.dtype)
+        if multiple:
+            for letter, size in (("d", inp.d), ("e", inp.e)):
+                if size % multiple:
+                    reasons.append(f"head_dim {letter}={size} is not a multiple of {multiple} for {inp.dtype}")
+        if inp.device.type == "cuda":
+            cap = cuda_capability(inp.device.index if inp.device.index is not None else torch.cuda.current_device())
+            need = max([c for c in (caps.min_capability, caps.min_capability_for.get(inp.dtype)) if c], default=None)
+            if need is not None and cap < need:
+                reasons.append(f"compute capability sm{cap[0]}{cap[1]} < sm{need[0]}{need[1]}")
+        if inp.mask is not None and not caps.mask:
+            reasons.append(f"mask given ({inp.mask_kind}); this backend takes no mask")
+        if inp.bias is not None and not caps.bias:
+            reasons.append("bias given; this backend takes no bias")
+        if inp.bias_needs_grad and not caps.bias_grad:
+            reasons.append("bias requires grad; this backend gives no gradient for bias")
+        if inp.causal and not caps.causal:
+            reasons.append("causal=True not supported")
+        if inp.dropout_p > 0 and not caps.dropout:
+            reasons.append(f"dropout_p={inp.dropout_p} > 0; this backend has no dropout")
+        if inp.dropout_p > 0 and caps.dropout_step:
+            steps = inp.dropout_p / caps.dropout_step
+            if abs(steps - round(steps)) > 1e-9:
+                reasons.append(f"dropout_p={inp.dropout_p} is not a multiple of {caps.dropout_step}")
+        if inp.needs_grad and not caps.grad:
+            reasons.append("inputs require grad; this backend has no backward")
+        if not caps.deterministic and (inp.deterministic or torch.are_deterministic_algorithms_enabled()):
+            reasons.append("not deterministic, and determinism was requested")
+        return reasons
+
+    def supports(self, inp: AttnInputs) -> bool:
+        return not self.reasons_unsupported(inp)
+
+    def run(self, inp: AttnInputs) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<attend backend {self.name!r}>"

@@ -1,0 +1,77 @@
+"""`einsum`: THE reference. Readable, runs every feature, on every device, in float64 too.
+
+Shape legend: b batch, h query heads (= g * r), g key/value heads, r query heads per kv head,
+i query positions, j key positions, d head dim (q and k), e value head dim.
+
+It holds the full (b, g, r, i, j) logits in memory, so it is the spec, not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .._helpers import accum_dtype
+from ..inputs import AttnInputs
+from ..masks import combined_keep
+from .base import Backend, Caps
+
+__all__ = ["EinsumBackend", "einsum_attention"]
+
+# helpers
+
+
+def _group(t: Tensor | None, g: int) -> Tensor | None:
+    """(b, h|1, i, j) -> (b, g|1, r|1, i, j) so masks and bias line up with grouped queries."""
+    if t is None:
+        return None
+    if t.dim() == 2:  # a shared (i, j) tile
+        return t
+    if t.shape[1] == 1:
+        return t[:, :, None]
+    return rearrange(t, "b (g r) i j -> b g r i j", g=g)
+
+
+def einsum_attention(inp: AttnInputs, *, softmax_dtype: torch.dtype | None = None) -> Tensor:
+    """Attention as the contract defines it. `softmax_dtype` overrides where the softmax runs (the
+    seed's behaviour, softmax in the input dtype, is `softmax_dtype=q.dtype`; benchmarks only)."""
+    acc = softmax_dtype or accum_dtype(inp.dtype)
+
+    # grouped-query heads: fold the r query heads that share one kv head into their own dim, so k and v
+    # are never copied to h heads
+    q = rearrange(inp.q, "b (g r) i d -> b g r i d", g=inp.g)
+    sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k) * inp.scale
+    sim = sim.to(acc)
+
+    if inp.bias is not None:
+        sim = sim + _group(inp.bias, inp.g).to(acc)
+
+    keep = combined_keep(inp)
+    if keep is not None:
+        # masked_fill, not an add: a garbage (even NaN) logit at a masked key never reaches the softmax
+        sim = sim.masked_fill(~_group(keep, inp.g), float("-inf"))
+
+    # softmax that gives exactly 0 (and zero gradients) for a row with no key it may attend
+    row_max = sim.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp = (sim - row_max).exp()
+    den = exp.sum(dim=-1, keepdim=True)
+    attn = exp / torch.where(den > 0, den, torch.ones_like(den))
+
+    if inp.dropout_p > 0:
+        attn = F.dropout(attn, p=inp.dropout_p, training=True)
+
+    out = torch.einsum("b g r i j, b g j e -> b g r i e", attn.to(inp.v.dtype), inp.v)
+    return rearrange(out, "b g r i e -> b (g r) i e").to(inp.dtype)
+
+
+class EinsumBackend(Backend):
+    """The reference: every feature, every device and dtype, O(i * j) memory per head."""
+
+    name = "einsum"
+    caps = {"cpu": Caps(), "cuda": Caps(), "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))}
+
+    def run(self, inp: AttnInputs) -> Tensor:
+        return einsum_attention(inp)

@@ -1,0 +1,252 @@
+"""`sdpa:*`: one registered backend per PyTorch `SDPBackend` variant.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+Each backend runs `F.scaled_dot_product_attention` under `torch.nn.attention.sdpa_kernel([variant])`,
+scoped to the call, so a pinned backend can never silently fall back to another kernel. On CPU,
+PyTorch's FLASH_ATTENTION variant is its CPU flash kernel: that is `sdpa:flash` there.
+
+Declared limits follow PyTorch's own checks (`sdp_utils.cpp`, `sdp_utils_cpp.cpp`; see
+`shared/research/anchors-features.md` section (b)).
+
+Lowering, cheapest first:
+  * no mask, causal with i == j        -> `is_causal=True` (the kernel skips masked blocks)
+  * no mask, causal with i != j        -> CUDA: `causal_lower_right` (no tensor at all); CPU: one shared
+                                          bool (rows, cols) tile per query block
+  * key padding / bool mask            -> the user's own broadcast view, bool (never expanded)
+  * bias                               -> bias in q's dtype, -inf where the mask or causality forbids
+  * causal combined with a mask or bias, or with i != j on CPU -> queries in blocks of `query_block`,
+    each against only the keys it can see: causal costs about half, as with `is_causal`
+  * grouped-query heads                -> `enable_gqa=True` where the kernel has it, else k/v expanded
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..inputs import AttnInputs
+from ..masks import dead_rows, sdpa_attn_mask
+from .base import Backend, Caps
+
+__all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
+
+HALF = frozenset({torch.float16, torch.bfloat16})
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+# helpers
+
+
+@functools.lru_cache(maxsize=None)
+def has_enable_gqa() -> bool:
+    """Does this torch's SDPA take `enable_gqa` (torch >= 2.5)? Checked by calling it, not by version."""
+    q = torch.zeros(1, 2, 1, 8)
+    kv = torch.zeros(1, 1, 1, 8)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
+    """Does this kernel give 0 output and finite gradients for a row with no key to attend?
+
+    PyTorch >= 2.5 does (pytorch#133882, `_safe_softmax`); older kernels give NaN. Probed once per
+    (variant, device); where it fails, `SdpaBackend.run` un-masks such rows and zeroes them after.
+    """
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q = torch.ones(1, 1, 2, 8, dtype=dtype, device=device, requires_grad=True)
+    kv = torch.ones(1, 1, 2, 8, dtype=dtype, device=device)
+    keep = torch.tensor([[False, False], [True, True]], device=device)
+    try:
+        with sdpa_kernel([variant]):
+            out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep)
+            out.sum().backward()
+    except RuntimeError:
+        return False
+    return bool((out[0, 0, 0] == 0).all()) and bool(torch.isfinite(q.grad).all())
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_right_bias(i: int, j: int):
+    """CUDA only: a `CausalBias` object PyTorch lowers to the kernels' native bottom-right causal."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(i, j)
+
+
+@functools.lru_cache(maxsize=None)
+def has_lower_right_gqa() -> bool:
+    from torch.nn.attention.bias import CausalBias
+
+    return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
+def _expand_kv(t: Tensor, h: int) -> Tensor:
+    """(b, g, j, x) -> (b, h, j, x), a copy: only for kernels with no native grouped-query path."""
+    b, g, j, x = t.shape
+    return t[:, :, None].expand(b, g, h // g, j, x).reshape(b, h, j, x)
+
+
+# main class
+
+
+class SdpaBackend(Backend):
+    variant: SDPBackend
+    fused = True
+    query_block: int = 512  # queries per block when causal must be combined with a mask (see module doc)
+
+    def caps_for(self, device: torch.device) -> Caps | None:
+        caps = super().caps_for(device)
+        if caps is not None and caps.native_gqa and not has_enable_gqa():
+            from dataclasses import replace
+
+            caps = replace(caps, native_gqa=False)
+        return caps
+
+    def run(self, inp: AttnInputs) -> Tensor:
+        caps = self.caps_for(inp.device)
+        q, k, v = inp.q, inp.k, inp.v
+        kwargs = {"scale": inp.scale, "dropout_p": inp.dropout_p}
+        if inp.gqa:
+            if caps.native_gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                k, v = _expand_kv(k, inp.h), _expand_kv(v, inp.h)
+
+        with sdpa_kernel([self.variant]):
+            if not inp.causal or (inp.i == inp.j and inp.mask is None and inp.bias is None):
+                return self._call(inp, q, k, v, kwargs, rows=None, cols=None)
+            if self._native_lower_right(inp, kwargs):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_bias(inp.i, inp.j), **kwargs)
+            # causal with a mask, or unaligned: each block of queries sees keys [0, last visible)
+            outs = []
+            for start in range(0, inp.i, self.query_block):
+                rows = slice(start, min(start + self.query_block, inp.i))
+                cols = max(0, min(inp.j, rows.stop + inp.j - inp.i))
+                if cols == 0:  # every query here comes before the first key: no key to attend
+                    outs.append(q.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * q[:, :, rows, :1])
+                    continue
+                outs.append(self._call(inp, q[:, :, rows], k[:, :, :cols], v[:, :, :cols], kwargs, rows, cols))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _native_lower_right(self, inp: AttnInputs, kwargs: dict) -> bool:
+        """CUDA flash and efficient kernels align causal to the bottom-right natively; PyTorch reaches them
+        through `causal_lower_right` without building any mask."""
+        return (
+            inp.device.type == "cuda"
+            and inp.mask is None
+            and inp.bias is None
+            and self.variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+            and ("enable_gqa" not in kwargs or has_lower_right_gqa())
+        )
+
+    def _call(self, inp: AttnInputs, q, k, v, kwargs, rows, cols) -> Tensor:
+        if not inp.causal or rows is not None:
+            attn_mask = sdpa_attn_mask(inp, rows, cols)
+            is_causal = False
+        else:
+            attn_mask, is_causal = None, True
+        dead = None
+        if attn_mask is not None and not zeroes_dead_rows(self.variant, inp.device.type):
+            # old kernels give NaN for rows with no key: let those rows attend everything, zero them after
+            dead = dead_rows(inp)
+            if dead is not None and rows is not None and dead.shape[2] != 1:
+                dead = dead[:, :, rows]
+            if dead is not None:
+                attn_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+        if dead is not None:
+            out = out.masked_fill(dead, 0.0)
+        return out
+
+
+class SdpaFlash(SdpaBackend):
+    """`SDPBackend.FLASH_ATTENTION`: FlashAttention-2 on CUDA, PyTorch's flash kernel on CPU."""
+
+    name = "sdpa:flash"
+    variant = SDPBackend.FLASH_ATTENTION
+    caps = {
+        # sdp_utils_cpp.cpp: any float dtype, q/k/v one head dim, masks without grad, no dropout
+        "cpu": Caps(dtypes=FLOATS, same_value_dim=True, bias_grad=False, dropout=False),
+        # sdp_utils.cpp: sm80+, fp16/bf16, d = e <= 256, no attn_mask; bottom-right causal via CausalBias
+        "cuda": Caps(
+            dtypes=HALF,
+            max_head_dim=256,
+            same_value_dim=True,
+            min_capability=(8, 0),
+            mask=False,
+            bias=False,
+            deterministic=False,
+        ),
+    }
+
+    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
+        reasons = super().reasons_unsupported(inp)
+        if reasons or inp.device.type != "cuda":
+            return reasons
+        if inp.causal and inp.i != inp.j and inp.gqa and not has_lower_right_gqa():
+            reasons.append("causal with i != j and grouped-query heads needs torch's CausalBias with enable_gqa")
+        return reasons
+
+
+class SdpaEfficient(SdpaBackend):
+    """`SDPBackend.EFFICIENT_ATTENTION`: the CUTLASS memory-efficient kernel (CUDA only)."""
+
+    name = "sdpa:efficient"
+    variant = SDPBackend.EFFICIENT_ATTENTION
+    caps = {
+        # sdp_utils.cpp: sm50+, bf16 needs sm80, d and e aligned (8 for half types, 4 for float32);
+        # GQA only on recent torch main (pytorch#191085), so k/v are expanded
+        "cuda": Caps(
+            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            min_capability=(5, 0),
+            min_capability_for={torch.bfloat16: (8, 0)},
+            head_dim_multiple={torch.float16: 8, torch.bfloat16: 8, torch.float32: 4},
+            native_gqa=False,
+            deterministic=False,
+        ),
+    }
+
+
+class SdpaCudnn(SdpaBackend):
+    """`SDPBackend.CUDNN_ATTENTION`: cuDNN's fused attention (CUDA only)."""
+
+    name = "sdpa:cudnn"
+    variant = SDPBackend.CUDNN_ATTENTION
+    caps = {
+        # sdp_utils.cpp: sm80+, fp16/bf16, d and e <= 128 and multiples of 8 (256 only on newest cuDNN:
+        # not claimed), masks without grad, dropout in steps of 1/16, not deterministic
+        "cuda": Caps(
+            dtypes=HALF,
+            max_head_dim=128,
+            head_dim_multiple={torch.float16: 8, torch.bfloat16: 8},
+            min_capability=(8, 0),
+            bias_grad=False,
+            dropout_step=1 / 16,
+            deterministic=False,
+        ),
+    }
+
+    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
+        reasons = super().reasons_unsupported(inp)
+        if not reasons and inp.j == 1:
+            reasons.append("key length j=1 (cuDNN needs j > 1)")
+        return reasons
+
+
+class SdpaMath(SdpaBackend):
+    """`SDPBackend.MATH`: PyTorch's composite implementation; every feature, O(i * j) memory."""
+
+    name = "sdpa:math"
+    variant = SDPBackend.MATH
+    fused = False
+    caps = {"cpu": Caps(), "cuda": Caps(), "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))}

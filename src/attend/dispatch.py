@@ -1,0 +1,225 @@
+"""The registry, the per-device priority, `select()` and `explain()`.
+
+Auto = the first eligible backend in the device's priority order. A named backend runs or raises a
+`ValueError` with its reasons: never a silent fallback. The dispatcher reads only each backend's declared
+capabilities and `reasons_unsupported`; it never looks inside a backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from ._helpers import exists
+from .backends import REGISTERED
+from .backends.base import Backend
+from .inputs import AttnInputs
+
+__all__ = [
+    "PRIORITY",
+    "NoBackendError",
+    "Report",
+    "register_backend",
+    "get_backend",
+    "list_backends",
+    "select",
+    "explain_inputs",
+    "clear_cache",
+]
+
+log = logging.getLogger("attend")
+
+# First eligible wins. Evidence for each order sits beside it; rerun `attend bench` to refresh it.
+PRIORITY: dict[str, tuple[str, ...]] = {
+    # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27), (1, 8, 4096, 64) float32 forward:
+    # sdpa:flash 224 ms, sdpa:math 727 ms, einsum 900 ms; causal: sdpa:flash 127 ms.
+    # See benchmarks/README.md for the full table.
+    "cpu": ("sdpa:flash", "sdpa:math", "einsum"),
+    # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
+    # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
+    # (pytorch#196678 NaN grad_q, pytorch#193893 corrupted greedy decoding).
+    "cuda": ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "einsum"),
+}
+# Devices without their own list: the generic order.
+DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math", "einsum")
+
+# Auto landing here on these devices means a slow path: logged once with the reasons.
+SLOW: dict[str, frozenset[str]] = {"cuda": frozenset({"einsum", "sdpa:math"})}
+
+_registry: dict[str, Backend] = {b.name: b for b in REGISTERED}
+_cache: dict[tuple, str] = {}
+_logged: set[tuple] = set()
+_lock = threading.Lock()
+
+
+class NoBackendError(RuntimeError):
+    """No registered backend can run these inputs. The message lists every backend's reasons."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `explain` returns.
+
+    `backend`: the name auto picks (or the pinned one), None when nothing can run.
+    `reasons`: for every registered backend, in priority order, the reasons it cannot run the inputs
+    (an empty list when it can).
+    """
+
+    backend: str | None
+    reasons: dict[str, list[str]]
+    inputs: str = ""
+    hint: str = ""
+    candidates: tuple[str, ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.reasons] + [7])
+        lines = ["inputs:", self.inputs, ""]
+        lines.append(f"{'backend':<{width}}  status")
+        lines.append(f"{'-' * width}  {'-' * 40}")
+        for name, reasons in self.reasons.items():
+            if name == self.backend:
+                status = "SELECTED"
+            elif not reasons:
+                status = "eligible" if name in self.candidates else "eligible (not in this device's auto order)"
+            else:
+                status = "no: " + reasons[0]
+            lines.append(f"{name:<{width}}  {status}")
+            for extra in reasons[1:]:
+                lines.append(f"{'':<{width}}      {extra}")
+        if self.backend is None:
+            lines.append("")
+            lines.append("no backend can run these inputs")
+        return "\n".join(lines)
+
+
+# helpers
+
+
+def _priority(device_type: str) -> tuple[str, ...]:
+    order = PRIORITY.get(device_type, DEFAULT_PRIORITY)
+    return tuple(n for n in order if n in _registry)
+
+
+def _ordered_names(device_type: str) -> list[str]:
+    first = list(_priority(device_type))
+    return first + [n for n in _registry if n not in first]
+
+
+def _format_failure(inp: AttnInputs, blocks: dict[str, list[str]], head: str) -> str:
+    lines = [head, inp.describe()]
+    for name, reasons in blocks.items():
+        lines.append(f"`{name}` cannot run because:")
+        lines.extend(f"    {r}" for r in reasons)
+    lines.append(f"Hint: `{inp.cli_hint()}`")
+    return "\n".join(lines)
+
+
+# main functions
+
+
+def register_backend(backend: Backend, *, priority: dict[str, int] | None = None) -> None:
+    """Register a backend instance under `backend.name` (replacing one of the same name).
+
+    `priority`: optional {device_type: position} to insert it into that device's auto order.
+    """
+    if not isinstance(backend, Backend) or not backend.name:
+        raise TypeError(f"expected an attend Backend instance with a `name`, got {backend!r}")
+    with _lock:
+        _registry[backend.name] = backend
+        for device, pos in (priority or {}).items():
+            order = [n for n in PRIORITY.get(device, DEFAULT_PRIORITY) if n != backend.name]
+            order.insert(pos, backend.name)
+            PRIORITY[device] = tuple(order)
+        _cache.clear()
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called `name`, or a ValueError listing the known names."""
+    try:
+        return _registry[name]
+    except (KeyError, TypeError):
+        known = ", ".join(_registry)
+        raise ValueError(f"expected a backend name among: {known}; got {name!r}") from None
+
+
+def list_backends() -> list[str]:
+    """Names of all registered backends, in registration order (stable strings used everywhere)."""
+    return list(_registry)
+
+
+def clear_cache() -> None:
+    """Forget cached auto choices (after changing global torch flags, for instance)."""
+    with _lock:
+        _cache.clear()
+
+
+def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Backend:
+    """The backend that runs `inp`.
+
+    backend=None: the first eligible backend in the device's priority order (cached per input
+    signature). backend="name": that backend, or a ValueError listing its reasons.
+    fused_only: restrict auto to fused kernels (`Attend(flash=True)`).
+
+    Raises:
+        ValueError: unknown name, or the named backend cannot run `inp`.
+        NoBackendError: auto found no eligible backend.
+    """
+    if exists(backend):
+        chosen = get_backend(backend)
+        reasons = chosen.reasons_unsupported(inp)
+        if reasons:
+            raise ValueError(_format_failure(inp, {chosen.name: reasons}, f"backend={backend!r} cannot run these inputs:"))
+        return chosen
+
+    key = (inp.signature(), fused_only)
+    name = _cache.get(key)
+    if name is not None:
+        return _registry[name]
+
+    rejected: dict[str, list[str]] = {}
+    for name in _priority(inp.device.type):
+        candidate = _registry[name]
+        if fused_only and not candidate.fused:
+            rejected[name] = ["not a fused kernel (Attend(flash=True) asks for one)"]
+            continue
+        reasons = candidate.reasons_unsupported(inp)
+        if not reasons:
+            with _lock:
+                _cache[key] = name
+            _log_slow(inp, name, rejected)
+            return candidate
+        rejected[name] = reasons
+    raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
+
+
+def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
+    """Every registered backend with its reasons, and the one that runs `inp`."""
+    order = _ordered_names(inp.device.type)
+    reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
+    if fused_only:
+        for n in order:
+            if not _registry[n].fused:
+                reasons[n] = ["not a fused kernel (Attend(flash=True) asks for one)"] + reasons[n]
+    try:
+        chosen = select(inp, backend, fused_only=fused_only).name
+    except (NoBackendError, ValueError):
+        chosen = None
+    return Report(
+        backend=chosen,
+        reasons=reasons,
+        inputs=inp.describe(),
+        hint=inp.cli_hint(),
+        candidates=_priority(inp.device.type),
+    )
+
+
+def _log_slow(inp: AttnInputs, name: str, rejected: dict[str, list[str]]) -> None:
+    if name not in SLOW.get(inp.device.type, ()):
+        return
+    key = (inp.device.type, name, tuple((n, tuple(r)) for n, r in rejected.items()))
+    if key in _logged:
+        return
+    _logged.add(key)
+    why = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
+    log.warning("attend: auto picked the slow `%s` backend on %s because %s", name, inp.device.type, why)

@@ -1,0 +1,125 @@
+"""`attention()` and `explain()`: the functional API.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .dispatch import Report, explain_inputs, select
+from .inputs import AttnInputs, validate
+
+__all__ = ["attention", "explain", "run_inputs"]
+
+_DOC_SEMANTICS = """
+    Shapes (legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+    d head dim of q and k, e value head dim):
+        q (b, h, i, d), k (b, g, j, d), v (b, g, j, e), h % g == 0  ->  out (b, h, i, e), q's dtype
+
+    Equivalent to (the `einsum` reference backend, with softmax in float32)::
+
+        sim = einsum('b h i d, b h j d -> b h i j', q, k) * scale    # k, v shared by h // g heads
+        sim = sim + bias                                              # bias: float, broadcast
+        sim = sim.masked_fill(~mask | ~causal_keep, -inf)             # mask: bool, True = may attend
+        attn = dropout(sim.softmax(dim=-1), dropout_p)                # a row with no key gives 0
+        out = einsum('b h i j, b h j e -> b h i e', attn, v)
+
+    `mask` may be 2-D (b, j): a key padding mask. `causal=True` is aligned to the bottom-right, as in
+    flash-attn and KV-cache decoding: query i may attend key j iff j <= i + (j_len - i_len)::
+
+        i_len=2, j_len=5: q0 sees k0..k3, q1 sees k0..k4
+        i_len=5, j_len=2: q0..q2 see nothing (output 0), q3 sees k0, q4 sees k0..k1
+"""
+
+
+def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
+    """Dispatch validated inputs and run them (used by `attention` and `Attend`)."""
+    if inp.i == 0 or inp.j == 0:
+        # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
+        # The zero terms keep the graph connected so gradients are zeros, not None.
+        zero = (inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0
+        return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
+    return select(inp, backend, fused_only=fused_only).run(inp)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    return run_inputs(inp, backend)
+
+
+attention.__doc__ = (
+    """Scaled dot-product attention through the fastest backend that can run the inputs.
+
+    Args:
+        q, k, v: query, key and value tensors (shapes below).
+        mask: bool, True = may attend, broadcastable to (b, h, i, j); 2-D (b, j) = key padding.
+        bias: float, added to the scaled logits, broadcastable to (b, h, i, j).
+        causal: bottom-right aligned causal masking (picture below).
+        scale: logit scale, default d ** -0.5.
+        dropout_p: dropout on the attention probabilities (applied whenever > 0).
+        backend: None for auto, or a name from `list_backends()`; a named backend runs or raises.
+"""
+    + _DOC_SEMANTICS
+    + """
+    Raises:
+        TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
+        ValueError: the named `backend` cannot run these inputs (its reasons are listed).
+        NoBackendError: no registered backend can run these inputs.
+
+    Example::
+
+        >>> q = torch.randn(2, 8, 128, 64); k = v = torch.randn(2, 2, 128, 64)
+        >>> pad = torch.ones(2, 128, dtype=torch.bool); pad[1, 100:] = False
+        >>> out = attention(q, k, v, mask=pad, causal=True)       # (2, 8, 128, 64)
+    """
+)
+
+
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> Report:
+    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    return explain_inputs(inp, backend)
+
+
+explain.__doc__ = (
+    """Which backend `attention(...)` would run for these inputs, and why not each of the others.
+
+    Takes the same arguments as `attention`; runs no kernel. Returns a `Report` with
+    `report.backend` (str, or None when nothing can run), `report.reasons` (dict: backend name ->
+    list of reasons it cannot run the inputs; empty when it can) and `str(report)`, a readable table.
+"""
+    + _DOC_SEMANTICS
+    + """
+    Raises:
+        TypeError, ValueError: bad input ("expected X, got Y").
+
+    Example::
+
+        >>> print(explain(q, k, v, mask=pad, causal=True))
+        >>> explain(q, k, v, dropout_p=0.1).reasons["sdpa:flash"]
+        ['dropout_p=0.1 > 0; this backend has no dropout']
+    """
+)

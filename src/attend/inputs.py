@@ -1,0 +1,341 @@
+"""`AttnInputs` and `validate()`: every user-facing input error of the library lives in this file.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+    q (b, h, i, d)   k (b, g, j, d)   v (b, g, j, e)   h % g == 0
+    mask  bool, True = may attend, broadcastable to (b, h, i, j); a 2-D (b, j) mask is key padding
+    bias  float, added to the scaled logits, broadcastable to (b, h, i, j)
+
+Errors read "expected X, got Y", name every shape involved and carry a hint where there is one. They
+are raised before any kernel runs, and never with `assert` (it vanishes under `python -O`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._helpers import exists, fmt_dtype, fmt_shape
+
+__all__ = ["AttnInputs", "validate", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+# helpers
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, Tensor):
+        return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
+    return f"{type(t).__name__} {t!r}"[:120]
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(t)}")
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(
+            f"expected `{name}` to be a dense (strided) tensor, got layout {t.layout}; "
+            f"hint: call `{name}.to_dense()` first"
+        )
+    if getattr(t, "is_nested", False):
+        raise TypeError(
+            f"expected `{name}` to be a dense tensor, got a nested tensor; "
+            "hint: pad the sequences and pass a key padding mask `(b, j)` instead"
+        )
+
+
+def _broadcast_4d(name: str, t: Tensor, target: tuple[int, int, int, int], what: str) -> Tensor:
+    """View `t` as 4-D (right-aligned, like PyTorch broadcasting) and check it broadcasts to `target`."""
+    if t.dim() > 4:
+        raise ValueError(
+            f"expected `{name}` with at most 4 dims, broadcastable to (b, h, i, j) = {fmt_shape(target)}, "
+            f"got {t.dim()}-D shape {fmt_shape(t.shape)}"
+        )
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+    for size, want, letter in zip(t4.shape, target, "bhij"):
+        if size not in (1, want):
+            raise ValueError(
+                f"expected `{name}` broadcastable to (b, h, i, j) = {fmt_shape(target)}, got shape "
+                f"{fmt_shape(t.shape)} (dim `{letter}` is {size}, must be 1 or {want}); {what}"
+            )
+    return t4
+
+
+# main class
+
+
+@dataclass(frozen=True, eq=False)
+class AttnInputs:
+    """Everything a backend needs to decide and to run, already validated and normalised.
+
+    Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); h % g == 0.
+    `mask` (bool, True = may attend) and `bias` (float) are 4-D views broadcastable to (b, h, i, j),
+    never expanded. `causal` is aligned to the bottom-right: query i may attend key j iff
+    j <= i + (j_len - i_len). `scale` is resolved (default d ** -0.5).
+
+    Build one with `validate(...)`; the constructor does not check anything.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None = None
+    bias: Tensor | None = None
+    causal: bool = False
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    deterministic: bool = False
+    mask_kind: str = "none"  # "none" | "key_padding" | "bool"
+
+    # derived, so backends never re-derive them differently
+
+    @property
+    def b(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def h(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def g(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def i(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def j(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def d(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def e(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def gqa(self) -> bool:
+        return self.h != self.g
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            exists(t) and t.requires_grad for t in (self.q, self.k, self.v, self.bias)
+        )
+
+    @property
+    def bias_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and exists(self.bias) and self.bias.requires_grad
+
+    def signature(self) -> tuple:
+        """Everything a backend's eligibility may depend on; the dispatch cache key."""
+
+        def desc(t: Tensor | None):
+            return None if t is None else (tuple(t.shape), t.dtype, t.requires_grad)
+
+        return (
+            self.device.type,
+            self.device.index,
+            self.dtype,
+            tuple(self.q.shape),
+            tuple(self.k.shape),
+            tuple(self.v.shape),
+            tuple(t.stride(-1) == 1 for t in (self.q, self.k, self.v)),
+            desc(self.mask),
+            desc(self.bias),
+            self.causal,
+            self.dropout_p > 0,
+            self.dropout_p,
+            self.needs_grad,
+            self.deterministic or torch.are_deterministic_algorithms_enabled(),
+        )
+
+    def describe(self) -> str:
+        """Multi-line summary of the inputs, for error messages and `explain`."""
+        causal = "False"
+        if self.causal:
+            causal = "True (bottom-right aligned)" if self.i != self.j else "True"
+        mask = "None" if self.mask is None else f"{self.mask_kind} {fmt_shape(self.mask.shape)}"
+        bias = "None" if self.bias is None else f"{fmt_dtype(self.bias.dtype)} {fmt_shape(self.bias.shape)}"
+        return (
+            f"  q      : shape={fmt_shape(self.q.shape)} dtype={fmt_dtype(self.dtype)} device={self.device}\n"
+            f"  k, v   : shape={fmt_shape(self.k.shape)}, {fmt_shape(self.v.shape)}\n"
+            f"  causal : {causal}   mask: {mask}   bias: {bias}\n"
+            f"  scale  : {self.scale:.6g}   dropout_p: {self.dropout_p}   grad: {self.needs_grad}"
+        )
+
+    def cli_hint(self) -> str:
+        """The `attend explain ...` command that reproduces these inputs."""
+        parts = [f"attend explain --shape {self.b},{self.h},{self.i},{self.d}"]
+        if self.gqa:
+            parts.append(f"--kv-heads {self.g}")
+        if self.j != self.i:
+            parts.append(f"--kv-len {self.j}")
+        if self.e != self.d:
+            parts.append(f"--v-dim {self.e}")
+        parts.append(f"--dtype {fmt_dtype(self.dtype)} --device {self.device.type}")
+        if self.causal:
+            parts.append("--causal")
+        if self.mask is not None:
+            parts.append(f"--mask {'padding' if self.mask_kind == 'key_padding' else 'bool'}")
+        elif self.bias is not None:
+            parts.append("--mask bias")
+        if self.needs_grad:
+            parts.append("--grad")
+        if self.dropout_p > 0:
+            parts.append(f"--dropout {self.dropout_p}")
+        return " ".join(parts)
+
+
+def validate(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool = False,
+    scale: Any = None,
+    dropout_p: Any = 0.0,
+    deterministic: bool = False,
+) -> AttnInputs:
+    """Check user inputs and return a normalised `AttnInputs`.
+
+    Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
+    (b, j) key padding; bias float broadcastable to (b, h, i, j).
+
+    Raises:
+        TypeError: a non-tensor, sparse or nested tensor, or a wrong dtype (integer, complex, float mask).
+        ValueError: any shape, device or value mismatch, as "expected X, got Y" with every shape involved.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    for name, t, want in (("q", q, "(b, h, i, d)"), ("k", k, "(b, g, j, d)"), ("v", v, "(b, g, j, e)")):
+        if t.dim() != 4:
+            hint = ""
+            if t.dim() == 3:
+                hint = "; hint: for (b, n, h*d) activations split heads first: `rearrange(t, 'b n (h d) -> b h n d', h=heads)`"
+            raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}{hint}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in FLOAT_DTYPES:
+            kind = "complex" if t.is_complex() else "integer or bool" if not t.is_floating_point() else "unsupported float"
+            raise TypeError(
+                f"expected `{name}` of a floating dtype (float16, bfloat16, float32, float64), "
+                f"got {kind} dtype {fmt_dtype(t.dtype)}; hint: `{name}.float()`"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"expected q, k, v of one dtype, got q {fmt_dtype(q.dtype)}, k {fmt_dtype(k.dtype)}, "
+            f"v {fmt_dtype(v.dtype)}; hint: cast them to one dtype, or run under `torch.autocast`"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"expected q, k, v on one device, got q on {q.device}, k on {k.device}, v on {v.device}; "
+            "hint: move them with `.to(q.device)`"
+        )
+
+    b, h, i, d = q.shape
+    bk, g, j, dk = k.shape
+    bv, gv, jv, e = v.shape
+    shapes = f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
+    if not (b == bk == bv):
+        raise ValueError(f"expected one batch size `b` for q, k, v, got {b}, {bk}, {bv} ({shapes})")
+    if g != gv:
+        raise ValueError(
+            f"expected k and v with the same number of heads `g`, got {g} and {gv} ({shapes})"
+        )
+    if j != jv:
+        raise ValueError(f"expected k and v with the same length `j`, got {j} and {jv} ({shapes})")
+    if dk != d:
+        raise ValueError(f"expected q and k with the same head dim `d`, got {d} and {dk} ({shapes})")
+    if g == 0 or h % g != 0:
+        raise ValueError(
+            f"expected query heads `h` to be a multiple of key/value heads `g` (h % g == 0), "
+            f"got h={h}, g={g} ({shapes}); hint: grouped-query attention needs h = g * r"
+        )
+    if min(b, h, d, e) == 0:
+        raise ValueError(f"expected non-zero b, h, d and e, got {shapes}")
+
+    target = (b, h, i, j)
+    mask4, kind = None, "none"
+    if exists(mask):
+        _check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            hint = (
+                "pass additive float masks as `bias=` instead"
+                if mask.is_floating_point()
+                else "convert it with `mask.bool()` (True = may attend)"
+            )
+            raise TypeError(f"expected `mask` of dtype bool (True = may attend), got {fmt_dtype(mask.dtype)}; hint: {hint}")
+        if mask.device != q.device:
+            raise ValueError(f"expected `mask` on {q.device} like q, got {mask.device}")
+        if mask.dim() == 2:
+            if tuple(mask.shape) != (b, j):
+                raise ValueError(
+                    f"expected a 2-D `mask` to be a key padding mask (b, j) = {fmt_shape((b, j))}, got shape "
+                    f"{fmt_shape(mask.shape)} ({shapes}); hint: for an (i, j) mask pass `mask[None, None]`"
+                )
+            mask4, kind = mask[:, None, None, :], "key_padding"
+        else:
+            mask4 = _broadcast_4d("mask", mask, target, "hint: True = may attend, one entry per (b, h, i, j)")
+            kind = "key_padding" if mask4.shape[1] == 1 and mask4.shape[2] == 1 else "bool"
+
+    bias4 = None
+    if exists(bias):
+        _check_tensor("bias", bias)
+        if not bias.is_floating_point():
+            raise TypeError(
+                f"expected `bias` of a floating dtype (added to the logits), got {fmt_dtype(bias.dtype)}; "
+                "hint: boolean masks go in `mask=`"
+            )
+        if bias.device != q.device:
+            raise ValueError(f"expected `bias` on {q.device} like q, got {bias.device}")
+        bias4 = _broadcast_4d("bias", bias, target, "hint: one additive logit per (b, h, i, j)")
+
+    if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)):
+        raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
+
+    if scale is None:
+        scale_f = d**-0.5
+    else:
+        if isinstance(scale, Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"expected `scale` to be a Python float, got {_describe(scale)}")
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"expected a finite `scale`, got {scale_f}; hint: leave it None for d ** -0.5 = {d ** -0.5:.6g}")
+
+    if isinstance(dropout_p, Tensor) or isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
+
+    return AttnInputs(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask4,
+        bias=bias4,
+        causal=bool(causal),
+        scale=scale_f,
+        dropout_p=float(dropout_p),
+        deterministic=bool(deterministic),
+        mask_kind=kind,
+    )

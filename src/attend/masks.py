@@ -1,0 +1,95 @@
+"""The mask vocabulary and its lowering to each backend's cheapest form.
+
+Vocabulary (shape legend: b batch, h query heads, i query positions, j key positions):
+
+* `mask`   bool, True = may attend, a 4-D view broadcastable to (b, h, i, j). A key padding mask is
+  kept as a (b, 1, 1, j) view: it is never expanded.
+* `bias`   float, added to the scaled logits, broadcastable to (b, h, i, j).
+* `causal` query i may attend key j iff j <= i + (j_len - i_len): aligned to the bottom-right,
+  as in flash-attn and KV-cache decoding. For i_len == j_len it is the usual lower triangle::
+
+      i_len=2, j_len=5         i_len=5, j_len=2
+        k0 k1 k2 k3 k4           k0 k1
+      q0 x  x  x  x  .        q0 .  .     <- no key: the row's output is 0
+      q1 x  x  x  x  x        q1 .  .
+                              q2 .  .
+                              q3 x  .
+                              q4 x  x
+
+The lowering never builds a dense (b, h, i, j) tensor: the largest tensor it makes has the broadcast
+shape of the user's own mask and bias, plus a shared (i, j) causal tile when causal must be combined
+with them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .inputs import AttnInputs
+
+__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows"]
+
+
+def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
+    """Bool (i, j) tile, True where query may attend key under bottom-right aligned causality.
+
+    `rows` selects a block of query rows and `cols` truncates the keys, so a caller working in query
+    blocks builds only its own tile.
+    """
+    start, stop = (0, i) if rows is None else (rows.start, rows.stop)
+    cols = j if cols is None else cols
+    qi = torch.arange(start, stop, device=device)[:, None]
+    kj = torch.arange(cols, device=device)[None, :]
+    return kj <= qi + (j - i)
+
+
+def _slice_rows(t: Tensor | None, rows: slice | None, cols: int | None) -> Tensor | None:
+    if t is None:
+        return None
+    if rows is not None and t.shape[2] != 1:
+        t = t[:, :, rows]
+    if cols is not None and t.shape[3] != 1:
+        t = t[..., :cols]
+    return t
+
+
+def combined_keep(inp: AttnInputs, rows: slice | None = None, cols: int | None = None) -> Tensor | None:
+    """`mask` AND `causal` as one bool tensor (broadcast shape of the two), or None when neither is set."""
+    keep = _slice_rows(inp.mask, rows, cols)
+    if inp.causal:
+        tri = causal_keep(inp.i, inp.j, inp.device, rows, cols)
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
+def sdpa_attn_mask(inp: AttnInputs, rows: slice | None = None, cols: int | None = None) -> Tensor | None:
+    """The `attn_mask` for `F.scaled_dot_product_attention`: bool when there is no bias (cheapest),
+    else the bias in the query dtype with -inf where the mask or causality forbids.
+
+    Callers use `is_causal=True` instead when causal is the only constraint and i == j.
+    """
+    keep = combined_keep(inp, rows, cols)
+    bias = _slice_rows(inp.bias, rows, cols)
+    if bias is None:
+        return keep
+    bias = bias.to(inp.dtype)
+    if keep is None:
+        return bias
+    return bias.masked_fill(~keep, float("-inf"))
+
+
+def dead_rows(inp: AttnInputs) -> Tensor | None:
+    """Bool (b|1, h|1, i, 1): True for query rows with no key they may attend, or None if there are none
+    possible. Used only where a kernel does not zero such rows itself (contract item 2)."""
+    keep = combined_keep(inp)
+    if inp.bias is not None:
+        finite = inp.bias != float("-inf")
+        keep = finite if keep is None else keep & finite
+    if keep is None:
+        if inp.j == 0:
+            return torch.ones(1, 1, inp.i, 1, dtype=torch.bool, device=inp.device)
+        return None
+    if keep.dim() == 2:
+        keep = keep[None, None]
+    return ~keep.any(dim=-1, keepdim=True)

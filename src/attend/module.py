@@ -1,0 +1,137 @@
+"""`Attend`: the drop-in for gigagan-pytorch's `Attend(dropout=0., flash=False)`.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor, nn
+
+from ._helpers import default, exists
+from .dispatch import NoBackendError, Report, explain_inputs
+from .functional import _DOC_SEMANTICS, run_inputs
+from .inputs import validate
+
+__all__ = ["Attend"]
+
+log = logging.getLogger("attend")
+
+
+class Attend(nn.Module):
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        flash: bool | None = None,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected `dropout` in [0, 1), got {dropout!r}")
+        if flash is not None and not isinstance(flash, bool):
+            raise TypeError(f"expected `flash` to be True, False or None, got {flash!r}")
+        if flash is False and exists(backend) and backend != "einsum":
+            raise ValueError(
+                f"expected either flash=False (the einsum backend) or backend=..., got flash=False and "
+                f"backend={backend!r}; hint: drop `flash` when you name a backend"
+            )
+        if exists(backend):
+            from .dispatch import get_backend
+
+            get_backend(backend)  # unknown names fail here, at construction
+        self.dropout = float(dropout)
+        self.flash = flash
+        self.causal = causal
+        self.scale = scale
+        self.backend = "einsum" if flash is False else backend
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, backend={self.backend!r}"
+
+    def _inputs(self, q, k, v, mask, bias, causal):
+        return validate(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            causal=default(causal, self.causal),
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        bias: Tensor | None = None,
+        causal: bool | None = None,
+    ) -> Tensor:
+        inp = self._inputs(q, k, v, mask, bias, causal)
+        if self.flash is True and self.backend is None:
+            try:
+                return run_inputs(inp, fused_only=True)
+            except NoBackendError:
+                # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
+                _log_once(f"Attend(flash=True): no fused kernel can run {inp.cli_hint()!r}; using auto")
+        return run_inputs(inp, self.backend)
+
+    def explain(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        bias: Tensor | None = None,
+        causal: bool | None = None,
+    ) -> Report:
+        """The `Report` for what `forward` would run on these inputs (in the module's current mode)."""
+        inp = self._inputs(q, k, v, mask, bias, causal)
+        return explain_inputs(inp, self.backend, fused_only=self.flash is True and self.backend is None)
+
+
+Attend.__doc__ = (
+    """Attention as an `nn.Module`: gigagan-pytorch's `Attend(dropout, flash)` call shape, with one mask
+    vocabulary on every backend and a dispatcher that explains itself.
+
+    Args:
+        dropout: dropout on the attention probabilities, applied only in training mode.
+        flash: the seed's switch. False runs the `einsum` reference; True runs auto among the fused
+            kernels (falling back to auto, logged once, when none can run the inputs, as the seed fell
+            back to SDPA's math kernel); None (default) is auto among all backends.
+        causal: default for `forward(causal=None)`; bottom-right aligned.
+        scale: logit scale, default d ** -0.5.
+        backend: pin a backend by name (`attend.list_backends()`); it runs or raises ValueError.
+
+    forward(q, k, v, mask=None, bias=None, causal=None) -> out
+"""
+    + _DOC_SEMANTICS
+    + """
+    Raises:
+        TypeError, ValueError: bad input ("expected X, got Y"), or a pinned backend that cannot run.
+        NoBackendError: nothing registered can run the inputs.
+
+    Example (the gigagan drop-in)::
+
+        >>> attn = Attend(dropout=0.1, flash=True)
+        >>> q = k = v = torch.randn(2, 8, 1024, 64)
+        >>> out = attn(q, k, v)                          # (2, 8, 1024, 64)
+        >>> out = attn(q, k, v, mask=torch.ones(2, 1024, dtype=torch.bool), causal=True)
+        >>> print(attn.explain(q, k, v))                 # which kernel runs, and why not the others
+    """
+)
+
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
