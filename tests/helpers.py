@@ -1,0 +1,61 @@
+"""Test-only helpers: spies on the SDPA call and a tiny input factory."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def make_qkv(b=2, h=4, g=2, i=16, j=24, d=32, e=None, dtype=torch.float32, grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    e = e or d
+    q = torch.randn(b, h, i, d, generator=gen).to(dtype)
+    k = torch.randn(b, g, j, d, generator=gen).to(dtype)
+    v = torch.randn(b, g, j, e, generator=gen).to(dtype)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def sdp_flags() -> dict[str, bool]:
+    """Which SDPA kernels the global flags allow right now (what `sdpa_kernel` scopes)."""
+    return {
+        "flash": torch.backends.cuda.flash_sdp_enabled(),
+        "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+        "math": torch.backends.cuda.math_sdp_enabled(),
+    }
+
+
+@contextlib.contextmanager
+def spy_sdpa(monkeypatch):
+    """Record every F.scaled_dot_product_attention call: its tensors' shapes, kwargs and the SDPA flags."""
+    from torch.nn.attention import SDPBackend
+
+    from attend.backends import sdpa
+
+    # run the once-per-process capability probes first, so only the library's real calls are recorded
+    sdpa.has_enable_gqa()
+    for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        sdpa.zeroes_dead_rows(variant, "cpu")
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        calls.append(
+            {
+                "q": tuple(q.shape),
+                "k": tuple(k.shape),
+                "attn_mask": attn_mask,
+                "is_causal": is_causal,
+                "kwargs": kw,
+                "flags": sdp_flags(),
+            }
+        )
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    yield calls

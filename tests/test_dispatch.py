@@ -1,0 +1,134 @@
+"""Which backend auto picks (a table), pinned backends, NoBackendError, explain and the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attend import NoBackendError, attention, explain, list_backends
+from attend import dispatch
+from attend.inputs import validate
+
+from .helpers import make_qkv
+
+PAD = torch.ones(2, 24, dtype=torch.bool)
+
+# (description, kwargs for make_qkv, kwargs for attention, expected backend on CPU)
+CPU_TABLE = [
+    ("plain f32", {}, {}, "sdpa:flash"),
+    ("causal", {}, {"causal": True}, "sdpa:flash"),
+    ("key padding + causal", {}, {"mask": PAD, "causal": True}, "sdpa:flash"),
+    ("bf16 GQA", {"dtype": torch.bfloat16}, {}, "sdpa:flash"),
+    ("float64", {"dtype": torch.float64}, {}, "sdpa:flash"),
+    ("dropout (CPU flash has none)", {}, {"dropout_p": 0.1}, "sdpa:math"),
+    ("e != d", {"e": 16}, {}, "sdpa:math"),
+    ("bias that requires grad", {}, {"bias": torch.zeros(1, 4, 16, 24, requires_grad=True)}, "sdpa:math"),
+]
+
+
+@pytest.mark.parametrize("desc, shape_kw, kw, expected", CPU_TABLE, ids=[row[0] for row in CPU_TABLE])
+def test_auto_picks_on_cpu(desc, shape_kw, kw, expected):
+    q, k, v = make_qkv(**shape_kw)
+    report = explain(q, k, v, **kw)
+    assert report.backend == expected, str(report)
+    assert dispatch.select(validate(q, k, v, **kw)).name == expected
+
+
+def test_explain_lists_every_backend_with_reasons():
+    q, k, v = make_qkv()
+    report = explain(q, k, v, dropout_p=0.1)
+    assert set(report.reasons) == set(list_backends())
+    assert report.reasons["sdpa:flash"] == ["dropout_p=0.1 > 0; this backend has no dropout"]
+    assert report.reasons["sdpa:efficient"] == ["device=cpu (supported: cuda)"]
+    assert report.reasons[report.backend] == []
+    text = str(report)
+    assert "SELECTED" in text and "sdpa:flash" in text and "no: dropout_p=0.1" in text
+
+
+def test_pinned_backend_that_cannot_run_lists_reasons_and_hint():
+    q, k, v = make_qkv(e=16)
+    with pytest.raises(ValueError) as err:
+        attention(q, k, v, dropout_p=0.2, backend="sdpa:flash")
+    msg = str(err.value)
+    assert msg.startswith("backend='sdpa:flash' cannot run these inputs:")
+    assert "value head dim e=16 != d=32 (needs e == d)" in msg
+    assert "dropout_p=0.2 > 0; this backend has no dropout" in msg
+    assert "Hint: `attend explain --shape 2,4,16,32 --kv-heads 2 --kv-len 24 --v-dim 16" in msg
+
+
+def test_unknown_backend_lists_known_names():
+    q, k, v = make_qkv()
+    with pytest.raises(ValueError, match=r"expected a backend name among: einsum, sdpa:flash.*got 'flash'"):
+        attention(q, k, v, backend="flash")
+
+
+def test_no_backend_error_format(monkeypatch):
+    monkeypatch.setitem(dispatch.PRIORITY, "cpu", ("sdpa:flash", "sdpa:efficient"))
+    dispatch.clear_cache()
+    q, k, v = make_qkv()
+    try:
+        with pytest.raises(NoBackendError) as err:
+            attention(q, k, v, dropout_p=0.5)
+    finally:
+        dispatch.clear_cache()
+    lines = str(err.value).splitlines()
+    assert lines[0] == "No attention backend can run these inputs:"
+    assert lines[1].startswith("  q      : shape=(2, 4, 16, 32) dtype=float32 device=cpu")
+    assert "`sdpa:flash` cannot run because:" in lines
+    assert "    dropout_p=0.5 > 0; this backend has no dropout" in lines
+    assert "`sdpa:efficient` cannot run because:" in lines
+    assert lines[-1].startswith("Hint: `attend explain --shape 2,4,16,32")
+
+
+def test_choice_is_cached_per_signature(monkeypatch):
+    dispatch.clear_cache()
+    calls = []
+    flash = dispatch.get_backend("sdpa:flash")
+    real = type(flash).reasons_unsupported
+
+    def counting(self, inp):
+        calls.append(inp.i)
+        return real(self, inp)
+
+    monkeypatch.setattr(type(flash), "reasons_unsupported", counting)
+    for _ in range(3):
+        attention(*make_qkv(i=16))
+    assert calls == [16], "second and third calls must hit the cache"
+    attention(*make_qkv(i=17))
+    assert calls == [16, 17], "a new shape is a new signature"
+    dispatch.clear_cache()
+
+
+def test_register_backend_inserts_into_priority(monkeypatch):
+    from attend.backends.einsum import EinsumBackend
+
+    class Mine(EinsumBackend):
+        name = "mine"
+
+    monkeypatch.setattr(dispatch, "_registry", dict(dispatch._registry))
+    monkeypatch.setattr(dispatch, "PRIORITY", dict(dispatch.PRIORITY))
+    dispatch.register_backend(Mine(), priority={"cpu": 0})
+    try:
+        assert explain(*make_qkv()).backend == "mine"
+        assert "mine" in list_backends()
+    finally:
+        dispatch.clear_cache()
+    with pytest.raises(TypeError, match="expected an attend Backend instance"):
+        dispatch.register_backend(object())
+
+
+def test_slow_path_is_logged_once(caplog):
+    """Auto on CUDA landing on einsum/math is logged once with reasons (simulated: SLOW covers cpu here)."""
+    q, k, v = make_qkv()
+    inp = validate(q, k, v, dropout_p=0.1)
+    with caplog.at_level("WARNING", logger="attend"):
+        dispatch._logged.clear()
+        old = dispatch.SLOW
+        dispatch.SLOW = {"cpu": frozenset({"sdpa:math"})}
+        try:
+            dispatch._log_slow(inp, "sdpa:math", {"sdpa:flash": ["dropout_p=0.1 > 0; this backend has no dropout"]})
+            dispatch._log_slow(inp, "sdpa:math", {"sdpa:flash": ["dropout_p=0.1 > 0; this backend has no dropout"]})
+        finally:
+            dispatch.SLOW = old
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "slow `sdpa:math`" in msgs[0] and "sdpa:flash: dropout_p=0.1" in msgs[0]

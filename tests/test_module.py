@@ -1,0 +1,108 @@
+"""`Attend` as a drop-in for gigagan-pytorch's `Attend(dropout=0., flash=False)`."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import einsum, nn
+
+from attend import Attend, get_backend
+
+from .helpers import make_qkv
+
+
+class SeedAttend(nn.Module):
+    """The seed's einsum path, transcribed: softmax in the input dtype, dropout on the probabilities."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def forward(self, q, k, v):
+        sim = einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+        attn = self.attn_dropout(sim.softmax(dim=-1))
+        return einsum("b h i j, b h j d -> b h i d", attn, v)
+
+
+@pytest.mark.parametrize("flash", [False, True, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_outputs_as_the_seed(flash, dtype):
+    q, k, v = make_qkv(b=2, h=8, g=8, i=64, j=64, d=64, dtype=dtype)
+    ours = Attend(flash=flash)(q, k, v)
+    seed = SeedAttend()(q.double(), k.double(), v.double())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(ours.double(), seed, atol=tol, rtol=tol)
+    assert ours.dtype == dtype
+
+
+def test_no_warning_at_all():
+    q, k, v = make_qkv(b=1, h=2, g=2, i=16, j=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for flash in (False, True, None):
+            attn = Attend(dropout=0.1, flash=flash)
+            attn(q, k, v)
+            attn.eval()(q, k, v)
+            attn.train()(q, k, v, mask=torch.ones(1, 16, dtype=torch.bool), causal=True)
+
+
+def test_dropout_only_in_training():
+    q, k, v = make_qkv(b=1, h=2, g=2, i=32, j=32)
+    attn = Attend(dropout=0.5)
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), Attend()(q, k, v))
+    assert attn.explain(q, k, v).backend == "sdpa:flash", "eval mode: no dropout, so the fused kernel"
+    attn.train()
+    assert attn.explain(q, k, v).backend == "sdpa:math", "CPU flash has no dropout"
+    assert not torch.allclose(attn(q, k, v), Attend()(q, k, v))
+
+
+def test_flash_false_runs_einsum(monkeypatch):
+    ran = []
+    einsum_backend = get_backend("einsum")
+    monkeypatch.setattr(type(einsum_backend), "run", lambda self, inp: ran.append(1) or inp.q)
+    Attend(flash=False)(*make_qkv())
+    assert ran == [1]
+
+
+def test_flash_true_runs_a_fused_kernel_or_says_why(caplog):
+    q, k, v = make_qkv()
+    attn = Attend(flash=True)
+    report = attn.explain(q, k, v)
+    assert report.backend == "sdpa:flash"
+    assert report.reasons["einsum"][0].startswith("not a fused kernel")
+    attn_drop = Attend(dropout=0.1, flash=True).train()
+    with caplog.at_level("INFO", logger="attend"):
+        out = attn_drop(q, k, v)
+    assert out.shape == q.shape
+    assert any("no fused kernel can run" in r.getMessage() for r in caplog.records)
+
+
+def test_forward_arguments_override_module_defaults():
+    q, k, v = make_qkv(i=12, j=20, dtype=torch.float64)
+    attn = Attend(causal=True, scale=0.3)
+    ref = Attend(backend="einsum", scale=0.3)
+    torch.testing.assert_close(attn(q, k, v), ref(q, k, v, causal=True))
+    torch.testing.assert_close(attn(q, k, v, causal=False), ref(q, k, v))
+
+
+def test_module_is_stateless_and_repr():
+    attn = Attend(dropout=0.1, flash=True)
+    assert attn.state_dict() == {} and list(attn.parameters()) == []
+    assert "dropout=0.1, flash=True" in repr(attn)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"dropout": 1.0}, ValueError, r"expected `dropout` in \[0, 1\), got 1.0"),
+        ({"flash": "yes"}, TypeError, "expected `flash` to be True, False or None"),
+        ({"flash": False, "backend": "sdpa:math"}, ValueError, "expected either flash=False"),
+        ({"backend": "nope"}, ValueError, "expected a backend name among"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Attend(**kwargs)
