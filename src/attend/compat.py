@@ -52,7 +52,9 @@ def _check(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
     if t.dim() < 2:
-        raise SdpaArgumentError(f"expected `{name}` of shape (..., L, E) with at least 2 dims, got shape {fmt_shape(t.shape)}")
+        raise SdpaArgumentError(
+            f"expected `{name}` of shape (..., L, E) with at least 2 dims, got shape {fmt_shape(t.shape)}"
+        )
     return t
 
 
@@ -150,7 +152,9 @@ def scaled_dot_product_attention(
     try:
         batch = tuple(torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)), (1,) * max(1, n - 3)))
     except RuntimeError:
-        raise SdpaArgumentError(f"expected query, key and value with broadcastable leading dims, got {shapes}") from None
+        raise SdpaArgumentError(
+            f"expected query, key and value with broadcastable leading dims, got {shapes}"
+        ) from None
     q4, k4, v4 = (_as_4d(t, batch) for t in (q, k, v))
     hq, hk, hv = q4.shape[1], k4.shape[1], v4.shape[1]
     if hk != hv:
@@ -166,7 +170,8 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         if attn_mask.dim() > len(batch) + 3:
             raise SdpaArgumentError(
-                f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape {fmt_shape(attn_mask.shape)} ({shapes})"
+                f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape "
+                f"{fmt_shape(attn_mask.shape)} ({shapes})"
             )
         m = attn_mask.reshape((1,) * (len(batch) + 3 - attn_mask.dim()) + tuple(attn_mask.shape))
         if len(batch) > 1:  # several leading dims: broadcast them, then flatten like q, k, v
