@@ -11,6 +11,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 from ._helpers import exists
 from .backends import REGISTERED
 from .backends.base import Backend
@@ -172,8 +174,13 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
             raise ValueError(_format_failure(inp, {chosen.name: reasons}, f"backend={backend!r} cannot run these inputs:"))
         return chosen
 
+    # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the
+    # inputs (shape, dtype, stride, requires_grad, grad mode, determinism) re-trace when it could change.
+    # So no cache (reading it would guard on the dict and recompile whenever eager code adds an entry;
+    # its lock is a context manager dynamo cannot enter) and no logging (a graph break) while compiling.
+    compiling = torch.compiler.is_compiling()
     key = (inp.signature(), fused_only)
-    name = _cache.get(key)
+    name = None if compiling else _cache.get(key)
     if name is not None:
         return _registry[name]
 
@@ -185,9 +192,10 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
             continue
         reasons = candidate.reasons_unsupported(inp)
         if not reasons:
-            with _lock:
-                _cache[key] = name
-            _log_slow(inp, name, rejected)
+            if not compiling:
+                with _lock:
+                    _cache[key] = name
+                _log_slow(inp, name, rejected)
             return candidate
         rejected[name] = reasons
     raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
