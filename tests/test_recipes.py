@@ -18,9 +18,9 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 def _blocks() -> list[tuple[str, str]]:
     text = RECIPES.read_text()
-    out = []
+    out: list[tuple[str, str]] = []
     for m in BLOCK.finditer(text):
-        heading = [h for h in re.findall(r"^## (.+)$", text[: m.start()], re.M)][-1]
+        heading = re.findall(r"^## (.+)$", text[: m.start()], re.M)[-1]
         slug = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")[:40]
         out.append((f"{len(out)}-{slug}", m.group(1)))
     return out

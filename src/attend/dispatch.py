@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._helpers import exists
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs
@@ -167,11 +166,12 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         ValueError: unknown name, or the named backend cannot run `inp`.
         NoBackendError: auto found no eligible backend.
     """
-    if exists(backend):
+    if backend is not None:
         chosen = get_backend(backend)
         reasons = chosen.reasons_unsupported(inp)
         if reasons:
-            raise ValueError(_format_failure(inp, {chosen.name: reasons}, f"backend={backend!r} cannot run these inputs:"))
+            head = f"backend={backend!r} cannot run these inputs:"
+            raise ValueError(_format_failure(inp, {chosen.name: reasons}, head))
         return chosen
 
     # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the

@@ -57,7 +57,7 @@ def _probe(fn):
     def probe(*args):
         return cached(*args)
 
-    probe.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    probe.cache_clear = cached.cache_clear
     return probe
 
 
