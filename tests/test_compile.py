@@ -117,3 +117,20 @@ def test_inductor_fullgraph_forward_and_backward():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_sdpa_drop_in_compiles():
+    """`attend.scaled_dot_product_attention` (upper-left is_causal, bool and float masks, GQA) traces too."""
+    from attend import scaled_dot_product_attention as sdpa
+
+    def f(q, k, v, keep, bias):
+        causal = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        return causal + sdpa(q, k, v, attn_mask=keep, enable_gqa=True) + sdpa(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8)
+    keep, bias = torch.rand(2, 1, 5, 7, generator=gen) > 0.3, torch.randn(5, 7, generator=gen)
+    counter = _counter()
+    out = torch.compile(f, fullgraph=True, backend=counter)(q, k, v, keep, bias)
+    torch.testing.assert_close(out, f(q, k, v, keep, bias))
+    assert counter.frame_count == 1

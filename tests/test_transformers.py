@@ -123,6 +123,12 @@ def test_forward_signature_and_layout():
     torch.testing.assert_close(
         attend_hf.attend_attention_forward(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0]
     )
+    position_bias = torch.randn(1, 4, 5, 5)  # T5-style learned bias, causal and with a mask
+    for m in (None, mask):
+        torch.testing.assert_close(
+            attend_hf.attend_attention_forward(module, q, k, v, m, position_bias=position_bias)[0],
+            sdpa_attention_forward(module, q, k, v, m, position_bias=position_bias)[0],
+        )
     with pytest.raises(ValueError, match="softcap"):
         attend_hf.attend_attention_forward(module, q, k, v, None, softcap=30.0)
 
