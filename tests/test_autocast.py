@@ -100,3 +100,14 @@ def test_autocast_for_another_device_changes_nothing():
     with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
         out = Attend()(q, k, v)
     assert out.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cuda_autocast_runs_a_fused_kernel(dtype):
+    q, k, v = (t.cuda() for t in _qkv())
+    with torch.autocast("cuda", dtype=dtype):
+        out = Attend(causal=True)(q, k, v)
+        report = explain(q, k, v, causal=True)
+    assert out.dtype == dtype
+    assert report.backend is not None and report.backend.startswith("sdpa:") and report.backend != "sdpa:math"

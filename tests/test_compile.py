@@ -134,3 +134,23 @@ def test_sdpa_drop_in_compiles():
     out = torch.compile(f, fullgraph=True, backend=counter)(q, k, v, keep, bias)
     torch.testing.assert_close(out, f(q, k, v, keep, bias))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "backend, op",
+    [("sdpa:flash", "_scaled_dot_product_flash_attention_for_cpu"), ("sdpa:math", "_safe_softmax")],
+    ids=["flash", "math"],
+)
+def test_pinned_kernel_survives_compilation(backend, op):
+    """The scoped `sdpa_kernel([variant])` is traced, not dropped: the compiled graph holds the pinned kernel."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    record = AotEagerAndRecordGraphs()
+    attn = Attend(backend=backend)
+    q = torch.randn(1, 2, 5, 8)
+    pad = torch.ones(1, 5, dtype=torch.bool)
+    torch.compile(lambda q: attn(q, q, q, mask=pad), fullgraph=True, backend=record)(q)
+    code = record.fw_graphs[0].code
+    assert op in code
+    if backend == "sdpa:math":
+        assert "flash_attention" not in code
