@@ -154,3 +154,13 @@ def test_pinned_kernel_survives_compilation(backend, op):
     assert op in code
     if backend == "sdpa:math":
         assert "flash_attention" not in code
+
+
+def test_flash_fallback_with_dropout_compiles():
+    """Attend(flash=True) in training with dropout: no fused CPU kernel has dropout, so it falls back to auto
+    (logged once in eager; the log call is skipped while tracing, where it would be a graph break)."""
+    attn = Attend(dropout=0.1, flash=True).train()
+    q = torch.randn(1, 2, 16, 8)
+    counter = _counter()
+    out = torch.compile(lambda q: attn(q, q, q), fullgraph=True, backend=counter)(q)
+    assert out.shape == q.shape and counter.frame_count == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from ._helpers import default, exists
@@ -133,6 +134,9 @@ _logged: set[str] = set()
 
 
 def _log_once(msg: str) -> None:
+    if torch.compiler.is_compiling():
+        # a logging call is a graph break under torch.compile (fullgraph=True fails); eager calls still log
+        return
     if msg not in _logged:
         _logged.add(msg)
         log.info(msg)
