@@ -4,9 +4,11 @@ Shape legend: b batch, h query heads, g key/value heads, i query positions, j ke
 d head dim (q and k), e value head dim.
 
     from attend import Attend, attention, explain, list_backends
+    from attend import scaled_dot_product_attention   # drop-in for F.scaled_dot_product_attention
 """
 
 from .backends.base import Backend, Caps
+from .compat import scaled_dot_product_attention
 from .dispatch import NoBackendError, Report, get_backend, list_backends, register_backend
 from .functional import attention, explain
 from .inputs import AttnInputs
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attend",
     "attention",
+    "scaled_dot_product_attention",
     "explain",
     "list_backends",
     "get_backend",

@@ -11,7 +11,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from ._helpers import exists
+import torch
+
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs
@@ -165,15 +166,21 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         ValueError: unknown name, or the named backend cannot run `inp`.
         NoBackendError: auto found no eligible backend.
     """
-    if exists(backend):
+    if backend is not None:
         chosen = get_backend(backend)
         reasons = chosen.reasons_unsupported(inp)
         if reasons:
-            raise ValueError(_format_failure(inp, {chosen.name: reasons}, f"backend={backend!r} cannot run these inputs:"))
+            head = f"backend={backend!r} cannot run these inputs:"
+            raise ValueError(_format_failure(inp, {chosen.name: reasons}, head))
         return chosen
 
+    # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the
+    # inputs (shape, dtype, stride, requires_grad, grad mode, determinism) re-trace when it could change.
+    # So no cache (reading it would guard on the dict and recompile whenever eager code adds an entry;
+    # its lock is a context manager dynamo cannot enter) and no logging (a graph break) while compiling.
+    compiling = torch.compiler.is_compiling()
     key = (inp.signature(), fused_only)
-    name = _cache.get(key)
+    name = None if compiling else _cache.get(key)
     if name is not None:
         return _registry[name]
 
@@ -185,9 +192,10 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
             continue
         reasons = candidate.reasons_unsupported(inp)
         if not reasons:
-            with _lock:
-                _cache[key] = name
-            _log_slow(inp, name, rejected)
+            if not compiling:
+                with _lock:
+                    _cache[key] = name
+                _log_slow(inp, name, rejected)
             return candidate
         rejected[name] = reasons
     raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))

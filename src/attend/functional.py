@@ -6,12 +6,13 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .dispatch import Report, explain_inputs, select
 from .inputs import AttnInputs, validate
 
-__all__ = ["attention", "explain", "run_inputs"]
+__all__ = ["attention", "explain", "run_inputs", "autocast_inputs"]
 
 _DOC_SEMANTICS = """
     Shapes (legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
@@ -34,6 +35,30 @@ _DOC_SEMANTICS = """
 """
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast float tensors to the autocast dtype when autocast is on for the first tensor's device.
+
+    Attention is a lower-precision op under autocast, as `F.scaled_dot_product_attention` is: every
+    floating input except float64 is cast (PyTorch's rule for such ops), so q, k, v that arrive in
+    different dtypes (a float32 q from a LayerNorm, bfloat16 k, v from a Linear) meet in one dtype.
+    The softmax statistics stay in float32 inside every backend (contract item 4).
+    """
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None:
+        return tensors
+    if not _autocast_on(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
     """Dispatch validated inputs and run them (used by `attention` and `Attend`)."""
     if inp.i == 0 or inp.j == 0:
@@ -41,7 +66,13 @@ def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool 
         # The zero terms keep the graph connected so gradients are zeros, not None.
         zero = (inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
-    return select(inp, backend, fused_only=fused_only).run(inp)
+    chosen = select(inp, backend, fused_only=fused_only)
+    if _autocast_on(inp.device.type):
+        # the inputs were cast by `autocast_inputs`; inside, the backend owns its precision (float32 softmax
+        # statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd(cast_inputs=...)` does
+        with torch.autocast(inp.device.type, enabled=False):
+            return chosen.run(inp)
+    return chosen.run(inp)
 
 
 def attention(
@@ -56,6 +87,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> Tensor:
+    q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     return run_inputs(inp, backend)
 
@@ -100,6 +132,7 @@ def explain(
     dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> Report:
+    q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     return explain_inputs(inp, backend)
 

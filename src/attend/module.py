@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from ._helpers import default, exists
 from .dispatch import NoBackendError, Report, explain_inputs
-from .functional import _DOC_SEMANTICS, run_inputs
+from .functional import _DOC_SEMANTICS, autocast_inputs, run_inputs
 from .inputs import validate
 
 __all__ = ["Attend"]
@@ -54,6 +55,7 @@ class Attend(nn.Module):
         return f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, backend={self.backend!r}"
 
     def _inputs(self, q, k, v, mask, bias, causal):
+        q, k, v, bias = autocast_inputs(q, k, v, bias)  # under autocast: one dtype, the autocast one
         return validate(
             q,
             k,
@@ -132,6 +134,9 @@ _logged: set[str] = set()
 
 
 def _log_once(msg: str) -> None:
+    if torch.compiler.is_compiling():
+        # a logging call is a graph break under torch.compile (fullgraph=True fails); eager calls still log
+        return
     if msg not in _logged:
         _logged.add(msg)
         log.info(msg)

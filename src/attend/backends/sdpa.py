@@ -43,7 +43,25 @@ FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # helpers
 
 
-@functools.lru_cache(maxsize=None)
+def _probe(fn):
+    """`functools.lru_cache` for environment probes, made safe for torch.compile.
+
+    Dynamo ignores an lru_cache and traces the probe itself: a graph break (the probe makes tensors that
+    require grad and calls backward) and a UserWarning. `assume_constant_result` makes dynamo call the
+    cached probe eagerly while tracing and bake its answer into the graph as a constant instead.
+    """
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(fn)
+    def probe(*args):
+        return cached(*args)
+
+    probe.cache_clear = cached.cache_clear
+    return probe
+
+
+@_probe
 def has_enable_gqa() -> bool:
     """Does this torch's SDPA take `enable_gqa` (torch >= 2.5)? Checked by calling it, not by version."""
     q = torch.zeros(1, 2, 1, 8)
@@ -55,7 +73,7 @@ def has_enable_gqa() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@_probe
 def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
     """Does this kernel give 0 output and finite gradients for a row with no key to attend?
 
@@ -83,7 +101,7 @@ def _lower_right_bias(i: int, j: int):
     return causal_lower_right(i, j)
 
 
-@functools.lru_cache(maxsize=None)
+@_probe
 def has_lower_right_gqa() -> bool:
     from torch.nn.attention.bias import CausalBias
 

@@ -1,0 +1,204 @@
+"""Meeting other code where it is: a drop-in for `F.scaled_dot_product_attention`, and autocast.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim. PyTorch's own names for the same: N batch, Hq query heads,
+H key/value heads, L query positions, S key positions, E head dim, Ev value head dim.
+
+`scaled_dot_product_attention` keeps PyTorch's signature and semantics, including the two places
+where they differ from `attention()`:
+
+* `is_causal=True` is aligned to the UPPER-LEFT: query i may attend key j iff j <= i.
+  `attention(causal=True)` is aligned to the bottom-right (j <= i + (j_len - i_len)). The two agree
+  when i_len == j_len::
+
+      upper-left (this function)        bottom-right (`attention`)
+      i_len=2, j_len=4                  i_len=2, j_len=4
+        k0 k1 k2 k3                       k0 k1 k2 k3
+      q0 x  .  .  .                     q0 x  x  x  .
+      q1 x  x  .  .                     q1 x  x  x  x
+
+* a float `attn_mask` is added to the logits, exactly as PyTorch adds it. A row masked with
+  `-inf` everywhere gives 0 (our contract, and PyTorch's since pytorch#133882). A row masked with a
+  large *finite* value such as `torch.finfo(torch.float32).min` is not masked at all as far as the
+  softmax can tell: PyTorch gives the mean of `v` over the keys there, and so does this function,
+  because a drop-in gives the same answer wherever PyTorch defines one. Use a bool mask or `-inf`
+  for rows that must be zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._helpers import fmt_dtype, fmt_shape
+from .functional import autocast_inputs, run_inputs
+from .inputs import validate
+
+__all__ = ["scaled_dot_product_attention", "SdpaArgumentError"]
+
+
+class SdpaArgumentError(ValueError, RuntimeError):
+    """Bad arguments to `scaled_dot_product_attention`. A ValueError like every input error of the library,
+    and a RuntimeError like the one PyTorch raises for the same arguments, so a drop-in's callers that
+    catch PyTorch's error keep working."""
+
+
+# helpers
+
+
+def _check(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 2:
+        raise SdpaArgumentError(
+            f"expected `{name}` of shape (..., L, E) with at least 2 dims, got shape {fmt_shape(t.shape)}"
+        )
+    return t
+
+
+def _as_4d(t: Tensor, batch: tuple[int, ...]) -> Tensor:
+    """(*t_batch, H, L, E) with t_batch broadcastable to `batch` -> (prod(batch), H, L, E).
+
+    Broadcasting a size-1 batch is a view; only several broadcast leading dims need a copy.
+    """
+    t = t.reshape((1,) * (len(batch) + 3 - t.dim()) + tuple(t.shape))
+    t = t.expand(batch + tuple(t.shape[-3:]))
+    return t.reshape((math.prod(batch),) + tuple(t.shape[-3:]))
+
+
+# main function
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """`torch.nn.functional.scaled_dot_product_attention`, through attend's dispatcher and contract.
+
+    Same signature, same semantics: swap the import and nothing else changes. The backend is chosen
+    (and can be explained) by attend; use `attention()` for bottom-right causal, key padding masks
+    and a named backend.
+
+    Shapes (PyTorch's): query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev)
+    -> (N, ..., Hq, L, Ev) in query's dtype. 2-D and 3-D inputs work as in PyTorch (the missing
+    leading dims are added and removed again); leading dims broadcast.
+
+    Args:
+        attn_mask: bool, True = takes part in attention; or float, added to the logits. Broadcastable
+            to (N, ..., Hq, L, S). A 2-D mask is (L, S), as in PyTorch (not a key padding mask).
+        dropout_p: dropout on the attention probabilities, applied whenever > 0 (as PyTorch does;
+            pass `dropout_p if self.training else 0.0`).
+        is_causal: UPPER-LEFT aligned causal mask: query i may attend key j iff j <= i (picture in
+            the module docstring). Cannot be combined with `attn_mask`.
+        scale: logit scale, default E ** -0.5.
+        enable_gqa: allow H < Hq with Hq % H == 0 (grouped-query); k and v are never copied to Hq heads
+            by the backends that have a native grouped-query path.
+
+    Equivalent to::
+
+        sim = query @ key.transpose(-2, -1) * scale               # (N, Hq, L, S), k shared by Hq // H heads
+        sim = sim + attn_mask                                      # float mask; a bool mask: -inf where False
+        sim = sim.masked_fill(~ones(L, S).tril(), -inf)            # is_causal: upper-left
+        attn = dropout(sim.softmax(dim=-1), dropout_p)             # a row of only -inf/False gives 0
+        out = attn @ value
+
+    A row masked by a large finite float (`finfo.min`) is not masked for the softmax: it averages
+    `value`, as in PyTorch. A row masked by `False` or `-inf` everywhere gives 0.
+
+    Raises:
+        TypeError: non-tensor inputs, q, k, v of different dtypes (outside autocast), an integer mask.
+        SdpaArgumentError (a ValueError and a RuntimeError, as PyTorch raises): attn_mask together
+            with is_causal, head counts that differ without enable_gqa, shapes that do not broadcast.
+        NoBackendError: no registered backend can run the inputs.
+
+    Example::
+
+        >>> from attend import scaled_dot_product_attention as sdpa   # was: F.scaled_dot_product_attention
+        >>> q = torch.randn(2, 8, 128, 64); k = v = torch.randn(2, 2, 128, 64)
+        >>> out = sdpa(q, k, v, is_causal=True, enable_gqa=True)      # (2, 8, 128, 64)
+    """
+    q, k, v = _check("query", query), _check("key", key), _check("value", value)
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"expected `attn_mask` to be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"expected `is_causal` to be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"expected `enable_gqa` to be a bool, got {type(enable_gqa).__name__}")
+    if attn_mask is not None and is_causal:
+        # PyTorch documents this error (its math kernel raises it; its CPU flash kernel silently combines
+        # the two): we raise it everywhere
+        raise SdpaArgumentError(
+            "expected either `attn_mask` or `is_causal=True`, got both; hint: fold the causal triangle into "
+            "the mask (`attn_mask & torch.ones(L, S, dtype=torch.bool).tril()`), or use "
+            "`attend.attention(q, k, v, mask=..., causal=True)` (bottom-right aligned)"
+        )
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)  # type: ignore[assignment]
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"expected `attn_mask` of dtype bool (True = takes part) or a float dtype (added to the logits), "
+            f"got {fmt_dtype(attn_mask.dtype)}"
+        )
+
+    n = max(q.dim(), k.dim(), v.dim())
+    shapes = f"query {fmt_shape(q.shape)}, key {fmt_shape(k.shape)}, value {fmt_shape(v.shape)}"
+    try:
+        batch = tuple(torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)), (1,) * max(1, n - 3)))
+    except RuntimeError:
+        raise SdpaArgumentError(
+            f"expected query, key and value with broadcastable leading dims, got {shapes}"
+        ) from None
+    q4, k4, v4 = (_as_4d(t, batch) for t in (q, k, v))
+    hq, hk, hv = q4.shape[1], k4.shape[1], v4.shape[1]
+    if hk != hv:
+        raise SdpaArgumentError(f"expected key and value with the same number of heads, got {hk} and {hv} ({shapes})")
+    if hq != hk and not enable_gqa and hk != 1:  # one k/v head broadcasts, as in PyTorch
+        raise SdpaArgumentError(
+            f"expected as many key/value heads as query heads when enable_gqa=False, got Hq={hq}, H={hk} "
+            f"({shapes}); hint: pass enable_gqa=True for grouped-query attention"
+        )
+    L, S = q4.shape[2], k4.shape[2]
+
+    mask = bias = None
+    if attn_mask is not None:
+        if attn_mask.dim() > len(batch) + 3:
+            raise SdpaArgumentError(
+                f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape "
+                f"{fmt_shape(attn_mask.shape)} ({shapes})"
+            )
+        m = attn_mask.reshape((1,) * (len(batch) + 3 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if len(batch) > 1:  # several leading dims: broadcast them, then flatten like q, k, v
+            try:
+                m = m.expand(batch + tuple(m.shape[-3:]))
+            except RuntimeError:
+                raise SdpaArgumentError(
+                    f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape "
+                    f"{fmt_shape(attn_mask.shape)} ({shapes})"
+                ) from None
+            m = m.reshape((-1,) + tuple(m.shape[-3:]))
+        if m.dtype == torch.bool:
+            mask = m
+        else:
+            bias = m
+
+    causal = False
+    if is_causal:
+        if L <= S:
+            # upper-left: keys j >= L are never visible, so drop them; on the L x L square upper-left and
+            # our bottom-right causal are the same lower triangle (and the kernels skip its upper half)
+            k4, v4, causal = k4[:, :, :L], v4[:, :, :L], True
+        else:
+            # L > S: rows i >= S see every key; one shared (1, 1, L, S) bool tile, never (N, Hq, L, S)
+            mask = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()[None, None]
+
+    inp = validate(q4, k4, v4, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    out = run_inputs(inp)
+    out_shape = batch + (hq, L, v4.shape[-1])
+    return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

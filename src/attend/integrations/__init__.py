@@ -1,0 +1,1 @@
+"""Integrations with other libraries. Each submodule imports its library lazily: `import attend` never needs it."""

@@ -1,0 +1,251 @@
+"""`attend.scaled_dot_product_attention` against `F.scaled_dot_product_attention`, on a grid of cases where
+PyTorch's result is well-defined: same outputs, same gradients, same errors.
+
+Shape legend (PyTorch's): N batch, Hq query heads, H key/value heads, L query positions, S key positions,
+E head dim, Ev value head dim.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attend
+from attend import scaled_dot_product_attention as sdpa
+from attend.compat import SdpaArgumentError
+
+# (N, Hq, H, L, S, E, Ev, enable_gqa)
+SHAPES = [
+    (2, 4, 4, 7, 7, 16, 16, False),
+    (2, 4, 2, 5, 9, 16, 16, True),  # grouped-query, L < S
+    (2, 4, 2, 9, 5, 16, 16, True),  # grouped-query, L > S
+    (1, 4, 1, 6, 6, 8, 8, False),  # one k/v head broadcasts, as in PyTorch
+    (2, 2, 2, 1, 7, 8, 8, False),  # decoding step
+    (1, 2, 2, 64, 129, 40, 40, False),
+    (2, 2, 2, 7, 7, 16, 24, False),  # Ev != E
+]
+MASKS = ["none", "causal", "bool-2d", "bool-4d", "float", "float-inf", "float-finfo-min-row"]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _id(shape) -> str:
+    n, hq, h, L, S, E, Ev, gqa = shape
+    return f"N{n}Hq{hq}H{h}-L{L}S{S}-E{E}Ev{Ev}" + ("-gqa" if gqa else "")
+
+
+def _mask(kind: str, n: int, hq: int, L: int, S: int, dtype: torch.dtype, gen: torch.Generator):
+    if kind in ("none", "causal"):
+        return None
+    if kind == "bool-2d":
+        keep = torch.rand(L, S, generator=gen) > 0.4
+        keep[:, 0] = True  # every row keeps a key: PyTorch and we agree on dead rows too, but see below
+        return keep
+    if kind == "bool-4d":
+        keep = torch.rand(n, 1, L, S, generator=gen) > 0.4
+        keep[..., 0] = True
+        return keep
+    bias = torch.randn(n, hq, L, S, generator=gen).to(dtype)
+    if kind == "float-inf":
+        bias = bias.masked_fill(torch.rand(n, hq, L, S, generator=gen) > 0.6, float("-inf"))
+        bias[..., 0] = 0.0
+    if kind == "float-finfo-min-row":
+        # a row "masked" with a finite value: PyTorch averages v there (not 0); a drop-in does the same
+        bias[:, :, 0] = torch.finfo(dtype).min
+    return bias
+
+
+def _pair(shape, kind, dtype, grad=False, seed=0):
+    n, hq, h, L, S, E, Ev, gqa = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hq, L, E, generator=gen).to(dtype)
+    k = torch.randn(n, h, S, E, generator=gen).to(dtype)
+    v = torch.randn(n, h, S, Ev, generator=gen).to(dtype)
+    mask = _mask(kind, n, hq, L, S, dtype, gen)
+    kwargs = dict(attn_mask=mask, is_causal=kind == "causal", enable_gqa=gqa)
+    ours = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+    theirs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+    return ours, theirs, kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_matches_torch_forward(shape, kind, dtype):
+    ours, theirs, kwargs = _pair(shape, kind, dtype)
+    out = sdpa(*ours, **kwargs)
+    ref = F.scaled_dot_product_attention(*theirs, **kwargs)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "bool-4d", "float", "float-inf"])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=_id)
+def test_matches_torch_backward(shape, kind):
+    ours, theirs, kwargs = _pair(shape, kind, torch.float32, grad=True)
+    out = sdpa(*ours, **kwargs)
+    ref = F.scaled_dot_product_attention(*theirs, **kwargs)
+    d_out = torch.randn_like(ref)
+    out.backward(d_out)
+    ref.backward(d_out)
+    for a, b, name in zip(ours, theirs, "qkv"):
+        torch.testing.assert_close(a.grad, b.grad, atol=5e-5, rtol=5e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_float_mask_gradient_matches_torch():
+    (q, k, v), _, _ = _pair(SHAPES[0], "none", torch.float32)
+    bias = torch.randn(2, 4, 7, 7)
+    b1, b2 = bias.clone().requires_grad_(), bias.clone().requires_grad_()
+    sdpa(q, k, v, attn_mask=b1).sum().backward()
+    F.scaled_dot_product_attention(q, k, v, attn_mask=b2).sum().backward()
+    torch.testing.assert_close(b1.grad, b2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_upper_left_causal_differs_from_bottom_right():
+    """`is_causal` is upper-left (PyTorch); `attention(causal=True)` is bottom-right: for L != S they differ."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    upper_left = sdpa(q, k, v, is_causal=True)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 6, dtype=torch.bool).tril())
+    torch.testing.assert_close(upper_left, expected)
+    bottom_right = attend.attention(q, k, v, causal=True)
+    assert (upper_left - bottom_right).abs().max() > 1e-3
+    # the last query row sees keys 0..2 under upper-left only
+    last = F.scaled_dot_product_attention(q[:, :, -1:], k[:, :, :3], v[:, :, :3])
+    torch.testing.assert_close(upper_left[:, :, -1:], last)
+
+
+def test_finfo_min_row_averages_v_like_torch():
+    q, k, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    bias = torch.zeros(3, 5)
+    bias[0] = torch.finfo(torch.float32).min
+    out = sdpa(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0].mean(0))  # documented: not 0
+    bias[0] = float("-inf")
+    assert (sdpa(q, k, v, attn_mask=bias)[0, 0, 0] == 0).all()  # contract: -inf rows are 0
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[0] = False
+    assert (sdpa(q, k, v, attn_mask=keep)[0, 0, 0] == 0).all()
+
+
+def test_dead_rows_zero_and_finite_grads_like_torch():
+    ours, theirs, _ = _pair(SHAPES[0], "none", torch.float32, grad=True)
+    keep = torch.rand(2, 1, 7, 7) > 0.5
+    keep[0, 0, 3] = False
+    out = sdpa(*ours, attn_mask=keep)
+    ref = F.scaled_dot_product_attention(*theirs, attn_mask=keep)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert (out[0, :, 3] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in ours)
+
+
+@pytest.mark.parametrize(
+    "q_shape, kv_shape",
+    [((5, 8), (7, 8)), ((3, 5, 8), (3, 7, 8)), ((2, 3, 4, 5, 8), (2, 3, 4, 7, 8)), ((1, 4, 5, 8), (3, 4, 7, 8))],
+    ids=["2d", "3d", "5d", "batch-broadcast"],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_layouts(q_shape, kv_shape, causal):
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    out = sdpa(q, k, v, is_causal=causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_layout_5d_with_mask():
+    q, k, v = torch.randn(2, 3, 2, 5, 8), torch.randn(2, 3, 2, 7, 8), torch.randn(2, 3, 2, 7, 8)
+    keep = torch.rand(3, 1, 5, 7) > 0.3
+    keep[..., 0] = True
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=keep), F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+
+
+def test_scale_and_dropout_zero():
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    for scale in (0.1, 1.0, 3.0):
+        torch.testing.assert_close(sdpa(q, k, v, scale=scale), F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+
+def test_dropout_is_applied_whenever_p_positive():
+    """As in PyTorch, dropout_p > 0 drops (there is no training flag); surviving weights are rescaled."""
+    q, k = torch.randn(4, 4, 64, 16), torch.randn(4, 4, 64, 16)
+    v = torch.ones(4, 4, 64, 8)
+    out = sdpa(q, k, v, dropout_p=0.3)
+    assert out.std() > 0.05  # rows lost different weights
+    assert abs(out.mean().item() - 1.0) < 0.05  # E[out] = 1: rescaled by 1 / (1 - p)
+
+
+def test_autocast_like_torch():
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k.bfloat16(), v, is_causal=True)
+        ref = F.scaled_dot_product_attention(q, k.bfloat16(), v, is_causal=True)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+# errors: same arguments PyTorch rejects, rejected before any kernel runs
+
+
+def test_mask_with_is_causal_raises_like_torch():
+    q = k = v = torch.randn(1, 2, 4, 8)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="attn_mask"):  # what PyTorch's callers catch
+        sdpa(q, k, v, attn_mask=keep, is_causal=True)
+    with pytest.raises(ValueError, match="expected either `attn_mask` or `is_causal=True`, got both"):
+        sdpa(q, k, v, attn_mask=keep, is_causal=True)
+
+
+def test_heads_differ_without_enable_gqa_raises_like_torch():
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(SdpaArgumentError, match="enable_gqa=True"):
+        sdpa(q, k, k)
+    with pytest.raises(ValueError, match=r"h % g == 0"):
+        sdpa(torch.randn(1, 3, 3, 8), k, k, enable_gqa=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(attn_mask=torch.ones(4, 4, dtype=torch.int64)), TypeError),
+        (dict(attn_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError),
+        (dict(is_causal=1), TypeError),
+    ],
+    ids=["int-mask", "mask-shape", "is_causal-int"],
+)
+def test_bad_arguments(kwargs, exc):
+    q = k = v = torch.randn(1, 2, 4, 8)
+    with pytest.raises(exc, match="expected"):
+        sdpa(q, k, v, **kwargs)
+
+
+def test_mixed_dtypes_outside_autocast_raise():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="one dtype"):
+        sdpa(q, q.bfloat16(), q)
+
+
+def test_runs_through_the_dispatcher(monkeypatch):
+    """The drop-in goes through attend's dispatcher, so a pinned/registered backend is what runs."""
+    from attend import dispatch
+
+    seen = []
+    real = dispatch.select
+
+    def spy(inp, backend=None, **kw):
+        chosen = real(inp, backend, **kw)
+        seen.append(chosen.name)
+        return chosen
+
+    monkeypatch.setattr("attend.functional.select", spy)
+    q = k = v = torch.randn(1, 2, 4, 8)
+    sdpa(q, k, v, is_causal=True)
+    assert seen == [attend.explain(q, k, v, causal=True).backend]
+
+
+def test_grid_is_big_enough():
+    assert len(list(itertools.product(SHAPES, MASKS))) >= 40
