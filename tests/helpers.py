@@ -57,5 +57,5 @@ def spy_sdpa(monkeypatch):
         )
         return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(sdpa, "_sdpa", spy)
     yield calls

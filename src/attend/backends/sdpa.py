@@ -37,6 +37,11 @@ from .base import Backend, Caps
 
 __all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
 
+# Bound once at import: users who monkeypatch `F.scaled_dot_product_attention` with
+# `attend.scaled_dot_product_attention` (a common way to swap attention in someone else's model) would
+# otherwise send our own kernel call back into the dispatcher, forever.
+_sdpa = F.scaled_dot_product_attention
+
 HALF = frozenset({torch.float16, torch.bfloat16})
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -67,7 +72,7 @@ def has_enable_gqa() -> bool:
     q = torch.zeros(1, 2, 1, 8)
     kv = torch.zeros(1, 1, 1, 8)
     try:
-        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        _sdpa(q, kv, kv, enable_gqa=True)
     except (TypeError, RuntimeError):
         return False
     return True
@@ -86,7 +91,7 @@ def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
     keep = torch.tensor([[False, False], [True, True]], device=device)
     try:
         with sdpa_kernel([variant]):
-            out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep)
+            out = _sdpa(q, kv, kv, attn_mask=keep)
             out.sum().backward()
     except RuntimeError:
         return False
@@ -144,7 +149,7 @@ class SdpaBackend(Backend):
             if not inp.causal or (inp.i == inp.j and inp.mask is None and inp.bias is None):
                 return self._call(inp, q, k, v, kwargs, rows=None, cols=None)
             if self._native_lower_right(inp, kwargs):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_bias(inp.i, inp.j), **kwargs)
+                return _sdpa(q, k, v, attn_mask=_lower_right_bias(inp.i, inp.j), **kwargs)
             # causal with a mask, or unaligned: each block of queries sees keys [0, last visible)
             outs = []
             for start in range(0, inp.i, self.query_block):
@@ -181,7 +186,7 @@ class SdpaBackend(Backend):
                 dead = dead[:, :, rows]
             if dead is not None:
                 attn_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+        out = _sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
         if dead is not None:
             out = out.masked_fill(dead, 0.0)
         return out
