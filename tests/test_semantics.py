@@ -185,3 +185,18 @@ def test_output_dtype_is_query_dtype():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         q, k, v = make_qkv(dtype=dtype)
         assert attend.attention(q, k, v).dtype == dtype
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_dead_row_probe_is_right_when_first_called_without_grad(context):
+    """The once-per-process probe must not cache a wrong answer when its first caller disables grad."""
+    from torch.nn.attention import SDPBackend
+
+    from attend.backends import sdpa
+
+    sdpa.zeroes_dead_rows.cache_clear()
+    try:
+        with context():
+            assert sdpa.zeroes_dead_rows(SDPBackend.FLASH_ATTENTION, "cpu") is True
+    finally:
+        sdpa.zeroes_dead_rows.cache_clear()

@@ -86,16 +86,19 @@ def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
     (variant, device); where it fails, `SdpaBackend.run` un-masks such rows and zeroes them after.
     """
     dtype = torch.float32 if device == "cpu" else torch.float16
-    q = torch.ones(1, 1, 2, 8, dtype=dtype, device=device, requires_grad=True)
-    kv = torch.ones(1, 1, 2, 8, dtype=dtype, device=device)
-    keep = torch.tensor([[False, False], [True, True]], device=device)
-    try:
-        with sdpa_kernel([variant]):
-            out = _sdpa(q, kv, kv, attn_mask=keep)
-            out.sum().backward()
-    except RuntimeError:
-        return False
-    return bool((out[0, 0, 0] == 0).all()) and bool(torch.isfinite(q.grad).all())
+    # the first call may come from inside `torch.no_grad()` or `inference_mode()`: the probe needs a
+    # backward either way, or it would wrongly cache False and send masked calls down the fix-up path
+    with torch.inference_mode(False), torch.enable_grad():
+        q = torch.ones(1, 1, 2, 8, dtype=dtype, device=device, requires_grad=True)
+        kv = torch.ones(1, 1, 2, 8, dtype=dtype, device=device)
+        keep = torch.tensor([[False, False], [True, True]], device=device)
+        try:
+            with sdpa_kernel([variant]):
+                out = _sdpa(q, kv, kv, attn_mask=keep)
+                out.sum().backward()
+        except RuntimeError:
+            return False
+        return bool((out[0, 0, 0] == 0).all()) and bool(torch.isfinite(q.grad).all())
 
 
 @functools.lru_cache(maxsize=None)
