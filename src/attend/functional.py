@@ -6,9 +6,12 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import Tensor
 
-from .dispatch import Report, explain_inputs, select
+from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
 
 __all__ = ["attention", "explain", "run_inputs"]
@@ -34,14 +37,57 @@ _DOC_SEMANTICS = """
 """
 
 
+# helpers
+
+
+def _failure(name: str, err: BaseException) -> str:
+    first = (str(err).splitlines() or [""])[0]
+    return f"backend {name!r} failed with {type(err).__name__}: {first}"
+
+
 def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
     """Dispatch validated inputs and run them (used by `attention` and `Attend`)."""
     if inp.i == 0 or inp.j == 0:
         # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
         # The zero terms keep the graph connected so gradients are zeros, not None.
+        if backend is not None:
+            select(inp, backend)  # a named backend still has to exist and accept the inputs
         zero = (inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
-    return select(inp, backend, fused_only=fused_only).run(inp)
+    chosen = select(inp, backend, fused_only=fused_only)
+    try:
+        return chosen.run(inp)
+    except (RuntimeError, MemoryError) as err:
+        if backend is not None:  # a named backend runs or raises: never a silent fallback
+            raise RuntimeError(f"backend {backend!r} failed: {type(err).__name__}: {err}") from err
+        return _retry(inp, chosen.name, err, fused_only)
+
+
+def _retry(inp: AttnInputs, failed_name: str, err: BaseException, fused_only: bool) -> Tensor:
+    """Auto mode, after `failed_name` raised at run time (a kernel error, out of memory): run the next
+    eligible backend in priority order (`chunked` first for out of memory), so a training step is not
+    lost, and warn once naming the failure and the backend used. Backward failures cannot be retried."""
+    failures = [_failure(failed_name, err)]
+    text = str(err).lower()
+    oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        sign in text for sign in ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
+    )
+    failed = {failed_name}
+    for candidate in fallbacks(inp, failed, fused_only=fused_only, oom=oom):
+        try:
+            out = candidate.run(inp)
+        except (RuntimeError, MemoryError) as again:
+            failed.add(candidate.name)
+            failures.append(_failure(candidate.name, again))
+            err = again
+            continue
+        warnings.warn(
+            f"attend: {'; '.join(failures)}; retried on {candidate.name!r}", AttendFallbackWarning, stacklevel=4
+        )
+        return out
+    if len(failures) == 1:
+        raise err  # nothing else could run these inputs: the original error, untouched
+    raise RuntimeError(f"attend: every eligible backend failed: {'; '.join(failures)}") from err
 
 
 def attention(
@@ -55,8 +101,11 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> Tensor:
-    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic
+    )
     return run_inputs(inp, backend)
 
 
@@ -71,6 +120,12 @@ attention.__doc__ = (
         scale: logit scale, default d ** -0.5.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
         backend: None for auto, or a name from `list_backends()`; a named backend runs or raises.
+        deterministic: only backends declared deterministic may run (bitwise-identical outputs and
+            gradients run to run); also implied by `torch.use_deterministic_algorithms(True)`.
+
+    Faults: in auto mode, a backend that fails at run time (RuntimeError, including out of memory) is
+    retried on the next eligible backend (`chunked` first for out of memory) with one
+    `AttendFallbackWarning`; a named backend re-raises as RuntimeError("backend 'name' failed: ...").
 """
     + _DOC_SEMANTICS
     + """
@@ -78,6 +133,7 @@ attention.__doc__ = (
         TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
         ValueError: the named `backend` cannot run these inputs (its reasons are listed).
         NoBackendError: no registered backend can run these inputs.
+        RuntimeError: the named `backend` failed at run time, or every eligible one did.
 
     Example::
 
@@ -99,8 +155,11 @@ def explain(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> Report:
-    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic
+    )
     return explain_inputs(inp, backend)
 
 

@@ -41,8 +41,11 @@ def einsum_attention(inp: AttnInputs, *, softmax_dtype: torch.dtype | None = Non
 
     # grouped-query heads: fold the r query heads that share one kv head into their own dim, so k and v
     # are never copied to h heads
-    q = rearrange(inp.q, "b (g r) i d -> b g r i d", g=inp.g)
-    sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k) * inp.scale
+    # scale q before the matmul rather than the logits after it: in float16 q @ k overflows (> 65504) long
+    # before the scaled logits do (scale * |q||k| in the hundreds). SDPA's math path scales q and k by
+    # sqrt(scale) for the same reason; sdpa:flash on CPU computes the logits in float32.
+    q = rearrange(inp.q * inp.scale, "b (g r) i d -> b g r i d", g=inp.g)
+    sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k)
     sim = sim.to(acc)
 
     if inp.bias is not None:
