@@ -161,18 +161,23 @@ def _runnable(name: str, case: Case, q, k, v, mask, bias) -> list[str]:
     return get_backend(name).reasons_unsupported(inp)
 
 
+def _dump_stats() -> None:
+    path = os.environ.get("ATTEND_PROPERTY_STATS")
+    if path:
+        figures = {k: v for k, v in STATS.items() if k != "start"}
+        figures["seconds"] = round(time.perf_counter() - STATS["start"], 1)
+        figures["backends"] = list_backends()
+        figures["profile"] = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2, sort_keys=True)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _write_stats():
     STATS.clear()
-    start = time.perf_counter()
+    STATS["start"] = time.perf_counter()
     yield
-    path = os.environ.get("ATTEND_PROPERTY_STATS")
-    if path:
-        figures = dict(STATS)
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        figures["backends"] = list_backends()
-        with open(path, "w") as f:
-            json.dump(figures, f, indent=2, sort_keys=True)
+    _dump_stats()
 
 
 # tests
@@ -183,6 +188,8 @@ def _write_stats():
 def test_every_backend_matches_reference(case: Case):
     note(repr(case))
     STATS["examples"] += 1
+    if STATS["examples"] % 250 == 0:
+        _dump_stats()  # progress, for long `thorough` runs
     q, k, v, mask, bias = case.tensors()
     ran = 0
     for name in list_backends():
