@@ -8,7 +8,11 @@ Profiles (tests/conftest.py): `ci` (default, 60 derandomized examples) and `thor
 
     HYPOTHESIS_PROFILE=thorough ATTEND_PROPERTY_STATS=stats.json pytest tests/test_properties.py
 
-ATTEND_PROPERTY_STATS: write the run's figures (examples, checks per backend, skips) as JSON.
+ATTEND_PROPERTY_STATS: write the run's figures (examples, checks per backend, skips, mismatches) as
+JSON, every 50 examples and at the end. With it set, a mismatch is recorded there (case and report)
+and the run goes on, so a long run counts every mismatch instead of stopping at the first; the test
+still fails at the end if there was any unknown one. Without it (CI), the first mismatch fails the
+example and hypothesis shrinks it.
 
 Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
 d head dim (q and k), e value head dim.
@@ -39,6 +43,8 @@ SIZES = [1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33]  # 1s, primes, around a power of 
 HEAD_DIMS = [1, 2, 3, 4, 5, 8, 16, 40]
 
 STATS: Counter = Counter()
+MISMATCHES: list[dict] = []
+COLLECT = bool(os.environ.get("ATTEND_PROPERTY_STATS"))
 
 # helpers
 
@@ -168,6 +174,7 @@ def _dump_stats() -> None:
         figures["seconds"] = round(time.perf_counter() - STATS["start"], 1)
         figures["backends"] = list_backends()
         figures["profile"] = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+        figures["mismatch_details"] = MISMATCHES[:50]
         with open(path, "w") as f:
             json.dump(figures, f, indent=2, sort_keys=True)
 
@@ -175,6 +182,7 @@ def _dump_stats() -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _write_stats():
     STATS.clear()
+    MISMATCHES.clear()
     STATS["start"] = time.perf_counter()
     yield
     _dump_stats()
@@ -188,7 +196,7 @@ def _write_stats():
 def test_every_backend_matches_reference(case: Case):
     note(repr(case))
     STATS["examples"] += 1
-    if STATS["examples"] % 250 == 0:
+    if STATS["examples"] % 50 == 0:
         _dump_stats()  # progress, for long `thorough` runs
     q, k, v, mask, bias = case.tensors()
     ran = 0
@@ -204,7 +212,15 @@ def test_every_backend_matches_reference(case: Case):
             known = _known_mismatch(case, str(err))
             if known is None:
                 STATS[f"mismatch:{name}"] += 1
-                raise
-            STATS[f"known:{known}:{name}"] += 1
+                if not COLLECT:
+                    raise
+                MISMATCHES.append({"backend": name, "case": repr(case), "report": str(err).splitlines()})
+            else:
+                STATS[f"known:{known}:{name}"] += 1
         ran += 1
     assert ran >= 1, "no backend ran this case; the reference `einsum` runs everything"
+
+
+def test_no_unknown_mismatch_was_collected():
+    """Runs after the property test (file order): fails a collecting run that found unknown mismatches."""
+    assert not MISMATCHES, f"{len(MISMATCHES)} unknown mismatches; first: {MISMATCHES[0]}"
