@@ -203,9 +203,6 @@ ROWS: list[Row] = [
         "expected `deterministic` to be True or False, got 1"),
 ]  # fmt: skip
 
-WORKS_CHECKS: dict[str, Callable] = {}
-
-
 def _expected(row: Row) -> str:
     # backend names come from the registry, so a newly merged backend does not break this table
     return row.message.replace("{names}", ", ".join(list_backends()))
