@@ -269,3 +269,36 @@ def test_drop_in_emits_no_warnings(case, flash, dtype):
             out = attn(q, k, v, mask=mask, bias=bias, causal=case.get("causal"))
             out.float().sum().backward()
             attn.explain(q, k, v, mask=mask, bias=bias, causal=case.get("causal"))
+
+
+def test_out_of_memory_frees_the_failed_attempt_before_retrying(monkeypatch):
+    """The failed backend's intermediates (held by its traceback frames) are released before the retry."""
+    import gc
+    import weakref
+
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    first = dispatch.select(inp).name
+    if not dispatch.fallbacks(inp, {first}, oom=True):
+        pytest.skip("one eligible backend")
+    refs = []
+
+    def run(inp):
+        big = torch.empty(1024)  # stands in for a large intermediate of the failed kernel
+        refs.append(weakref.ref(big))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(get_backend(first), "run", run)
+    seen_alive = []
+    for other in dispatch.fallbacks(inp, {first}, oom=True)[:1]:
+        original = other.run
+
+        def spy(inp, original=original):
+            gc.collect()
+            seen_alive.append(refs[0]() is not None)
+            return original(inp)
+
+        monkeypatch.setattr(other, "run", spy)
+    with pytest.warns(AttendFallbackWarning):
+        attention(q, k, v, mask=mask)
+    assert seen_alive == [False]

@@ -6,6 +6,7 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import torch
@@ -72,6 +73,9 @@ def _retry(inp: AttnInputs, failed_name: str, err: BaseException, fused_only: bo
     oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
         sign in text for sign in ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
     )
+    if oom:
+        # the failed attempt's intermediates live on in its traceback's frames: free them before retrying
+        traceback.clear_frames(err.__traceback__)
     failed = {failed_name}
     for candidate in fallbacks(inp, failed, fused_only=fused_only, oom=oom):
         try:
