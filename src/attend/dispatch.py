@@ -208,7 +208,7 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
     raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
 
 
-def fallbacks(inp: AttnInputs, failed: set[str], *, fused_only: bool = False, oom: bool = False) -> list[Backend]:
+def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[Backend]:
     """Auto mode, after backends in `failed` raised at run time: the eligible others, in priority order.
 
     `oom`: the failure was out of memory, so the memory-bounded `chunked` backend (when registered and
@@ -220,9 +220,8 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, fused_only: bool = False, oo
     out = []
     for name in names:
         candidate = _registry[name]
-        if (fused_only and not candidate.fused) or candidate.reasons_unsupported(inp):
-            continue
-        out.append(candidate)
+        if not candidate.reasons_unsupported(inp):
+            out.append(candidate)
     return out
 
 

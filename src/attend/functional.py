@@ -61,13 +61,16 @@ def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool 
     except (RuntimeError, MemoryError) as err:
         if backend is not None:  # a named backend runs or raises: never a silent fallback
             raise RuntimeError(f"backend {backend!r} failed: {type(err).__name__}: {err}") from err
-        return _retry(inp, chosen.name, err, fused_only)
+        return _retry(inp, chosen.name, err)
 
 
-def _retry(inp: AttnInputs, failed_name: str, err: BaseException, fused_only: bool) -> Tensor:
+def _retry(inp: AttnInputs, failed_name: str, err: BaseException) -> Tensor:
     """Auto mode, after `failed_name` raised at run time (a kernel error, out of memory): run the next
     eligible backend in priority order (`chunked` first for out of memory), so a training step is not
-    lost, and warn once naming the failure and the backend used. Backward failures cannot be retried."""
+    lost, and warn once naming the failure and the backend used. Backward failures cannot be retried.
+
+    Any eligible backend may take over, fused or not: `Attend(flash=True)` already falls back to auto
+    when no fused kernel can run, and a fault is no reason to lose the step instead."""
     failures = [_failure(failed_name, err)]
     text = str(err).lower()
     oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
@@ -77,7 +80,7 @@ def _retry(inp: AttnInputs, failed_name: str, err: BaseException, fused_only: bo
         # the failed attempt's intermediates live on in its traceback's frames: free them before retrying
         traceback.clear_frames(err.__traceback__)
     failed = {failed_name}
-    for candidate in fallbacks(inp, failed, fused_only=fused_only, oom=oom):
+    for candidate in fallbacks(inp, failed, oom=oom):
         try:
             out = candidate.run(inp)
         except (RuntimeError, MemoryError) as again:
