@@ -9,7 +9,7 @@ d head dim (q and k), e value head dim.
 
 from .backends.base import Backend, Caps
 from .compat import scaled_dot_product_attention
-from .dispatch import NoBackendError, Report, get_backend, list_backends, register_backend
+from .dispatch import AttendFallbackWarning, NoBackendError, Report, get_backend, list_backends, register_backend
 from .functional import attention, explain
 from .inputs import AttnInputs
 from .module import Attend
@@ -25,6 +25,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "NoBackendError",
+    "AttendFallbackWarning",
     "Report",
     "AttnInputs",
     "Backend",

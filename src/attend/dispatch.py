@@ -20,11 +20,13 @@ from .inputs import AttnInputs
 __all__ = [
     "PRIORITY",
     "NoBackendError",
+    "AttendFallbackWarning",
     "Report",
     "register_backend",
     "get_backend",
     "list_backends",
     "select",
+    "fallbacks",
     "explain_inputs",
     "clear_cache",
 ]
@@ -52,10 +54,17 @@ _registry: dict[str, Backend] = {b.name: b for b in REGISTERED}
 _cache: dict[tuple, str] = {}
 _logged: set[tuple] = set()
 _lock = threading.Lock()
+# bumped whenever the registry or the priority changes, so a choice computed before the change is never
+# cached after it (threads may select while another registers a backend)
+_generation = 0
 
 
 class NoBackendError(RuntimeError):
     """No registered backend can run these inputs. The message lists every backend's reasons."""
+
+
+class AttendFallbackWarning(RuntimeWarning):
+    """Auto mode: the chosen backend failed at run time and the call was retried on another one."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +133,11 @@ def register_backend(backend: Backend, *, priority: dict[str, int] | None = None
 
     `priority`: optional {device_type: position} to insert it into that device's auto order.
     """
+    global _generation
     if not isinstance(backend, Backend) or not backend.name:
         raise TypeError(f"expected an attend Backend instance with a `name`, got {backend!r}")
     with _lock:
+        _generation += 1
         _registry[backend.name] = backend
         for device, pos in (priority or {}).items():
             order = [n for n in PRIORITY.get(device, DEFAULT_PRIORITY) if n != backend.name]
@@ -151,7 +162,9 @@ def list_backends() -> list[str]:
 
 def clear_cache() -> None:
     """Forget cached auto choices (after changing global torch flags, for instance)."""
+    global _generation
     with _lock:
+        _generation += 1
         _cache.clear()
 
 
@@ -180,6 +193,7 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
     # its lock is a context manager dynamo cannot enter) and no logging (a graph break) while compiling.
     compiling = torch.compiler.is_compiling()
     key = (inp.signature(), fused_only)
+    generation = _generation
     name = None if compiling else _cache.get(key)
     if name is not None:
         return _registry[name]
@@ -194,11 +208,29 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         if not reasons:
             if not compiling:
                 with _lock:
-                    _cache[key] = name
+                    if generation == _generation:
+                        _cache[key] = name
                 _log_slow(inp, name, rejected)
             return candidate
         rejected[name] = reasons
     raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
+
+
+def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[Backend]:
+    """Auto mode, after backends in `failed` raised at run time: the eligible others, in priority order.
+
+    `oom`: the failure was out of memory, so the memory-bounded `chunked` backend (when registered and
+    eligible) goes first, even if this device's auto order does not list it.
+    """
+    names = [n for n in _priority(inp.device.type) if n not in failed]
+    if oom and "chunked" in _registry and "chunked" not in failed:
+        names = ["chunked"] + [n for n in names if n != "chunked"]
+    out = []
+    for name in names:
+        candidate = _registry[name]
+        if not candidate.reasons_unsupported(inp):
+            out.append(candidate)
+    return out
 
 
 def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
@@ -226,8 +258,9 @@ def _log_slow(inp: AttnInputs, name: str, rejected: dict[str, list[str]]) -> Non
     if name not in SLOW.get(inp.device.type, ()):
         return
     key = (inp.device.type, name, tuple((n, tuple(r)) for n, r in rejected.items()))
-    if key in _logged:
-        return
-    _logged.add(key)
+    with _lock:
+        if key in _logged:
+            return
+        _logged.add(key)
     why = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
     log.warning("attend: auto picked the slow `%s` backend on %s because %s", name, inp.device.type, why)

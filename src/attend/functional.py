@@ -6,10 +6,14 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+import warnings
+
 import torch
 from torch import Tensor
 
-from .dispatch import Report, explain_inputs, select
+from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
 
 __all__ = ["attention", "explain", "run_inputs", "autocast_inputs"]
@@ -33,6 +37,9 @@ _DOC_SEMANTICS = """
         i_len=2, j_len=5: q0 sees k0..k3, q1 sees k0..k4
         i_len=5, j_len=2: q0..q2 see nothing (output 0), q3 sees k0, q4 sees k0..k1
 """
+
+
+# helpers
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -59,20 +66,67 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
+def _failure(name: str, err: BaseException) -> str:
+    first = (str(err).splitlines() or [""])[0]
+    return f"backend {name!r} failed with {type(err).__name__}: {first}"
+
+
 def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
     """Dispatch validated inputs and run them (used by `attention` and `Attend`)."""
     if inp.i == 0 or inp.j == 0:
         # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
         # The zero terms keep the graph connected so gradients are zeros, not None.
+        if backend is not None:
+            select(inp, backend)  # a named backend still has to exist and accept the inputs
         zero = (inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
     chosen = select(inp, backend, fused_only=fused_only)
-    if _autocast_on(inp.device.type):
-        # the inputs were cast by `autocast_inputs`; inside, the backend owns its precision (float32 softmax
-        # statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd(cast_inputs=...)` does
-        with torch.autocast(inp.device.type, enabled=False):
+    # under autocast the inputs were cast by `autocast_inputs`; inside, the backend owns its precision
+    # (float32 softmax statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd` does
+    no_autocast = (
+        torch.autocast(inp.device.type, enabled=False) if _autocast_on(inp.device.type) else contextlib.nullcontext()
+    )
+    try:
+        with no_autocast:
             return chosen.run(inp)
-    return chosen.run(inp)
+    except (RuntimeError, MemoryError) as err:
+        if backend is not None:  # a named backend runs or raises: never a silent fallback
+            raise RuntimeError(f"backend {backend!r} failed: {type(err).__name__}: {err}") from err
+        with no_autocast:
+            return _retry(inp, chosen.name, err)
+
+
+def _retry(inp: AttnInputs, failed_name: str, err: BaseException) -> Tensor:
+    """Auto mode, after `failed_name` raised at run time (a kernel error, out of memory): run the next
+    eligible backend in priority order (`chunked` first for out of memory), so a training step is not
+    lost, and warn once naming the failure and the backend used. Backward failures cannot be retried.
+
+    Any eligible backend may take over, fused or not: `Attend(flash=True)` already falls back to auto
+    when no fused kernel can run, and a fault is no reason to lose the step instead."""
+    failures = [_failure(failed_name, err)]
+    text = str(err).lower()
+    oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        sign in text for sign in ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
+    )
+    if oom:
+        # the failed attempt's intermediates live on in its traceback's frames: free them before retrying
+        traceback.clear_frames(err.__traceback__)
+    failed = {failed_name}
+    for candidate in fallbacks(inp, failed, oom=oom):
+        try:
+            out = candidate.run(inp)
+        except (RuntimeError, MemoryError) as again:
+            failed.add(candidate.name)
+            failures.append(_failure(candidate.name, again))
+            err = again
+            continue
+        warnings.warn(
+            f"attend: {'; '.join(failures)}; retried on {candidate.name!r}", AttendFallbackWarning, stacklevel=4
+        )
+        return out
+    if len(failures) == 1:
+        raise err  # nothing else could run these inputs: the original error, untouched
+    raise RuntimeError(f"attend: every eligible backend failed: {'; '.join(failures)}") from err
 
 
 def attention(
@@ -86,9 +140,12 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> Tensor:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic
+    )
     return run_inputs(inp, backend)
 
 
@@ -103,6 +160,12 @@ attention.__doc__ = (
         scale: logit scale, default d ** -0.5.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
         backend: None for auto, or a name from `list_backends()`; a named backend runs or raises.
+        deterministic: only backends declared deterministic may run (bitwise-identical outputs and
+            gradients run to run); also implied by `torch.use_deterministic_algorithms(True)`.
+
+    Faults: in auto mode, a backend that fails at run time (RuntimeError, including out of memory) is
+    retried on the next eligible backend (`chunked` first for out of memory) with one
+    `AttendFallbackWarning`; a named backend re-raises as RuntimeError("backend 'name' failed: ...").
 """
     + _DOC_SEMANTICS
     + """
@@ -110,6 +173,7 @@ attention.__doc__ = (
         TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
         ValueError: the named `backend` cannot run these inputs (its reasons are listed).
         NoBackendError: no registered backend can run these inputs.
+        RuntimeError: the named `backend` failed at run time, or every eligible one did.
 
     Example::
 
@@ -131,9 +195,12 @@ def explain(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic
+    )
     return explain_inputs(inp, backend)
 
 

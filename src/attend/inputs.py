@@ -326,6 +326,15 @@ def validate(
         raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(deterministic)}")
+
+    # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
+    # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
+    # a transposed view is copied here, once, instead of failing inside the kernel. Expanded (stride-0)
+    # batch or head dims and other strides are kept as they are.
+    # (`clone`, not `contiguous`: a size-1 last dim counts as contiguous whatever its stride.)
+    q, k, v = (t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
 
     return AttnInputs(
         q=q,

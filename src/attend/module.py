@@ -30,6 +30,7 @@ class Attend(nn.Module):
         causal: bool = False,
         scale: float | None = None,
         backend: str | None = None,
+        deterministic: bool = False,
     ):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -41,6 +42,8 @@ class Attend(nn.Module):
                 f"expected either flash=False (the einsum backend) or backend=..., got flash=False and "
                 f"backend={backend!r}; hint: drop `flash` when you name a backend"
             )
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"expected `deterministic` to be True or False, got {deterministic!r}")
         if exists(backend):
             from .dispatch import get_backend
 
@@ -50,9 +53,13 @@ class Attend(nn.Module):
         self.causal = causal
         self.scale = scale
         self.backend = "einsum" if flash is False else backend
+        self.deterministic = deterministic
 
     def extra_repr(self) -> str:
-        return f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, backend={self.backend!r}"
+        return (
+            f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, "
+            f"backend={self.backend!r}, deterministic={self.deterministic}"
+        )
 
     def _inputs(self, q, k, v, mask, bias, causal):
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # under autocast: one dtype, the autocast one
@@ -65,6 +72,7 @@ class Attend(nn.Module):
             causal=default(causal, self.causal),
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
+            deterministic=self.deterministic,
         )
 
     def forward(
@@ -111,6 +119,9 @@ Attend.__doc__ = (
         causal: default for `forward(causal=None)`; bottom-right aligned.
         scale: logit scale, default d ** -0.5.
         backend: pin a backend by name (`attend.list_backends()`); it runs or raises ValueError.
+        deterministic: only backends declared deterministic may run this module, so two runs give
+            bitwise-identical outputs and gradients (what `torch.use_deterministic_algorithms(True)`
+            does for every module); `explain` names the backends it excludes.
 
     forward(q, k, v, mask=None, bias=None, causal=None) -> out
 """

@@ -23,7 +23,7 @@ from .backends.einsum import einsum_attention
 from .dispatch import get_backend
 from .inputs import AttnInputs, validate
 
-__all__ = ["FUDGE", "FLOOR", "Check", "assert_matches_reference", "check_backend"]
+__all__ = ["FUDGE", "GRAD_FUDGE", "FLOOR", "Check", "assert_matches_reference", "check_backend"]
 
 # How far a candidate may stray from the golden, relative to the baseline's own error.
 FUDGE: dict[torch.dtype, float] = {
@@ -35,6 +35,14 @@ FUDGE: dict[torch.dtype, float] = {
     # partial dk, dv in the input dtype (measured 3.3x the baseline error for float16, h/g = 4, j = 257)
     torch.float16: 4.0,
     torch.bfloat16: 4.0,
+}
+# Per-backend overrides of FUDGE for the gradients (dq, dk, dv, dbias): (backend, device type, dtype) -> fudge.
+GRAD_FUDGE: dict[tuple[str, str, torch.dtype], float] = {
+    # PyTorch's CPU flash backward in half precision: the 10,000-example property run (docs/reliability.md)
+    # measured dq, dk, dv at up to 15.7x the baseline's error, mostly with grouped-query heads, whose per-head
+    # partial dk, dv it sums in the input dtype. Outputs stay within FUDGE.
+    ("sdpa:flash", "cpu", torch.float16): 16.0,
+    ("sdpa:flash", "cpu", torch.bfloat16): 16.0,
 }
 # Absolute floor, for cases where the baseline is (nearly) exact: a few ulps at the outputs' magnitude.
 FLOOR: dict[torch.dtype, float] = {
@@ -179,8 +187,9 @@ def check_backend(
         ]
 
     names = ["out", "dq", "dk", "dv", "dbias"][: len(results["golden"])]
+    grad_fudge = fudge if fudge is not None else GRAD_FUDGE.get((backend, inp.device.type, dtype))
     checks = [
-        _compare(n, c, gd, bl, dtype, fudge, floor)
+        _compare(n, c, gd, bl, dtype, fudge if n == "out" else grad_fudge, floor)
         for n, c, gd, bl in zip(names, results["candidate"], results["golden"], results["baseline"])
     ]
     if not all(c.ok for c in checks):

@@ -39,16 +39,25 @@ def einsum_attention(inp: AttnInputs, *, softmax_dtype: torch.dtype | None = Non
     seed's behaviour, softmax in the input dtype, is `softmax_dtype=q.dtype`; benchmarks only)."""
     acc = softmax_dtype or accum_dtype(inp.dtype)
 
+    # scale q before the matmul rather than the logits after it: in float16 q @ k overflows (> 65504) long
+    # before the scaled logits do (scale * |q||k| in the hundreds). SDPA's math path scales q and k by
+    # sqrt(scale) for the same reason; sdpa:flash on CPU computes the logits in float32. The logits stay in
+    # the input dtype (the baseline's rounding budget is that of the input dtype, see attend.testing).
     # grouped-query heads: fold the r query heads that share one kv head into their own dim, so k and v
     # are never copied to h heads
-    q = rearrange(inp.q, "b (g r) i d -> b g r i d", g=inp.g)
-    sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k) * inp.scale
+    q = rearrange(inp.q * inp.scale, "b (g r) i d -> b g r i d", g=inp.g)
+    sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k)
     sim = sim.to(acc)
 
     if inp.bias is not None:
         sim = sim + _group(inp.bias, inp.g).to(acc)
 
     keep = combined_keep(inp)
+    if inp.bias is not None:
+        # a -inf bias is a mask: treat it as one, so huge garbage at such a key (a logit that overflowed to
+        # inf in float16) cannot turn the row into inf + -inf = NaN (contract item 3)
+        finite = inp.bias != float("-inf")
+        keep = finite if keep is None else keep & finite
     if keep is not None:
         # masked_fill, not an add: a garbage (even NaN) logit at a masked key never reaches the softmax
         sim = sim.masked_fill(~_group(keep, inp.g), float("-inf"))

@@ -116,6 +116,11 @@ def has_lower_right_gqa() -> bool:
     return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
+def _broadcast(t: Tensor, inp: AttnInputs) -> bool:
+    """Is `t` broadcast over some dim of (b, h, i, j) (so its gradient is a sum)?"""
+    return tuple(t.shape) != (inp.b, inp.h, inp.i, inp.j)
+
+
 def _expand_kv(t: Tensor, h: int) -> Tensor:
     """(b, g, j, x) -> (b, h, j, x), a copy: only for kernels with no native grouped-query path."""
     b, g, j, x = t.shape
@@ -276,3 +281,11 @@ class SdpaMath(SdpaBackend):
     variant = SDPBackend.MATH
     fused = False
     caps = {"cpu": Caps(), "cuda": Caps(), "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))}
+
+    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
+        reasons = super().reasons_unsupported(inp)
+        if not reasons and inp.bias_needs_grad and inp.dtype in HALF and _broadcast(inp.bias, inp):
+            # SDPA takes the bias in q's dtype, so autograd sums the gradient of a broadcast bias over many
+            # positions in half precision (measured: off by 2e-2 where the true value is 0; docs/reliability.md)
+            reasons.append(f"gradient of a broadcast bias would be summed in {inp.dtype} (inexact)")
+        return reasons

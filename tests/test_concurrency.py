@@ -1,0 +1,162 @@
+"""Concurrency: many threads calling `attention` with different shapes, dtypes and masks at once get
+correct results, and the dispatch cache stays consistent: every cached choice equals a fresh, uncached
+selection for its inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from attend import Attend, attention, get_backend
+from attend import dispatch
+from attend.inputs import validate
+
+THREADS, CALLS = 8, 20
+TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+def _case(thread: int, call: int):
+    """A different case per (thread, call): shapes, dtype, mask kind, causal, grad, module or function."""
+    gen = torch.Generator().manual_seed(1000 * thread + call)
+    pick = lambda n: int(torch.randint(0, n, (1,), generator=gen))  # noqa: E731
+    g = [1, 2][pick(2)]
+    h = g * [1, 2, 4][pick(3)]
+    b, i, j, d = 1 + pick(2), [1, 5, 16, 33][pick(4)], [1, 7, 16, 40][pick(4)], [8, 16][pick(2)]
+    dtype = DTYPES[(thread + call) % len(DTYPES)]
+    q = torch.randn(b, h, i, d, generator=gen).to(dtype)
+    k = torch.randn(b, g, j, d, generator=gen).to(dtype)
+    v = torch.randn(b, g, j, d, generator=gen).to(dtype)
+    kind = pick(4)
+    mask = bias = None
+    if kind == 1:
+        mask = torch.rand(b, j, generator=gen) > 0.3
+    elif kind == 2:
+        mask = torch.rand(b, 1, i, j, generator=gen) > 0.3
+    elif kind == 3:
+        bias = torch.randn(h, i, j, generator=gen).to(dtype)
+    return dict(q=q, k=k, v=v, mask=mask, bias=bias, causal=bool(pick(2)), grad=bool(pick(2)), module=bool(pick(2)))
+
+
+def _fresh_choice(inp) -> str:
+    """What auto would pick with no cache at all."""
+    for name in dispatch._priority(inp.device.type):
+        if not get_backend(name).reasons_unsupported(inp):
+            return name
+    raise AssertionError("nothing eligible")
+
+
+def _run_threads(work):
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(THREADS)
+
+    def target(t):
+        try:
+            barrier.wait()
+            for c in range(CALLS):
+                work(t, c)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=target, args=(t,)) for t in range(THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+# tests
+
+
+def test_many_threads_get_correct_results_and_a_consistent_cache():
+    seen: list = []
+    lock = threading.Lock()
+
+    def work(t, c):
+        case = _case(t, c)
+        q, k, v = case["q"], case["k"], case["v"]
+        if case["grad"]:
+            q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+        kw = dict(mask=case["mask"], bias=case["bias"], causal=case["causal"])
+        out = Attend()(q, k, v, **kw) if case["module"] else attention(q, k, v, **kw)
+        ref = attention(*(x.detach().double() for x in (q, k, v)), backend="einsum",
+                        mask=kw["mask"], bias=None if kw["bias"] is None else kw["bias"].double(), causal=kw["causal"])  # fmt: skip
+        tol = TOL[q.dtype]
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        if case["grad"]:
+            out.float().sum().backward()
+            assert torch.isfinite(q.grad).all()
+        with lock:
+            seen.append(validate(q, k, v, **kw))
+
+    _run_threads(work)
+    assert len(seen) == THREADS * CALLS
+    # every cached choice equals a fresh uncached selection for the inputs it was cached for
+    checked = 0
+    for inp in seen:
+        cached = dispatch._cache.get((inp.signature(), False))
+        if cached is not None:
+            assert cached == _fresh_choice(inp), inp.describe()
+            checked += 1
+    assert checked >= len({(inp.signature(), False) for inp in seen}) // 2
+    assert all(name in dispatch._registry for name in dispatch._cache.values())
+
+
+def test_cache_stays_consistent_while_another_thread_clears_it():
+    stop = threading.Event()
+
+    def clearer():
+        while not stop.is_set():
+            dispatch.clear_cache()
+
+    bg = threading.Thread(target=clearer)
+    bg.start()
+    try:
+
+        def work(t, c):
+            case = _case(t, c)
+            inp = validate(case["q"], case["k"], case["v"], mask=case["mask"], bias=case["bias"], causal=case["causal"])
+            assert dispatch.select(inp).name == _fresh_choice(inp)
+
+        _run_threads(work)
+    finally:
+        stop.set()
+        bg.join()
+    for (sig, fused_only), name in list(dispatch._cache.items()):
+        assert name in dispatch._registry and fused_only in (True, False)
+
+
+def test_a_choice_made_before_a_registry_change_is_not_cached(monkeypatch):
+    """select() computed under the old registry must not write its answer after a change (the generation
+    counter): simulate the race by changing the registry from inside the eligibility check."""
+    q = torch.randn(1, 2, 4, 8)
+    inp = validate(q, q, q)
+    first = dispatch._priority("cpu")[0]
+    backend = get_backend(first)
+    original = backend.reasons_unsupported
+
+    def racing(inp):
+        dispatch.clear_cache()  # another thread registers a backend or clears the cache right now
+        return original(inp)
+
+    monkeypatch.setattr(backend, "reasons_unsupported", racing)
+    assert dispatch.select(inp).name == first
+    assert (inp.signature(), False) not in dispatch._cache
+    monkeypatch.undo()
+    assert dispatch.select(inp).name == first
+    assert dispatch._cache[(inp.signature(), False)] == first

@@ -1,0 +1,315 @@
+"""Faults lose nothing: a backend that fails at run time in auto mode is retried on the next eligible
+one with exactly one `AttendFallbackWarning`; out of memory lands on `chunked` when it is registered and
+eligible; a named backend re-raises with context. Failures are injected by monkeypatching `run`.
+
+Registry-driven: which backend auto picks, and which one it falls back to, come from the dispatcher.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attend
+from attend import Attend, AttendFallbackWarning, attention, get_backend
+from attend import dispatch
+from attend.backends.einsum import EinsumBackend
+from attend.inputs import validate
+
+# helpers
+
+
+def _inputs(grad=False):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=gen)
+    k = torch.randn(2, 2, 9, 8, generator=gen)
+    v = torch.randn(2, 2, 9, 8, generator=gen)
+    mask = torch.rand(2, 9, generator=gen) > 0.3
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, mask
+
+
+def _reference(q, k, v, mask, causal=True):
+    return attention(*(t.detach().double() for t in (q, k, v)), mask=mask, causal=causal, backend="einsum")
+
+
+def _break(monkeypatch, name, exc):
+    calls = []
+
+    def run(inp):
+        calls.append(name)
+        raise exc
+
+    monkeypatch.setattr(get_backend(name), "run", run)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+class FakeChunked(EinsumBackend):
+    """Stands in for the memory-bounded backend when it is not registered (or replaces it for the test)."""
+
+    name = "chunked"
+    ran = 0
+
+    def run(self, inp):
+        FakeChunked.ran += 1
+        return super().run(inp)
+
+
+# tests
+
+
+def test_auto_retries_on_next_eligible_with_one_warning(monkeypatch):
+    q, k, v, mask = _inputs(grad=True)
+    inp = validate(q, k, v, mask=mask, causal=True)
+    first = dispatch.select(inp).name
+    rest = dispatch.fallbacks(inp, {first})
+    if not rest:
+        pytest.skip(f"only {first} can run this case here")
+    calls = _break(monkeypatch, first, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention(q, k, v, mask=mask, causal=True)
+    assert calls == [first]
+    fallback = [w for w in caught if issubclass(w.category, AttendFallbackWarning)]
+    assert len(caught) == 1 and len(fallback) == 1
+    text = str(fallback[0].message)
+    assert first in text and "illegal memory access" in text and f"retried on {rest[0].name!r}" in text
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    out.sum().backward()  # the training step goes on: gradients from the fallback backend
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    # a fault may be transient (out of memory): the cached choice is kept
+    assert dispatch.select(inp).name == first
+
+
+def test_warning_category_is_a_runtime_warning():
+    assert issubclass(AttendFallbackWarning, RuntimeWarning)
+    assert attend.AttendFallbackWarning is AttendFallbackWarning
+
+
+def test_out_of_memory_lands_on_chunked(monkeypatch):
+    q, k, v, mask = _inputs()
+    monkeypatch.setitem(dispatch._registry, "chunked", FakeChunked())
+    dispatch.clear_cache()
+    first = dispatch.select(validate(q, k, v, mask=mask, causal=True)).name
+    assert first != "chunked" or pytest.skip("chunked is auto's first choice here")
+    _break(monkeypatch, first, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
+    FakeChunked.ran = 0
+    with pytest.warns(AttendFallbackWarning, match="retried on 'chunked'"):
+        out = attention(q, k, v, mask=mask, causal=True)
+    assert FakeChunked.ran == 1
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_allocator_failure_counts_as_out_of_memory(monkeypatch):
+    q, k, v, mask = _inputs()
+    monkeypatch.setitem(dispatch._registry, "chunked", FakeChunked())
+    dispatch.clear_cache()
+    first = dispatch.select(validate(q, k, v, mask=mask)).name
+    _break(monkeypatch, first, RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    with pytest.warns(AttendFallbackWarning, match="retried on 'chunked'"):
+        attention(q, k, v, mask=mask)
+
+
+def test_kernel_error_follows_priority_not_chunked(monkeypatch):
+    """Only a memory failure jumps to `chunked`; any other failure takes the next backend in priority."""
+    q, k, v, mask = _inputs()
+    monkeypatch.setitem(dispatch._registry, "chunked", FakeChunked())
+    dispatch.clear_cache()
+    inp = validate(q, k, v, mask=mask)
+    first = dispatch.select(inp).name
+    expected = dispatch.fallbacks(inp, {first})[0].name
+    _break(monkeypatch, first, RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    with pytest.warns(AttendFallbackWarning, match=f"retried on {expected!r}"):
+        attention(q, k, v, mask=mask)
+
+
+def test_chained_failures_then_success_warn_once(monkeypatch):
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    order = [dispatch.select(inp).name] + [b.name for b in dispatch.fallbacks(inp, {dispatch.select(inp).name})]
+    if len(order) < 3:
+        pytest.skip("needs three eligible backends")
+    for name in order[:2]:
+        _break(monkeypatch, name, RuntimeError(f"{name} exploded"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention(q, k, v, mask=mask)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert f"{order[0]} exploded" in text and f"{order[1]} exploded" in text and f"retried on {order[2]!r}" in text
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask, causal=False), atol=1e-5, rtol=1e-5)
+
+
+def test_every_backend_fails(monkeypatch):
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    names = [dispatch.select(inp).name] + [b.name for b in dispatch.fallbacks(inp, {dispatch.select(inp).name})]
+    for name in names:
+        _break(monkeypatch, name, RuntimeError(f"{name} exploded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no success, so no fallback warning either
+        with pytest.raises(RuntimeError) as info:
+            attention(q, k, v, mask=mask)
+    if len(names) > 1:
+        assert str(info.value).startswith("attend: every eligible backend failed: ")
+        assert all(f"{n} exploded" in str(info.value) for n in names)
+        assert isinstance(info.value.__cause__, RuntimeError)
+    else:
+        assert str(info.value) == f"{names[0]} exploded"
+
+
+def test_only_one_eligible_reraises_original(monkeypatch):
+    """With nothing else to try, the original error comes back untouched (same type, same message)."""
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    first = dispatch.select(inp).name
+    for other in dispatch.fallbacks(inp, {first}):
+        monkeypatch.setattr(other, "reasons_unsupported", lambda inp: ["disabled for this test"])
+    err = torch.OutOfMemoryError("CUDA out of memory")
+    _break(monkeypatch, first, err)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        attention(q, k, v, mask=mask)
+    assert info.value is err
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("kernel failed"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_named_backend_reraises_with_context(monkeypatch, exc):
+    q, k, v, mask = _inputs()
+    name = dispatch.select(validate(q, k, v, mask=mask)).name
+    _break(monkeypatch, name, exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError) as info:
+            attention(q, k, v, mask=mask, backend=name)
+    assert str(info.value) == f"backend {name!r} failed: {type(exc).__name__}: {exc}"
+    assert info.value.__cause__ is exc
+
+
+def test_attend_flash_false_is_named(monkeypatch):
+    """Attend(flash=False) names the einsum backend: it re-raises, it does not fall back."""
+    q, k, v, mask = _inputs()
+    _break(monkeypatch, "einsum", RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="backend 'einsum' failed: RuntimeError: boom"):
+        Attend(flash=False)(q, k, v, mask=mask)
+
+
+def test_module_auto_retries(monkeypatch):
+    q, k, v, mask = _inputs()
+    attn = Attend(causal=True)
+    first = attn.explain(q, k, v, mask=mask).backend
+    inp = validate(q, k, v, mask=mask, causal=True)
+    if not dispatch.fallbacks(inp, {first}):
+        pytest.skip("one eligible backend")
+    _break(monkeypatch, first, RuntimeError("boom"))
+    with pytest.warns(AttendFallbackWarning):
+        out = attn(q, k, v, mask=mask)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_programming_errors_are_not_retried(monkeypatch):
+    """Only run-time failures (RuntimeError, MemoryError) are retried; a TypeError is a bug and surfaces."""
+    q, k, v, mask = _inputs()
+    first = dispatch.select(validate(q, k, v, mask=mask)).name
+    _break(monkeypatch, first, TypeError("bad argument"))
+    with pytest.raises(TypeError, match="bad argument"):
+        attention(q, k, v, mask=mask)
+
+
+def test_flash_true_falls_back_past_fused_kernels(monkeypatch):
+    """Attend(flash=True) runs a fused kernel; when it fails at run time and no other fused kernel can run,
+    the step is not lost: any eligible backend takes over (as when no fused kernel can run at all)."""
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    fused = dispatch.select(inp, fused_only=True)
+    others = dispatch.fallbacks(inp, {fused.name})
+    for other in others:
+        if other.fused:
+            _break(monkeypatch, other.name, RuntimeError(f"{other.name} exploded"))
+    landing = next((b for b in others if not b.fused), None)
+    if landing is None:
+        pytest.skip("no non-fused backend eligible")
+    _break(monkeypatch, fused.name, RuntimeError("fused kernel exploded"))
+    with pytest.warns(AttendFallbackWarning, match=f"retried on {landing.name!r}"):
+        out = Attend(flash=True)(q, k, v, mask=mask)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask, causal=False), atol=1e-5, rtol=1e-5)
+
+
+CASES = [
+    dict(),
+    dict(causal=True),
+    dict(mask="padding"),
+    dict(mask="bool", causal=True),
+    dict(bias=True),
+    dict(bias=True, causal=True, mask="padding"),
+    dict(gqa=True, causal=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+@pytest.mark.parametrize("flash", [None, True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_in_emits_no_warnings(case, flash, dtype):
+    """The seed drop-in `Attend(dropout, flash)` must be silent in normal operation (forward, backward,
+    training with dropout, eval), including transposed views."""
+    gen = torch.Generator().manual_seed(0)
+    g = 2 if case.get("gqa") else 4
+    q = torch.randn(2, 4, 16, 8, generator=gen).transpose(-1, -2)  # (2, 4, 8, 16), last dim strided
+    q = q.to(dtype).requires_grad_()
+    k = torch.randn(2, g, 12, 16, generator=gen, dtype=dtype).requires_grad_()
+    v = torch.randn(2, g, 12, 16, generator=gen, dtype=dtype).requires_grad_()
+    mask = None
+    if case.get("mask") == "padding":
+        mask = torch.rand(2, 12, generator=gen) > 0.3
+    elif case.get("mask") == "bool":
+        mask = torch.rand(2, 1, 8, 12, generator=gen) > 0.3
+    bias = torch.randn(4, 8, 12, generator=gen, dtype=dtype) if case.get("bias") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for training in (True, False):
+            attn = Attend(dropout=0.1, flash=flash).train(training)
+            out = attn(q, k, v, mask=mask, bias=bias, causal=case.get("causal"))
+            out.float().sum().backward()
+            attn.explain(q, k, v, mask=mask, bias=bias, causal=case.get("causal"))
+
+
+def test_out_of_memory_frees_the_failed_attempt_before_retrying(monkeypatch):
+    """The failed backend's intermediates (held by its traceback frames) are released before the retry."""
+    import gc
+    import weakref
+
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    first = dispatch.select(inp).name
+    if not dispatch.fallbacks(inp, {first}, oom=True):
+        pytest.skip("one eligible backend")
+    refs = []
+
+    def run(inp):
+        big = torch.empty(1024)  # stands in for a large intermediate of the failed kernel
+        refs.append(weakref.ref(big))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(get_backend(first), "run", run)
+    seen_alive = []
+    for other in dispatch.fallbacks(inp, {first}, oom=True)[:1]:
+        original = other.run
+
+        def spy(inp, original=original):
+            gc.collect()
+            seen_alive.append(refs[0]() is not None)
+            return original(inp)
+
+        monkeypatch.setattr(other, "run", spy)
+    with pytest.warns(AttendFallbackWarning):
+        attention(q, k, v, mask=mask)
+    assert seen_alive == [False]

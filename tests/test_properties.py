@@ -1,0 +1,206 @@
+"""Property-based: random shapes, dtypes, masks, bias, causal and scale; every registered backend that
+declares it can run the case, forward and dq, dk, dv (and dbias), against the float64 reference with the
+earned tolerances (`attend.testing.check_backend`).
+
+Registry-driven: a backend registered later (`chunked`) is covered without touching this file.
+
+Profiles (tests/conftest.py): `ci` (default, 60 derandomized examples) and `thorough` (10,000):
+
+    HYPOTHESIS_PROFILE=thorough ATTEND_PROPERTY_STATS=stats.json pytest tests/test_properties.py
+
+ATTEND_PROPERTY_STATS: write the run's figures (examples, checks per backend, skips, mismatches) as
+JSON, every 50 examples and at the end. With it set, a mismatch is recorded there (case and report)
+and the run goes on, so a long run counts every mismatch instead of stopping at the first; the test
+still fails at the end if there was any. Without it (CI), the first mismatch fails the
+example and hypothesis shrinks it.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from attend import get_backend, list_backends
+from attend.inputs import validate
+from attend.testing import check_backend
+
+from .conftest import DEVICES
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = [1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33]  # 1s, primes, around a power of two
+HEAD_DIMS = [1, 2, 3, 4, 5, 8, 16, 40]
+
+STATS: Counter = Counter()
+MISMATCHES: list[dict] = []
+COLLECT = bool(os.environ.get("ATTEND_PROPERTY_STATS"))
+
+# helpers
+
+
+@dataclass
+class Case:
+    b: int
+    h: int
+    g: int
+    i: int
+    j: int
+    d: int
+    e: int
+    dtype: torch.dtype
+    device: str
+    causal: bool
+    scale: float | None
+    mask_shape: tuple | None  # None, or the shape of a bool mask; (b, j) is key padding
+    mask_keep: float
+    dead_row: bool  # one query row with no key to attend
+    tile: bool  # one whole (rows x keys) tile masked out
+    bias_shape: tuple | None
+    bias_neg_inf: float  # fraction of bias entries that are -inf
+    bias_grad: bool
+    seed: int
+
+    def tensors(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(self.b, self.h, self.i, self.d, generator=gen)
+        k = torch.randn(self.b, self.g, self.j, self.d, generator=gen)
+        v = torch.randn(self.b, self.g, self.j, self.e, generator=gen)
+        mask = bias = None
+        if self.mask_shape is not None:
+            mask = torch.rand(self.mask_shape, generator=gen) < self.mask_keep
+            if mask.dim() >= 2 and mask.shape[-1] == self.j:
+                if self.dead_row:
+                    if mask.dim() == 2:  # key padding: a batch element with no key at all
+                        mask[0] = False
+                    else:
+                        mask[..., mask.shape[-2] // 2, :] = False
+                if self.tile and mask.dim() >= 3 and mask.shape[-2] == self.i:
+                    r0 = int(torch.randint(0, self.i, (1,), generator=gen))
+                    c0 = int(torch.randint(0, self.j, (1,), generator=gen))
+                    mask[..., r0 : r0 + max(1, self.i // 2), c0 : c0 + max(1, self.j // 2)] = False
+        if self.bias_shape is not None:
+            bias = torch.randn(self.bias_shape, generator=gen)
+            if self.bias_neg_inf > 0:
+                bias = bias.masked_fill(torch.rand(self.bias_shape, generator=gen) < self.bias_neg_inf, float("-inf"))
+        q, k, v = (t.to(self.device, self.dtype) for t in (q, k, v))
+        mask = None if mask is None else mask.to(self.device)
+        bias = None if bias is None else bias.to(self.device, self.dtype).requires_grad_(self.bias_grad)
+        return q, k, v, mask, bias
+
+
+def _broadcast_shape(draw, full: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The last `rank` dims of `full`, each kept or made 1."""
+    return tuple(draw(st.sampled_from([1, n])) for n in full[len(full) - rank :])
+
+
+@st.composite
+def cases(draw) -> Case:
+    b = draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 2, 3]))
+    h = g * draw(st.sampled_from([1, 2, 3, 4]))
+    i, j = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    e = draw(st.one_of(st.just(d), st.sampled_from(HEAD_DIMS)))
+    full = (b, h, i, j)
+
+    mask_kind = draw(st.sampled_from(["none", "key_padding", "bool"]))
+    mask_shape, tile = None, False
+    if mask_kind == "key_padding":
+        mask_shape = (b, j)
+    elif mask_kind == "bool":
+        rank = draw(st.sampled_from([1, 3, 4]))  # a 2-D mask is key padding, covered above
+        tile = rank >= 3 and draw(st.booleans())
+        mask_shape = _broadcast_shape(draw, full, rank)
+        if tile:  # a tile needs the query and key dims
+            mask_shape = mask_shape[:-2] + (i, j)
+    bias_shape = None
+    if draw(st.booleans()):
+        bias_shape = _broadcast_shape(draw, full, draw(st.integers(1, 4)))
+
+    return Case(
+        b=b, h=h, g=g, i=i, j=j, d=d, e=e,
+        dtype=draw(st.sampled_from(DTYPES)),
+        device=draw(st.sampled_from(DEVICES)),
+        causal=draw(st.booleans()),
+        scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+        mask_shape=mask_shape,
+        mask_keep=draw(st.sampled_from([0.2, 0.5, 0.9])),
+        dead_row=draw(st.booleans()),
+        tile=tile,
+        bias_shape=bias_shape,
+        bias_neg_inf=draw(st.sampled_from([0.0, 0.0, 0.2, 0.6])) if bias_shape else 0.0,
+        bias_grad=draw(st.booleans()) if bias_shape else False,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )  # fmt: skip
+
+
+def _runnable(name: str, case: Case, q, k, v, mask, bias) -> list[str]:
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    inp = validate(*leaves, mask=mask, bias=bias, causal=case.causal, scale=case.scale)
+    return get_backend(name).reasons_unsupported(inp)
+
+
+def _dump_stats() -> None:
+    path = os.environ.get("ATTEND_PROPERTY_STATS")
+    if path:
+        figures = {k: v for k, v in STATS.items() if k != "start"}
+        figures["seconds"] = round(time.perf_counter() - STATS["start"], 1)
+        figures["backends"] = list_backends()
+        figures["profile"] = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+        figures["mismatch_details"] = MISMATCHES[:50]
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2, sort_keys=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_stats():
+    STATS.clear()
+    MISMATCHES.clear()
+    STATS["start"] = time.perf_counter()
+    yield
+    _dump_stats()
+
+
+# tests
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=cases())
+def test_every_backend_matches_reference(case: Case):
+    note(repr(case))
+    STATS["examples"] += 1
+    if STATS["examples"] % 50 == 0:
+        _dump_stats()  # progress, for long `thorough` runs
+    q, k, v, mask, bias = case.tensors()
+    ran = 0
+    for name in list_backends():
+        reasons = _runnable(name, case, q, k, v, mask, bias)
+        if reasons:
+            STATS[f"skipped:{name}"] += 1
+            continue
+        STATS[f"checked:{name}"] += 1
+        try:
+            check_backend(name, q, k, v, mask=mask, bias=bias, causal=case.causal, scale=case.scale)
+        except AssertionError as err:
+            STATS[f"mismatch:{name}"] += 1
+            if not COLLECT:
+                raise
+            MISMATCHES.append({"backend": name, "case": repr(case), "report": str(err).splitlines()})
+        ran += 1
+    assert ran >= 1, "no backend ran this case; the reference `einsum` runs everything"
+
+
+def test_no_mismatch_was_collected():
+    """Runs after the property test (file order): fails a collecting run that found mismatches."""
+    assert not MISMATCHES, f"{len(MISMATCHES)} mismatches; first: {MISMATCHES[0]}"
