@@ -42,8 +42,16 @@ _DOC_SEMANTICS = """
 # helpers
 
 
+# torch >= 2.4 everywhere, but checked by capability: `torch.OutOfMemoryError` arrived after 2.4 (before,
+# only `torch.cuda.OutOfMemoryError`), and `torch.amp.is_autocast_available` may be missing
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError} - {None}
+)
+
+
 def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    return available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -105,7 +113,7 @@ def _retry(inp: AttnInputs, failed_name: str, err: BaseException) -> Tensor:
     when no fused kernel can run, and a fault is no reason to lose the step instead."""
     failures = [_failure(failed_name, err)]
     text = str(err).lower()
-    oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+    oom = isinstance(err, _OOM_ERRORS) or any(
         sign in text for sign in ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
     )
     if oom:
