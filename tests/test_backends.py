@@ -4,7 +4,6 @@ float64 golden with earned tolerances. A case a backend cannot run is skipped wi
 from __future__ import annotations
 
 import pytest
-import torch
 
 from attend import get_backend, list_backends
 from attend.inputs import validate

@@ -10,8 +10,7 @@ import threading
 import pytest
 import torch
 
-from attend import Attend, attention, get_backend
-from attend import dispatch
+from attend import Attend, attention, dispatch, get_backend
 from attend.inputs import validate
 
 THREADS, CALLS = 8, 20
@@ -137,7 +136,7 @@ def test_cache_stays_consistent_while_another_thread_clears_it():
     finally:
         stop.set()
         bg.join()
-    for (sig, fused_only), name in list(dispatch._cache.items()):
+    for (_sig, fused_only), name in list(dispatch._cache.items()):
         assert name in dispatch._registry and fused_only in (True, False)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attend import NoBackendError, attention, explain, list_backends
-from attend import dispatch
+from attend import NoBackendError, attention, dispatch, explain, list_backends
 from attend.inputs import validate
 
 from .helpers import make_qkv

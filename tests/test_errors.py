@@ -11,9 +11,9 @@ Shapes used throughout: q (2, 4, 5, 8), k and v (2, 2, 6, 8): b=2, h=4, g=2, i=5
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import attend
-from attend import Attend, AttendFallbackWarning, attention, get_backend
-from attend import dispatch
+from attend import Attend, AttendFallbackWarning, attention, dispatch, get_backend
 from attend.backends.einsum import EinsumBackend
 from attend.inputs import validate
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from attend import attention
-from attend.masks import causal_keep, dead_rows, sdpa_attn_mask
 from attend.inputs import validate
+from attend.masks import causal_keep, dead_rows, sdpa_attn_mask
 
 from .helpers import make_qkv, spy_sdpa
 

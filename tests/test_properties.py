@@ -21,7 +21,6 @@ d head dim (q and k), e value head dim.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import Counter

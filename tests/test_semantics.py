@@ -117,7 +117,9 @@ def test_grouped_query_heads_match_repeated_kv(name):
     q, k, v = make_qkv(b=2, h=8, g=2, i=17, j=31, d=16, dtype=torch.float64)
     runnable(name, q, k, v, causal=True)
     out = attention(q, k, v, causal=True, backend=name)
-    rep = lambda t: t.repeat_interleave(4, dim=1)  # query head n uses kv head n // (h / g)
+    def rep(t):  # query head n uses kv head n // (h / g)
+        return t.repeat_interleave(4, dim=1)
+
     torch.testing.assert_close(out, attention(q, rep(k), rep(v), causal=True, backend="einsum"))
 
 

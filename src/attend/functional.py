@@ -45,7 +45,9 @@ _DOC_SEMANTICS = """
 # torch >= 2.4 everywhere, but checked by capability: `torch.OutOfMemoryError` arrived after 2.4 (before,
 # only `torch.cuda.OutOfMemoryError`), and `torch.amp.is_autocast_available` may be missing
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError} - {None}
+    err
+    for err in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError)
+    if isinstance(err, type)
 )
 
 

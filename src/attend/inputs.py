@@ -138,12 +138,12 @@ class AttnInputs:
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
-            exists(t) and t.requires_grad for t in (self.q, self.k, self.v, self.bias)
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.bias)
         )
 
     @property
     def bias_needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and exists(self.bias) and self.bias.requires_grad
+        return torch.is_grad_enabled() and self.bias is not None and self.bias.requires_grad
 
     def signature(self) -> tuple:
         """Everything a backend's eligibility may depend on; the dispatch cache key."""
@@ -232,11 +232,17 @@ def validate(
         if t.dim() != 4:
             hint = ""
             if t.dim() == 3:
-                hint = "; hint: for (b, n, h*d) activations split heads first: `rearrange(t, 'b n (h d) -> b h n d', h=heads)`"
+                hint = (
+                    "; hint: for (b, n, h*d) activations split heads first: "
+                    "`rearrange(t, 'b n (h d) -> b h n d', h=heads)`"
+                )
             raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}{hint}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
-            kind = "complex" if t.is_complex() else "integer or bool" if not t.is_floating_point() else "unsupported float"
+            if t.is_complex():
+                kind = "complex"
+            else:
+                kind = "unsupported float" if t.is_floating_point() else "integer or bool"
             raise TypeError(
                 f"expected `{name}` of a floating dtype (float16, bfloat16, float32, float64), "
                 f"got {kind} dtype {fmt_dtype(t.dtype)}; hint: `{name}.float()`"
@@ -284,7 +290,9 @@ def validate(
                 if mask.is_floating_point()
                 else "convert it with `mask.bool()` (True = may attend)"
             )
-            raise TypeError(f"expected `mask` of dtype bool (True = may attend), got {fmt_dtype(mask.dtype)}; hint: {hint}")
+            raise TypeError(
+                f"expected `mask` of dtype bool (True = may attend), got {fmt_dtype(mask.dtype)}; hint: {hint}"
+            )
         if mask.device != q.device:
             raise ValueError(f"expected `mask` on {q.device} like q, got {mask.device}")
         if mask.dim() == 2:
@@ -320,7 +328,9 @@ def validate(
             raise TypeError(f"expected `scale` to be a Python float, got {_describe(scale)}")
         scale_f = float(scale)
         if not math.isfinite(scale_f):
-            raise ValueError(f"expected a finite `scale`, got {scale_f}; hint: leave it None for d ** -0.5 = {d ** -0.5:.6g}")
+            raise ValueError(
+                f"expected a finite `scale`, got {scale_f}; hint: leave it None for d ** -0.5 = {d**-0.5:.6g}"
+            )
 
     if isinstance(dropout_p, Tensor) or isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")

@@ -44,7 +44,7 @@ class Attend(nn.Module):
             )
         if not isinstance(deterministic, bool):
             raise TypeError(f"expected `deterministic` to be True or False, got {deterministic!r}")
-        if exists(backend):
+        if backend is not None:
             from .dispatch import get_backend
 
             get_backend(backend)  # unknown names fail here, at construction

@@ -23,10 +23,8 @@ __all__ = ["EinsumBackend", "einsum_attention"]
 # helpers
 
 
-def _group(t: Tensor | None, g: int) -> Tensor | None:
+def _group(t: Tensor, g: int) -> Tensor:
     """(b, h|1, i, j) -> (b, g|1, r|1, i, j) so masks and bias line up with grouped queries."""
-    if t is None:
-        return None
     if t.dim() == 2:  # a shared (i, j) tile
         return t
     if t.shape[1] == 1:
@@ -80,7 +78,11 @@ class EinsumBackend(Backend):
     """The reference: every feature, every device and dtype, O(i * j) memory per head."""
 
     name = "einsum"
-    caps = {"cpu": Caps(), "cuda": Caps(), "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))}
+    caps = {
+        "cpu": Caps(),
+        "cuda": Caps(),
+        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
+    }
 
     def run(self, inp: AttnInputs) -> Tensor:
         return einsum_attention(inp)

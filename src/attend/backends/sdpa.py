@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
                 out.sum().backward()
         except RuntimeError:
             return False
-        return bool((out[0, 0, 0] == 0).all()) and bool(torch.isfinite(q.grad).all())
+        return bool((out[0, 0, 0] == 0).all()) and q.grad is not None and bool(torch.isfinite(q.grad).all())
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,9 +147,9 @@ class SdpaBackend(Backend):
     def run(self, inp: AttnInputs) -> Tensor:
         caps = self.caps_for(inp.device)
         q, k, v = inp.q, inp.k, inp.v
-        kwargs = {"scale": inp.scale, "dropout_p": inp.dropout_p}
+        kwargs: dict[str, Any] = {"scale": inp.scale, "dropout_p": inp.dropout_p}
         if inp.gqa:
-            if caps.native_gqa:
+            if caps is not None and caps.native_gqa:
                 kwargs["enable_gqa"] = True
             else:
                 k, v = _expand_kv(k, inp.h), _expand_kv(v, inp.h)
@@ -280,11 +281,16 @@ class SdpaMath(SdpaBackend):
     name = "sdpa:math"
     variant = SDPBackend.MATH
     fused = False
-    caps = {"cpu": Caps(), "cuda": Caps(), "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))}
+    caps = {
+        "cpu": Caps(),
+        "cuda": Caps(),
+        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
+    }
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
         reasons = super().reasons_unsupported(inp)
-        if not reasons and inp.bias_needs_grad and inp.dtype in HALF and _broadcast(inp.bias, inp):
+        bias = inp.bias
+        if not reasons and bias is not None and inp.bias_needs_grad and inp.dtype in HALF and _broadcast(bias, inp):
             # SDPA takes the bias in q's dtype, so autograd sums the gradient of a broadcast bias over many
             # positions in half precision (measured: off by 2e-2 where the true value is 0; docs/reliability.md)
             reasons.append(f"gradient of a broadcast bias would be summed in {inp.dtype} (inexact)")
