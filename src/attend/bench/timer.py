@@ -1,0 +1,96 @@
+"""Median wall time after a warm-up, with the candidates interleaved.
+
+Interleaving (one call of each candidate per round) keeps ratios honest on a shared machine: a burst
+of load from elsewhere slows every candidate of the round, not one of them. On CUDA every call is
+bracketed by `torch.cuda.synchronize()`, so the time is the kernels' time, not the launch's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "time_interleaved"]
+
+
+@dataclass
+class Timing:
+    """The median and every sample, in seconds; `error` when the candidate raised (OOM, kernel error)."""
+
+    median: float | None
+    samples: list[float]
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:160]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    min_time: float = 0.3,
+    min_runs: int = 3,
+    max_runs: int = 200,
+    warmup: int = 1,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time every callable: `warmup` calls each, then rounds of one call each until every candidate has
+    at least `min_runs` samples and `min_time` seconds of samples (or `max_runs` samples).
+
+    A candidate that raises is dropped with its error; the others go on.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+
+    def call(name: str) -> float | None:
+        try:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            return time.perf_counter() - start
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:
+            errors[name] = _error_text(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    for name in fns:
+        for _ in range(warmup):
+            if name not in errors:
+                call(name)
+
+    def done(name: str) -> bool:
+        s = samples[name]
+        return name in errors or len(s) >= max_runs or (len(s) >= min_runs and sum(s) >= min_time)
+
+    while not all(done(n) for n in fns):
+        for name in fns:
+            if not done(name):
+                t = call(name)
+                if t is not None:
+                    samples[name].append(t)
+        if on_round is not None:
+            on_round()
+    return {
+        name: Timing(
+            median=statistics.median(s) if s and name not in errors else None,
+            samples=s,
+            error=errors.get(name),
+        )
+        for name, s in samples.items()
+    }
