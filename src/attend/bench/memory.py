@@ -21,6 +21,8 @@ import torch
 
 __all__ = ["cuda_peak_bytes", "cpu_peak_bytes"]
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # helpers
 
 
@@ -73,7 +75,9 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
     while todo:
         group = todo.pop()
         payload = json.dumps({**spec, "impls": group})
+        # the child imports the very `attend` this process runs (a worktree on PYTHONPATH, say)
         env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "attend.bench.memory"],

@@ -189,11 +189,12 @@ def save_plot(doc: dict, path: str | Path) -> None:
             ax.grid(True, alpha=0.3)
             if sweep:
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(x) for x in xs])
                 ax.set_xlabel("key length j")
             else:
                 ax.set_xticks(xs)
                 ax.set_xticklabels([r["case"] for r in rs], rotation=30, fontsize=8)
-        ax_m.set_yscale("symlog")
+        ax_m.set_yscale("log", nonpositive="mask")
         ax_t.legend(fontsize=7)
     fig.suptitle(
         f"attend bench --suite {doc['suite']}: {doc['device_name']}, torch {doc['torch']}, "

@@ -28,6 +28,7 @@ from .timer import time_interleaved
 __all__ = ["BenchConfig", "run_suite", "environment", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
+MATMUL = "matmul"  # the ceiling, timed beside the candidates
 MATMUL_BUDGET = 256 * 2**20  # bytes of the (n, i, j) product the matmul ceiling may hold
 
 
@@ -99,9 +100,9 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _matmul_time(shape: dict, dtype: torch.dtype, device: torch.device, min_time: float) -> tuple[float, float] | None:
-    """(seconds, FLOPs) of (n, i, d) @ (n, d, j) then (n, i, j) @ (n, j, e): the attention's two matmuls
-    for n of the b * h heads (as many as fit MATMUL_BUDGET); the rate is the practical ceiling."""
+def _matmul_call(shape: dict, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float] | None:
+    """(callable, FLOPs) of (n, i, d) @ (n, d, j) then (n, i, j) @ (n, j, e): the attention's two matmuls
+    for n of the b * h heads (as many as fit MATMUL_BUDGET); its rate is the practical ceiling."""
     i, j, d, e = shape["i"], shape["j"], shape["d"], shape["e"]
     elem = torch.finfo(dtype).bits // 8
     n = max(1, min(shape["b"] * shape["h"], MATMUL_BUDGET // max(1, i * j * elem)))
@@ -117,8 +118,7 @@ def _matmul_time(shape: dict, dtype: torch.dtype, device: torch.device, min_time
         torch.bmm(a, bt)
         torch.bmm(p, v)
 
-    t = time_interleaved({"matmul": mm}, device, min_time=min_time)["matmul"]
-    return None if t.median is None else (t.median, matmul_flops(n, i, j, d, e))
+    return mm, matmul_flops(n, i, j, d, e)
 
 
 def _candidates(cfg: BenchConfig, inp) -> tuple[list[str], dict[str, str]]:
@@ -169,12 +169,14 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     calls = {n: make_call(n, tensors, case.causal, mode, go) for n in names}
 
     flops = attention_flops(shape, case.causal, mode)
-    status(f"{case.name} {mode}: matmul ceiling")
-    mm = _matmul_time(shape, dtype, device, cfg.min_time)
-    mm_rate = None if mm is None else mm[1] / mm[0]
-
-    status(f"{case.name} {mode}: timing {len(calls)} candidates")
-    timings = time_interleaved(calls, device, min_time=cfg.min_time, warmup=2 if device.type == "cuda" else 1)
+    # the matmul ceiling is timed in the same rounds as the candidates, so it sees the same machine
+    mm = _matmul_call(shape, dtype, device)
+    timed_calls = dict(calls, **({MATMUL: mm[0]} if mm else {}))
+    status(f"{case.name} {mode}: timing {len(calls)} candidates and a matmul")
+    timings = time_interleaved(timed_calls, device, min_time=cfg.min_time, warmup=2 if device.type == "cuda" else 1)
+    mm_time = timings.pop(MATMUL).median if mm else None
+    mm_rate = None if not mm_time else mm[1] / mm_time
+    del timed_calls, mm
 
     peaks: dict[str, int | None] = dict.fromkeys(names)
     if cfg.memory:
@@ -233,6 +235,24 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     }
 
 
+def _warm_up(cfg: BenchConfig) -> None:
+    """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
+    selection, lazy CUDA init) lands in no row's warm-up budget."""
+    device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
+    shape = {"b": 1, "h": 2, "g": 2, "i": 16, "j": 16, "d": 16, "e": 16}
+    for mode in ("fwd", "fwdbwd"):
+        tensors = make_inputs(shape, "padding", dtype=dtype, device=device, grad=mode != "fwd")
+        go = torch.randn(1, 2, 16, 16, device=device, dtype=dtype) if mode != "fwd" else None
+        for name in ["attend", *SEEDS, *(cfg.backends or [])]:
+            try:
+                make_call(name, tensors, True, mode, go)()
+            except (RuntimeError, ValueError):
+                pass
+    mm = _matmul_call(shape, dtype, device)
+    if mm:
+        mm[0]()
+
+
 # main function
 
 
@@ -249,6 +269,8 @@ def run_suite(
     (above 1: attend is faster); `fastest` names the quickest candidate.
     """
     status = on_status or (lambda _msg: None)
+    status("warming up")
+    _warm_up(cfg)
     rows = []
     for case, mode in plan(cfg):
         row = _measure(case, mode, cfg, status)
