@@ -246,3 +246,19 @@ def test_flops_convention():
     assert attention_flops(shape, False, "fwd") == fwd
     assert attention_flops(shape, True, "fwd") == fwd / 2  # FA convention: halved, not i(i+1)/2
     assert attention_flops(shape, False, "fwdbwd") == 3.5 * fwd
+
+
+# CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them)
+
+
+@pytest.mark.gpu
+def test_cuda_check_and_bench(capsys, tmp_path):
+    rc, out, _ = run(capsys, "check", "--grid", "smoke", "--device", "cuda")
+    assert rc == 0, out
+    rc, out, _ = run(
+        capsys, "bench", "--suite", "smoke", "--device", "cuda", "--min-time", "0.01", "--json", str(tmp_path / "g.json")
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert doc["device"] == "cuda" and "capability" in doc
+    assert all("torch:sdpa" in r["results"] for r in doc["rows"])

@@ -48,8 +48,9 @@ def time_interleaved(
     warmup: int = 1,
     on_round: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
-    """Time every callable: `warmup` calls each, then rounds of one call each until every candidate has
-    at least `min_runs` samples and `min_time` seconds of samples (or `max_runs` samples).
+    """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
+    round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
+    samples (or `max_runs` samples).
 
     A candidate that raises is dropped with its error; the others go on.
     """
@@ -78,12 +79,16 @@ def time_interleaved(
         s = samples[name]
         return name in errors or len(s) >= max_runs or (len(s) >= min_runs and sum(s) >= min_time)
 
-    while not all(done(n) for n in fns):
-        for name in fns:
+    names = list(fns)
+    rnd = 0
+    while not all(done(n) for n in names):
+        # rotate the order every round: no candidate always runs right after the same neighbour
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
             if not done(name):
                 t = call(name)
                 if t is not None:
                     samples[name].append(t)
+        rnd += 1
         if on_round is not None:
             on_round()
     return {
