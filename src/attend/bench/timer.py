@@ -50,7 +50,8 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
-    samples (or `max_runs` samples).
+    samples (or `max_runs` samples). A candidate whose warm-up call alone took 3 * `min_time` or more
+    needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
 
     A candidate that raises is dropped with its error; the others go on.
     """
@@ -70,14 +71,18 @@ def time_interleaved(
                 torch.cuda.empty_cache()
             return None
 
+    need = dict.fromkeys(fns, min_runs)
     for name in fns:
         for _ in range(warmup):
             if name not in errors:
-                call(name)
+                t = call(name)
+                # a call that alone outlasts 3 * min_time (a reference path at a long length) gets 2 samples
+                if t is not None and t >= 3 * min_time:
+                    need[name] = min(min_runs, 2)
 
     def done(name: str) -> bool:
         s = samples[name]
-        return name in errors or len(s) >= max_runs or (len(s) >= min_runs and sum(s) >= min_time)
+        return name in errors or len(s) >= max_runs or (len(s) >= need[name] and sum(s) >= min_time)
 
     names = list(fns)
     rnd = 0
