@@ -195,9 +195,9 @@ def _shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 def cmd_explain(args) -> int:
     """Print what `attend.explain(...)` prints for inputs of the given shape and options."""
     b, h, i, d = parse_shape(args.shape)
-    g = args.kv_heads or h
+    g = args.kv_heads if args.kv_heads is not None else h
     j = args.kv_len if args.kv_len is not None else i
-    e = args.v_dim or d
+    e = args.v_dim if args.v_dim is not None else d
     for flag, value in (("--kv-heads", g), ("--kv-len", j), ("--v-dim", e)):
         if value < 0 or (value == 0 and flag != "--kv-len"):
             raise CliError(f"expected {flag} to be a positive integer, got {value}")

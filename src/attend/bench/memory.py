@@ -96,13 +96,14 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
 
 def _child() -> None:
     from .cases import make_inputs
-    from .impls import make_call
+    from .impls import make_call, prime_probes
 
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     dtype = getattr(torch, spec["dtype"])
     grad = spec["mode"] != "fwd"
     shape = spec["shape"]
+    prime_probes(torch.device("cpu"))
 
     def calls(sh):
         tensors = make_inputs(sh, spec["mask"], dtype=dtype, device="cpu", pad=spec["pad"], grad=grad)

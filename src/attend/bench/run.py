@@ -21,7 +21,7 @@ from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from .cases import SUITES, BenchCase, make_inputs
 from .flops import attention_flops, matmul_flops
-from .impls import DENSE, SEEDS, dense_bytes, make_call
+from .impls import DENSE, SEEDS, dense_bytes, make_call, prime_probes
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
@@ -239,6 +239,7 @@ def _warm_up(cfg: BenchConfig) -> None:
     """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
     selection, lazy CUDA init) lands in no row's warm-up budget."""
     device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
+    prime_probes(device)
     shape = {"b": 1, "h": 2, "g": 2, "i": 16, "j": 16, "d": 16, "e": 16}
     for mode in ("fwd", "fwdbwd"):
         tensors = make_inputs(shape, "padding", dtype=dtype, device=device, grad=mode != "fwd")
