@@ -106,7 +106,7 @@ def test_error_is_one_line_exit_2(capsys, argv, needle):
 
 def test_python_dash_m_entry_point():
     proc = subprocess.run(
-        [sys.executable, "-m", "attend", "explain", "--shape", "1,2,3,x"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "attend", "explain", "--shape", "1,2,3,x"], capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -253,7 +253,13 @@ def cmd_check(args) -> int:
     """Every eligible backend against the float64 reference, forward and backward, on a grid of awkward
     cases; a pass/fail table; exit 1 when anything fails."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     from .bench.cases import CHECK_GRID, CHECK_GRID_SMOKE
@@ -324,10 +330,23 @@ def cmd_check(args) -> int:
 
 def cmd_bench(args) -> int:
     """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .bench.cases import HIDDEN_SUITES, SUITES
-    from .bench.report import compare_lines, load_json, markdown_table, rich_table, save_json, save_plot
+    from .bench.report import (
+        compare_lines,
+        load_json,
+        markdown_table,
+        rich_table,
+        save_json,
+        save_plot,
+    )
     from .bench.run import BenchConfig, plan, run_suite
 
     console = _console()

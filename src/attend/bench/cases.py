@@ -11,7 +11,7 @@ headline shapes, sized to finish in under a minute on 2 CPU cores. `smoke` is ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -81,7 +81,7 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "attend.bench.memory"],
-                input=payload, capture_output=True, text=True, timeout=timeout, env=env,
+                input=payload, capture_output=True, text=True, timeout=timeout, env=env, check=False,
             )
             result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
         except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):

@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,7 +38,7 @@ class BenchConfig:
     backends None: every registered backend except the `einsum` reference. modes None: each case's own."""
 
     suite: str = "quick"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype | None = None
     backends: list[str] | None = None
     modes: tuple[str, ...] | None = None
