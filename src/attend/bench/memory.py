@@ -3,7 +3,8 @@
 CPU: a fresh `python -m attend.bench.memory` child builds the inputs, runs each candidate once on a tiny
 shape (so one-time set-up, such as thread pools, is not charged to the first candidate), and then per
 candidate: frees what it can (`gc`, `malloc_trim`), resets the kernel's peak-RSS mark
-(`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads `VmHWM`. The figure is the peak
+(`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads `VmHWM`. The first candidate is
+measured twice (the smaller figure kept): the first full-size pass of a process pays one-time buffers. The figure is the peak
 above the resident size just before the pass: the working memory, inputs excluded. Where the mark
 cannot be reset, each candidate gets its own child instead.
 """
@@ -119,15 +120,27 @@ def _child() -> None:
     real = calls(shape)
     peaks: dict[str, int | None] = {}
     reset_ok = True
-    for name, call in real.items():
+
+    def measure(call) -> int | None:
+        nonlocal reset_ok
         _trim()
         before = _status_kb("VmRSS")
         reset_ok = _reset_peak() and reset_ok
         try:
             call()
-            peaks[name] = max(0, _status_kb("VmHWM") - before) * 1024
+            return max(0, _status_kb("VmHWM") - before) * 1024
         except Exception:  # noqa: BLE001 - a failed candidate has no figure
-            peaks[name] = None
+            return None
+
+    for name, call in real.items():
+        peaks[name] = measure(call)
+    # the first full-size pass also pays one-time allocations (about 2 MB of per-thread buffers measured
+    # on CPU flash); measure the first candidate again and keep the smaller figure
+    first = next(iter(real), None)
+    if first is not None and peaks[first] is not None and len(real) > 1:
+        again = measure(real[first])
+        if again is not None:
+            peaks[first] = min(peaks[first], again)
     print(json.dumps({"peak": peaks, "reset_ok": reset_ok}))
 
 
