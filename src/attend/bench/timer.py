@@ -52,6 +52,8 @@ def time_interleaved(
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
     samples (or `max_runs` samples). A candidate whose warm-up call alone took 3 * `min_time` or more
     needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
+    A candidate k times faster than the slowest makes about k / 2 calls per round and goes on sampling
+    until every candidate is done, so all medians cover the same stretch of time.
 
     A candidate that raises is dropped with its error; the others go on.
     """
@@ -72,13 +74,22 @@ def time_interleaved(
             return None
 
     need = dict.fromkeys(fns, min_runs)
+    first: dict[str, float] = {}
     for name in fns:
         for _ in range(warmup):
             if name not in errors:
                 t = call(name)
+                if t is not None:
+                    first[name] = t
                 # a call that alone outlasts 3 * min_time (a reference path at a long length) gets 2 samples
                 if t is not None and t >= 3 * min_time:
                     need[name] = min(min_runs, 2)
+
+    # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
+    # candidate gathers its samples over the same stretch of time (a burst of load from elsewhere then hits
+    # all of them alike, not whichever happened to be sampling then)
+    slowest = max(first.values(), default=0.0)
+    reps = {n: max(1, min(20, int(slowest / max(first.get(n, slowest), 1e-9) / 2))) for n in fns}
 
     def done(name: str) -> bool:
         s = samples[name]
@@ -88,11 +99,15 @@ def time_interleaved(
     rnd = 0
     while not all(done(n) for n in names):
         # rotate the order every round: no candidate always runs right after the same neighbour
-        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
-            if not done(name):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            # fast candidates (reps > 1) go on sampling until every candidate is done
+            if name in errors or len(samples[name]) >= max_runs or (done(name) and reps[name] == 1):
+                continue
+            for _ in range(reps[name]):
                 t = call(name)
-                if t is not None:
-                    samples[name].append(t)
+                if t is None:
+                    break
+                samples[name].append(t)
         rnd += 1
         if on_round is not None:
             on_round()
