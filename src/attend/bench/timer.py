@@ -50,7 +50,7 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
-    samples (or `max_runs` samples). A candidate whose warm-up call alone took 3 * `min_time` or more
+    samples (or `max_runs` samples). A candidate whose warm-up call alone took 2 * `min_time` or more
     needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
     A candidate k times faster than the slowest makes about k / 2 calls per round and goes on sampling
     until every candidate is done, so all medians cover the same stretch of time.
@@ -81,8 +81,8 @@ def time_interleaved(
                 t = call(name)
                 if t is not None:
                     first[name] = t
-                # a call that alone outlasts 3 * min_time (a reference path at a long length) gets 2 samples
-                if t is not None and t >= 3 * min_time:
+                # a call that alone outlasts 2 * min_time (a reference path at a long length) gets 2 samples
+                if t is not None and t >= 2 * min_time:
                     need[name] = min(min_runs, 2)
 
     # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
