@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One script for a session that has a CUDA GPU (about 5 minutes at most):
+#   1. the GPU tests (pytest -m gpu)
+#   2. attend check --device cuda          (every backend vs the float64 reference, fwd + bwd)
+#   3. attend bench --suite gpu --device cuda, saved as JSON + PNG + markdown in benchmarks/results/
+# Run from anywhere: `bash benchmarks/gpu_check.sh`. Needs torch with CUDA, einops, rich, matplotlib, pytest
+# (PYTHON=/path/to/python to pick the interpreter). Exit status: 0 when all three passed.
+# Afterwards: commit benchmarks/results/gpu-*, and set PRIORITY["cuda"] in src/attend/dispatch.py from the
+# table, citing the file (device, torch version, date).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+out=benchmarks/results
+mkdir -p "$out"
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "no CUDA device visible to torch" >&2; exit 2; }
+tag="gpu-${gpu}-$(date -u +%Y%m%d-%H%M)"
+status=0
+
+{ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+} | tee "$out/$tag-env.txt"
+
+echo "== 1/3 pytest -m gpu"
+timeout 100 "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tail -n 25 || status=1
+
+echo "== 2/3 attend check --device cuda"
+timeout 60 "$PY" -m attend check --device cuda > "$out/$tag-check.txt" 2>&1
+rc=$?; tail -n 40 "$out/$tag-check.txt"; [ "$rc" -eq 0 ] || status=1
+
+echo "== 3/3 attend bench --suite gpu --device cuda"
+timeout 130 "$PY" -m attend bench --suite gpu --device cuda --min-time 0.1 \
+    --json "$out/$tag.json" --plot "$out/$tag.png" --markdown "$out/$tag.md" || status=1
+
+echo "gpu_check: exit $status; results in $out/$tag.*"
+exit $status

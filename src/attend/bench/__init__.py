@@ -1,0 +1,13 @@
+"""Benchmarks behind `attend bench`: suites as data (`cases`), FLOP counting (`flops`), an interleaved
+median timer (`timer`), peak memory (`memory`), the candidates (`impls`), the runner (`run`) and the
+reports (`report`: rich table, JSON, markdown, PNG plot, comparison).
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+"""
+
+from .cases import SUITES, BenchCase
+from .flops import attention_flops
+from .run import BenchConfig, run_suite
+
+__all__ = ["SUITES", "BenchCase", "BenchConfig", "attention_flops", "run_suite"]

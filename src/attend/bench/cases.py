@@ -1,0 +1,234 @@
+"""Benchmark suites and the `attend check` grid, as data.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+Suites follow `shared/research/anchors-performance.md` section 3: tier 0 (GPU parity grid, CI subset),
+tier 1 (GAN shapes from gigagan-pytorch), tier 2 (ViT / diffusion), tier 3 (LLM: grouped-query heads,
+causal, decoding), tier 4 (the CPU development machine). `quick` is the default suite: the README's
+headline shapes, sized to finish in under a minute on 2 CPU cores. `smoke` is tiny, for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES", "CHECK_GRID", "CHECK_GRID_SMOKE", "make_inputs"]
+
+MASKS = ("none", "padding", "bool", "bias")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark shape. `mask`: none | padding | bool | bias; `pad`: the fraction of keys the last
+    batch element loses to padding (the others lose proportionally less); `dtype`: None = the run's
+    dtype; `modes`: the passes the suite runs by default ("fwd", "fwdbwd")."""
+
+    name: str
+    b: int
+    h: int
+    i: int
+    d: int
+    g: int | None = None  # None: g = h
+    j: int | None = None  # None: j = i
+    e: int | None = None  # None: e = d
+    causal: bool = False
+    mask: str = "none"
+    pad: float = 0.25
+    dtype: torch.dtype | None = None
+    modes: tuple[str, ...] = ("fwd",)
+    note: str = ""
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """The full (b, h, g, i, j, d, e) sizes."""
+        return {
+            "b": self.b,
+            "h": self.h,
+            "g": self.g or self.h,
+            "i": self.i,
+            "j": self.j or self.i,
+            "d": self.d,
+            "e": self.e or self.d,
+        }
+
+    def label(self) -> str:
+        """Readable shape and flags: `(1, 8, 4096, 64) causal+padding`, with g, j, e where they differ."""
+        s = self.shape
+        dims = f"({s['b']}, {s['h']}, {s['i']}, {s['d']})"
+        extra = []
+        if s["g"] != s["h"]:
+            extra.append(f"g={s['g']}")
+        if s["j"] != s["i"]:
+            extra.append(f"j={s['j']}")
+        if s["e"] != s["d"]:
+            extra.append(f"e={s['e']}")
+        flags = [f for f, on in (("causal", self.causal), (self.mask, self.mask != "none")) if on]
+        return " ".join([dims] + extra + (["+".join(flags)] if flags else []))
+
+
+def _c(name, b, h, i, d, **kw) -> BenchCase:
+    return BenchCase(name, b, h, i, d, **kw)
+
+
+BOTH = ("fwd", "fwdbwd")
+
+SUITES: dict[str, list[BenchCase]] = {
+    # tiny, for tests: one plain case, one ragged causal + padding case
+    "smoke": [
+        _c("S1", 1, 2, 64, 16),
+        _c("S2", 1, 2, 48, 16, j=64, causal=True, mask="padding"),
+        _c("S3", 1, 2, 96, 16),
+    ],
+    # the README's headline claims (vs direct SDPA >= 0.95x, vs the seed's einsum >= 3x) plus small GAN shapes
+    "quick": [
+        _c("Q1", 1, 8, 4096, 64, note="headline"),
+        _c("Q2", 1, 8, 4096, 64, causal=True, note="headline"),
+        _c("Q3", 1, 8, 4096, 64, causal=True, mask="padding", note="headline: key padding + causal"),
+        _c("G6", 32, 8, 78, 64, j=79, mask="padding", note="gigagan text self-attn, null KV"),
+        _c("G7", 8, 8, 64, 64, note="gigagan upsampler mid 8x8"),
+    ],
+    # tier 4: the 2-vCPU development machine
+    "cpu": [
+        _c("C1-256", 1, 8, 256, 64, dtype=torch.float32, modes=BOTH),
+        _c("C1-1024", 1, 8, 1024, 64, dtype=torch.float32, modes=BOTH),
+        _c("C1-2048", 1, 8, 2048, 64, dtype=torch.float32),
+        _c("C1-4096", 1, 8, 4096, 64, dtype=torch.float32),
+        _c("C1-256-bf16", 1, 8, 256, 64, dtype=torch.bfloat16),
+        _c("C1-1024-bf16", 1, 8, 1024, 64, dtype=torch.bfloat16),
+        _c("C1-4096-bf16", 1, 8, 4096, 64, dtype=torch.bfloat16),
+        _c("C2", 2, 8, 1024, 64, j=1025, dtype=torch.float32, modes=BOTH, note="gigagan-like, unaligned KV"),
+        _c("C3", 1, 25, 1024, 64, dtype=torch.float32, note="pytorch PR #105131 shape"),
+    ],
+    # tier 1: gigagan-pytorch (null KV gives j = i + 1; text keys <= 77 with padding)
+    "gan": [
+        _c("G1", 8, 8, 1024, 64, j=1025, modes=BOTH, note="gen self-attn 32x32, null KV"),
+        _c("G2", 32, 8, 256, 64, j=257, modes=BOTH, note="gen self-attn 16x16, null KV"),
+        _c("G3", 8, 8, 1024, 64, j=1025, mask="bias", modes=BOTH, note="disc L2 attn: per-key bias"),
+        _c("G4", 8, 8, 1024, 64, j=77, mask="padding", pad=0.5, modes=BOTH, note="cross-attn 32x32 -> text"),
+        _c("G5", 32, 8, 256, 64, j=77, mask="padding", pad=0.5, modes=BOTH, note="cross-attn 16x16 -> text"),
+        _c("G6", 32, 8, 78, 64, j=79, mask="padding", modes=BOTH, note="text self-attn, null KV"),
+        _c("G7", 8, 8, 64, 64, modes=BOTH, note="upsampler mid 8x8"),
+        _c("G8", 4096, 8, 16, 64, modes=BOTH, note="temporal attention (video)"),
+        _c("G9", 32, 12, 50, 64, modes=BOTH, note="CLIP ViT-B/32 vision"),
+    ],
+    # tier 2: ViT / diffusion (odd head dims on purpose)
+    "vit": [
+        _c("V1", 128, 12, 197, 64, modes=BOTH, note="ViT-B/16 @224"),
+        _c("V2", 64, 16, 257, 64, modes=BOTH, note="ViT-L/14 @224"),
+        _c("V3", 16, 16, 1370, 64, modes=BOTH, note="DINOv2-L/14 @518"),
+        _c("V4", 32, 16, 256, 72, modes=BOTH, note="DiT-XL/2 @256, d=72"),
+        _c("V5a", 16, 8, 4096, 40, note="SD1.5 UNet @512, d=40"),
+        _c("V5b", 16, 8, 1024, 80, note="SD1.5 UNet, d=80"),
+        _c("V5c", 16, 8, 256, 160, note="SD1.5 UNet, d=160"),
+        _c("V5x", 16, 8, 4096, 40, j=77, note="SD1.5 cross-attn -> text"),
+        _c("V6", 2, 10, 4096, 64, note="SDXL @1024"),
+        _c("V7", 1, 24, 4608, 128, note="Flux / SD3 MM-DiT @1024"),
+    ],
+    # tier 3: LLM (grouped-query heads, causal, decoding). L5 (document masks) needs a varlen backend.
+    "llm": [
+        _c("L1", 16, 12, 1024, 64, causal=True, modes=BOTH, note="GPT-2 small"),
+        _c("L2", 1, 32, 8192, 128, g=8, causal=True, modes=BOTH, note="Llama-3-8B"),
+        _c("L3", 1, 64, 8192, 128, g=8, causal=True, note="Llama-3-70B"),
+        _c("L4-4k", 32, 32, 1, 128, g=8, j=4096, causal=True, note="decode, bandwidth-bound"),
+        _c("L4-32k", 32, 32, 1, 128, g=8, j=32768, causal=True, note="decode, bandwidth-bound"),
+    ],
+    # long sequences: memory must stay linear in N (tier 3, L6)
+    "long": [
+        _c("L6-32k", 1, 32, 32768, 128, causal=True, note="long context"),
+        _c("L6-64k", 1, 32, 65536, 128, causal=True, note="long context"),
+        _c("L6-128k", 1, 32, 131072, 128, causal=True, note="long context"),
+    ],
+    # tier 0 CI subset: hidden 2048 (d=128, H=16), 16k tokens per batch, bf16 on CUDA
+    "gpu": [
+        _c("P-1k", 16, 16, 1024, 128, modes=BOTH),
+        _c("P-1k-causal", 16, 16, 1024, 128, causal=True, modes=BOTH),
+        _c("P-4k", 4, 16, 4096, 128, modes=BOTH),
+        _c("P-4k-causal", 4, 16, 4096, 128, causal=True, modes=BOTH),
+        _c("P-16k", 1, 16, 16384, 128, modes=BOTH),
+        _c("P-16k-causal", 1, 16, 16384, 128, causal=True, modes=BOTH),
+        _c("G1", 8, 8, 1024, 64, j=1025, modes=BOTH, note="gigagan gen self-attn 32x32"),
+        _c("G4", 8, 8, 1024, 64, j=77, mask="padding", pad=0.5, modes=BOTH, note="gigagan cross-attn"),
+        _c("L2", 1, 32, 4096, 128, g=8, causal=True, mask="padding", modes=BOTH, note="GQA + padding + causal"),
+    ],
+}
+HIDDEN_SUITES = frozenset({"smoke"})
+
+
+# the `attend check` grid: awkward sizes on purpose (ragged, i != j, odd head dims, h/g = 4, e != d)
+@dataclass(frozen=True)
+class CheckCase:
+    """One `attend check` case: sizes (b, h, g, i, j, d, e), a mask kind and causality."""
+
+    b: int
+    h: int
+    g: int
+    i: int
+    j: int
+    d: int
+    e: int
+    mask: str = "none"
+    causal: bool = False
+
+    def label(self) -> str:
+        e = f" e={self.e}" if self.e != self.d else ""
+        flags = "+".join(f for f, on in (("causal", self.causal), (self.mask, self.mask != "none")) if on)
+        return f"b{self.b} h{self.h} g{self.g} i{self.i} j{self.j} d{self.d}{e} {flags}".rstrip()
+
+
+_CHECK_SHAPES = [
+    # b, h, g, i, j, d, e
+    (2, 8, 2, 129, 257, 64, 64),  # GQA h/g = 4, i < j (KV cache), ragged lengths
+    (2, 4, 4, 129, 64, 40, 40),  # i > j: causal leaves rows with no key; odd head dim
+    (1, 4, 1, 1, 7, 72, 72),  # single query (decoding), MQA
+    (1, 4, 2, 64, 64, 64, 32),  # e != d
+    (1, 2, 2, 129, 129, 80, 80),  # square: the is_causal path
+]
+CHECK_GRID: list[CheckCase] = [
+    CheckCase(*s, mask=m, causal=c) for s in _CHECK_SHAPES for m in MASKS for c in (False, True)
+]
+CHECK_GRID_SMOKE: list[CheckCase] = [
+    CheckCase(1, 2, 1, 7, 9, 16, 16, mask="padding", causal=True),
+    CheckCase(1, 2, 2, 9, 7, 16, 16, mask="bool"),
+]
+
+
+def make_inputs(
+    shape: dict[str, int],
+    mask: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    pad: float = 0.25,
+    grad: bool = False,
+    seed: int = 0,
+):
+    """Random q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) and the mask or bias the kind asks for.
+
+    padding: a (b, j) key padding mask, the last batch element losing `pad` of its keys;
+    bool: a random (b, 1, i, j) mask with one fully masked query row; bias: a per-key (b, 1, 1, j) bias
+    (gigagan's L2-distance attention, -scale * |k|^2). Returns q, k, v, mask, bias.
+    """
+    b, h, g, i, j, d, e = (shape[x] for x in "bhgijde")
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, i, d, generator=gen)
+    k = torch.randn(b, g, j, d, generator=gen)
+    v = torch.randn(b, g, j, e, generator=gen)
+    m = bias = None
+    if mask == "padding":
+        m = torch.ones(b, j, dtype=torch.bool)
+        for bi in range(b):
+            lost = min(j - 1, round(pad * j * (bi + 1) / b))
+            if lost:
+                m[bi, j - lost :] = False
+    elif mask == "bool":
+        m = torch.rand(b, 1, i, j, generator=gen) > 0.3
+        m[..., 0, :] = False
+    elif mask == "bias":
+        bias = -(k.float().pow(2).sum(-1).mean(1)[:, None, None, :]) * d**-0.5
+    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (q, k, v))
+    m = None if m is None else m.to(device)
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    return q, k, v, m, bias

@@ -1,0 +1,148 @@
+"""Peak memory of one pass: CUDA `max_memory_allocated`, CPU peak RSS of a child process.
+
+CPU: a fresh `python -m attend.bench.memory` child builds the inputs, runs each candidate once on a tiny
+shape (so one-time set-up, such as thread pools, is not charged to the first candidate), and then per
+candidate: frees what it can (`gc`, `malloc_trim`), resets the kernel's peak-RSS mark
+(`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads `VmHWM`. The first candidate is
+measured twice (the smaller figure kept): the first full-size pass of a process pays one-time buffers. The figure is the peak
+above the resident size just before the pass: the working memory, inputs excluded. Where the mark
+cannot be reset, each candidate gets its own child instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+__all__ = ["cuda_peak_bytes", "cpu_peak_bytes"]
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# helpers
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# main functions
+
+
+def cuda_peak_bytes(call, device: torch.device) -> int:
+    """Peak bytes CUDA allocated during one `call()`, above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict[str, int | None]:
+    """Peak RSS above the inputs for each candidate in `names`, measured in child processes.
+
+    `spec`: shape (b, h, g, i, j, d, e), mask, pad, causal, dtype, mode, threads. Returns None for a
+    candidate whose child failed.
+    """
+    out: dict[str, int | None] = dict.fromkeys(names)
+    todo = [names]
+    while todo:
+        group = todo.pop()
+        payload = json.dumps({**spec, "impls": group})
+        # the child imports the very `attend` this process runs (a worktree on PYTHONPATH, say)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "attend.bench.memory"],
+                input=payload, capture_output=True, text=True, timeout=timeout, env=env, check=False,
+            )
+            result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+            result = {}
+        if result.get("reset_ok", True) is False and len(group) > 1:
+            todo.extend([[n] for n in group])  # one child per candidate
+            continue
+        for n in group:
+            out[n] = result.get("peak", {}).get(n)
+    return out
+
+
+def _child() -> None:
+    from .cases import make_inputs
+    from .impls import make_call, prime_probes
+
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    dtype = getattr(torch, spec["dtype"])
+    grad = spec["mode"] != "fwd"
+    shape = spec["shape"]
+    prime_probes(torch.device("cpu"))
+
+    def calls(sh):
+        tensors = make_inputs(sh, spec["mask"], dtype=dtype, device="cpu", pad=spec["pad"], grad=grad)
+        go = torch.randn(sh["b"], sh["h"], sh["i"], sh["e"], dtype=dtype) if grad else None
+        return {n: make_call(n, tensors, spec["causal"], spec["mode"], go) for n in spec["impls"]}
+
+    tiny = dict(shape, b=1, i=min(shape["i"], 8), j=min(shape["j"], 8))
+    for call in calls(tiny).values():
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - the real run below reports it
+            pass
+    real = calls(shape)
+    peaks: dict[str, int | None] = {}
+    reset_ok = True
+
+    def measure(call) -> int | None:
+        nonlocal reset_ok
+        _trim()
+        before = _status_kb("VmRSS")
+        reset_ok = _reset_peak() and reset_ok
+        try:
+            call()
+            return max(0, _status_kb("VmHWM") - before) * 1024
+        except Exception:  # noqa: BLE001 - a failed candidate has no figure
+            return None
+
+    for name, call in real.items():
+        peaks[name] = measure(call)
+    # the first full-size pass also pays one-time allocations (about 2 MB of per-thread buffers measured
+    # on CPU flash); measure the first candidate again and keep the smaller figure
+    first = next(iter(real), None)
+    if first is not None and peaks[first] is not None and len(real) > 1:
+        again = measure(real[first])
+        if again is not None:
+            peaks[first] = min(peaks[first], again)
+    print(json.dumps({"peak": peaks, "reset_ok": reset_ok}))
+
+
+if __name__ == "__main__":
+    _child()

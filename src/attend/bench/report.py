@@ -1,0 +1,245 @@
+"""Reports of a benchmark run: a `rich` table, JSON, a markdown table, a PNG plot, and a comparison.
+
+The document is the dict `run_suite` returns (schema in `run.py`); rows are keyed by
+(case, mode, dtype) when two documents are compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "ROW_KEYS",
+    "RESULT_KEYS",
+    "rich_table",
+    "markdown_table",
+    "save_json",
+    "load_json",
+    "save_plot",
+    "compare",
+    "compare_lines",
+]
+
+REQUIRED_KEYS = {"schema": int, "suite": str, "device": str, "device_name": str, "torch": str,
+                 "threads": int, "date": str, "rows": list}
+ROW_KEYS = {"case": str, "label": str, "mode": str, "dtype": str, "shape": dict, "causal": bool, "mask": str,
+            "flops": float, "results": dict, "speedup": dict}
+RESULT_KEYS = ("median_ms", "gflops", "pct_matmul", "peak_mb", "runs", "error")
+STAR = "★"
+
+# helpers
+
+
+def _ratio_columns(rows: list[dict]) -> list[str]:
+    """Candidates every ratio column is about: the seed's first, then the SDPA variants, in a fixed order."""
+    seen = {n for r in rows for n in r["results"] if n != "attend"}
+    first = [n for n in ("seed:einsum", "seed:sdpa", "torch:sdpa") if n in seen]
+    rest = sorted(n for n in seen if n not in first)
+    return first + rest
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _mode(row: dict) -> str:
+    return "fwd+bwd" if row["mode"] == "fwdbwd" else row["mode"]
+
+
+def _cells(row: dict, ratio_cols: list[str]) -> list[str]:
+    res = row["results"]
+    own = res["attend"]
+    fastest = row.get("fastest")
+    ms = _fmt(own["median_ms"], ".2f") if own["error"] is None else own["error"]
+    if fastest == "attend":
+        ms += " " + STAR
+    cells = [
+        row["case"], row["label"], row["dtype"], _mode(row), str(row.get("auto")), ms,
+        _fmt(own["gflops"], ".1f"), _fmt(own["pct_matmul"], ".0f"), _fmt(own["peak_mb"], ".1f"),
+    ]
+    for n in ratio_cols:
+        if n not in res:
+            cells.append("")
+            continue
+        if res[n]["error"] is not None:
+            cells.append("error")
+            continue
+        x = row["speedup"].get(n)
+        cell = _fmt(x, ".2f") + ("×" if x is not None else "")
+        cells.append(cell + (" " + STAR if n == fastest else ""))
+    return cells
+
+
+HEADERS = ["case", "shape", "dtype", "pass", "auto picks", "attend ms", "GFLOP/s", "% matmul", "peak MB"]
+
+
+# main functions
+
+
+def rich_table(doc: dict) -> Table:
+    """The run as a `rich` table: one row per (case, pass) for attend's auto choice, then its speed-up over
+    each other candidate (their time / attend's: above 1 = attend is faster). ★ marks the fastest."""
+    rows = doc["rows"]
+    ratio_cols = _ratio_columns(rows)
+    title = (
+        f"attend bench --suite {doc['suite']}  ·  {doc['device_name']} ({doc['device']}), "
+        f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+    )
+    table = Table(title=title, caption="×: that candidate's time / attend's (above 1: attend is faster); ★ fastest")
+    for h in HEADERS:
+        table.add_column(h, justify="right" if h not in ("case", "shape", "dtype", "pass", "auto picks") else "left")
+    for n in ratio_cols:
+        table.add_column(f"× {n}", justify="right")
+    for row in rows:
+        cells = _cells(row, ratio_cols)
+        styled = []
+        for c in cells:
+            if STAR in c:
+                styled.append(Text(c, style="bold green"))
+            elif c.endswith("×") and float(c[:-1]) < 0.95:
+                styled.append(Text(c, style="red"))
+            else:
+                styled.append(Text(c))
+        table.add_row(*styled)
+    return table
+
+
+def markdown_table(doc: dict) -> str:
+    """The same table as `rich_table`, in GitHub markdown."""
+    rows = doc["rows"]
+    ratio_cols = _ratio_columns(rows)
+    headers = HEADERS + [f"× {n}" for n in ratio_cols]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, ratio_cols)) + " |")
+    return "\n".join(lines)
+
+
+def save_json(doc: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    """Read a result file, checking its top-level and row keys; ValueError names what is wrong."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"expected a readable JSON file, got {path} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"expected an `attend bench --json` file, got invalid JSON in {path} ({exc.msg})") from None
+    if not isinstance(doc, dict) or not all(k in doc for k in ("rows", "suite", "device")):
+        raise ValueError(f"expected an `attend bench --json` file with suite, device and rows, got {path}")
+    return doc
+
+
+def save_plot(doc: dict, path: str | Path) -> None:
+    """PNG: throughput (GFLOP/s) and peak memory (MB) against key length j, one line per candidate.
+
+    One pair of panels per (pass, family), a family being the cases that differ only in length; with no
+    such sweep in the suite, the cases are laid side by side instead. Needs matplotlib (`pip install
+    'torch-attend[plot]'`); raises RuntimeError with that hint when it is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib; install it with `pip install 'torch-attend[plot]'`") from None
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in doc["rows"]:
+        s = row["shape"]
+        key = (row["mode"], row["dtype"], s["b"], s["h"], s["g"], s["d"], s["e"], row["causal"], row["mask"])
+        groups.setdefault(key, []).append(row)
+    sweeps = [rs for rs in groups.values() if len({r["shape"]["j"] for r in rs}) >= 2]
+    panels: list[tuple[str, list[dict], bool]] = []
+    for rs in sweeps[:6]:
+        r0, s = rs[0], rs[0]["shape"]
+        title = f"{_mode(r0)} {r0['dtype']} (b={s['b']}, h={s['h']}, d={s['d']}) " + " ".join(
+            f for f, on in (("causal", r0["causal"]), (r0["mask"], r0["mask"] != "none")) if on
+        )
+        panels.append((title, sorted(rs, key=lambda r: r["shape"]["j"]), True))
+    if not panels:
+        for mode in dict.fromkeys(r["mode"] for r in doc["rows"]):
+            rs = [r for r in doc["rows"] if r["mode"] == mode]
+            panels.append((f"{_mode(rs[0])}: every case", rs, False))
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for (title, rs, sweep), (ax_t, ax_m) in zip(panels, axes):
+        xs = [r["shape"]["j"] for r in rs] if sweep else list(range(len(rs)))
+        names = list(dict.fromkeys(n for r in rs for n in r["results"]))
+        for n in names:
+            for ax, key in ((ax_t, "gflops"), (ax_m, "peak_mb")):
+                ys = [r["results"].get(n, {}).get(key) for r in rs]
+                ys = [float("nan") if y is None else y for y in ys]
+                style = {"linewidth": 2.5, "color": "black"} if n == "attend" else {"linestyle": "--" if n.startswith("seed") else "-"}
+                ax.plot(xs, ys, marker="o", label=n, **style)
+        for ax, ylabel in ((ax_t, "GFLOP/s (FA convention)"), (ax_m, "peak memory above inputs (MB)")):
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if sweep:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(x) for x in xs])
+                ax.set_xlabel("key length j")
+            else:
+                ax.set_xticks(xs)
+                ax.set_xticklabels([r["case"] for r in rs], rotation=30, fontsize=8)
+        ax_m.set_yscale("log", nonpositive="mask")
+        ax_t.legend(fontsize=7)
+    fig.suptitle(
+        f"attend bench --suite {doc['suite']}: {doc['device_name']}, torch {doc['torch']}, "
+        f"{doc['threads']} threads, {doc['date']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, str, float | None, float | None]]:
+    """Per row of `new` (matched to `old` by case, pass and dtype): (verdict, row id, old ms, new ms) for
+    attend's own time. IMPROVED: new <= old * (1 - threshold); REGRESSED: new >= old * (1 + threshold);
+    SAME in between; NEW when `old` has no such row (or no time for it)."""
+    def key(r):
+        return (r["case"], r["mode"], r["dtype"])
+
+    before = {key(r): r for r in old["rows"]}
+    out = []
+    for r in new["rows"]:
+        rid = f"{r['case']} {_mode(r)} {r['dtype']}"
+        t_new = r["results"]["attend"]["median_ms"]
+        o = before.get(key(r))
+        t_old = None if o is None else o["results"]["attend"]["median_ms"]
+        if t_old is None or t_new is None:
+            out.append(("NEW" if o is None else "SAME", rid, t_old, t_new))
+        elif t_new <= t_old * (1 - threshold):
+            out.append(("IMPROVED", rid, t_old, t_new))
+        elif t_new >= t_old * (1 + threshold):
+            out.append(("REGRESSED", rid, t_old, t_new))
+        else:
+            out.append(("SAME", rid, t_old, t_new))
+    return out
+
+
+def compare_lines(old: dict, new: dict, threshold: float = 0.10) -> Iterable[str]:
+    """`compare` as printable lines, with a warning first when the two runs are not like for like."""
+    for field in ("device_name", "torch", "threads"):
+        if old.get(field) != new.get(field):
+            yield f"warning: {field} differs: {old.get(field)} -> {new.get(field)} (not like for like)"
+    for verdict, rid, t_old, t_new in compare(old, new, threshold):
+        if t_old is not None and t_new is not None:
+            yield f"{verdict:<9} {rid}: attend {t_old:.3f} ms -> {t_new:.3f} ms ({t_old / t_new:.2f}x)"
+        else:
+            yield f"{verdict:<9} {rid}: attend {_fmt(t_old, '.3f')} ms -> {_fmt(t_new, '.3f')} ms"

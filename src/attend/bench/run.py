@@ -1,0 +1,287 @@
+"""Run a suite: for every case and pass, time attend's auto choice against every backend that can run
+the case, the seed's two behaviours and a same-size matmul, then measure peak memory.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from .._helpers import fmt_dtype
+from ..dispatch import explain_inputs, get_backend, list_backends
+from ..inputs import validate
+from .cases import SUITES, BenchCase, make_inputs
+from .flops import attention_flops, matmul_flops
+from .impls import DENSE, SEEDS, dense_bytes, make_call, prime_probes
+from .memory import cpu_peak_bytes, cuda_peak_bytes
+from .timer import time_interleaved
+
+__all__ = ["BenchConfig", "run_suite", "environment", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+MATMUL = "matmul"  # the ceiling, timed beside the candidates
+MATMUL_BUDGET = 256 * 2**20  # bytes of the (n, i, j) product the matmul ceiling may hold
+
+
+@dataclass
+class BenchConfig:
+    """What `attend bench` runs. dtype None: each case's own, else float32 on CPU, bfloat16 on CUDA.
+    backends None: every registered backend except the `einsum` reference. modes None: each case's own."""
+
+    suite: str = "quick"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype | None = None
+    backends: list[str] | None = None
+    modes: tuple[str, ...] | None = None
+    min_time: float = 0.3
+    memory: bool = True
+
+
+# helpers
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def environment(device: torch.device) -> dict:
+    """The facts every result file records: device, versions, threads, date."""
+    env = {
+        "device": device.type,
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "attend": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _matmul_call(shape: dict, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float] | None:
+    """(callable, FLOPs) of (n, i, d) @ (n, d, j) then (n, i, j) @ (n, j, e): the attention's two matmuls
+    for n of the b * h heads (as many as fit MATMUL_BUDGET); its rate is the practical ceiling."""
+    i, j, d, e = shape["i"], shape["j"], shape["d"], shape["e"]
+    elem = torch.finfo(dtype).bits // 8
+    n = max(1, min(shape["b"] * shape["h"], MATMUL_BUDGET // max(1, i * j * elem)))
+    try:
+        a = torch.randn(n, i, d, device=device, dtype=dtype)
+        bt = torch.randn(n, d, j, device=device, dtype=dtype)
+        p = torch.randn(n, i, j, device=device, dtype=dtype)
+        v = torch.randn(n, j, e, device=device, dtype=dtype)
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None
+
+    def mm():
+        torch.bmm(a, bt)
+        torch.bmm(p, v)
+
+    return mm, matmul_flops(n, i, j, d, e)
+
+
+def _candidates(cfg: BenchConfig, inp) -> tuple[list[str], dict[str, str]]:
+    """Backends to time for these inputs, and the reason each other one is left out."""
+    names = cfg.backends if cfg.backends is not None else [n for n in list_backends() if n != "einsum"]
+    chosen, skipped = [], {}
+    for name in names:
+        reasons = get_backend(name).reasons_unsupported(inp)
+        if reasons:
+            skipped[name] = "; ".join(reasons)
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def plan(cfg: BenchConfig) -> list[tuple[BenchCase, str]]:
+    """Every (case, mode) pair the run will measure, in order."""
+    pairs = []
+    for case in SUITES[cfg.suite]:
+        for mode in cfg.modes or case.modes:
+            pairs.append((case, mode))
+    return pairs
+
+
+def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str], None]) -> dict:
+    device = cfg.device
+    dtype = cfg.dtype or case.dtype or _default_dtype(device)
+    shape = case.shape
+    grad = mode != "fwd"
+    tensors = make_inputs(shape, case.mask, dtype=dtype, device=device, pad=case.pad, grad=grad)
+    q, k, v, mask, bias = tensors
+    with torch.set_grad_enabled(grad):
+        inp = validate(q, k, v, mask=mask, bias=bias, causal=case.causal)
+        report = explain_inputs(inp)
+        backends, skipped = _candidates(cfg, inp)
+    names = ["attend"] + [n for n in backends if n != "attend"] + list(SEEDS)
+    if device.type == "cuda":
+        names.append("torch:sdpa")
+
+    # anything that holds (b, h, i, j) logits and would not fit is left out, not run into the OOM killer
+    room = _available_bytes(device) * 0.6
+    for n in list(names):
+        if n in DENSE and dense_bytes(shape, mode) > room:
+            names.remove(n)
+            skipped[n] = f"needs ~{dense_bytes(shape, mode) / 2**30:.1f} GiB for (b, h, i, j) logits"
+
+    go = torch.randn(shape["b"], shape["h"], shape["i"], shape["e"], device=device, dtype=dtype) if grad else None
+    calls = {n: make_call(n, tensors, case.causal, mode, go) for n in names}
+
+    flops = attention_flops(shape, case.causal, mode)
+    # the matmul ceiling is timed in the same rounds as the candidates, so it sees the same machine
+    mm = _matmul_call(shape, dtype, device)
+    timed_calls = dict(calls, **({MATMUL: mm[0]} if mm else {}))
+    status(f"{case.name} {mode}: timing {len(calls)} candidates and a matmul")
+    timings = time_interleaved(timed_calls, device, min_time=cfg.min_time, warmup=2 if device.type == "cuda" else 1)
+    mm_time = timings.pop(MATMUL).median if mm else None
+    mm_rate = None if not mm_time else mm[1] / mm_time
+    del timed_calls, mm
+
+    peaks: dict[str, int | None] = dict.fromkeys(names)
+    if cfg.memory:
+        status(f"{case.name} {mode}: peak memory")
+        ok = [n for n in names if timings[n].error is None]
+        if device.type == "cuda":
+            for n in ok:
+                try:
+                    peaks[n] = cuda_peak_bytes(calls[n], device)
+                except (RuntimeError, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+        else:
+            spec = {
+                "shape": shape, "mask": case.mask, "pad": case.pad, "causal": case.causal,
+                "dtype": fmt_dtype(dtype), "mode": mode, "threads": torch.get_num_threads(),
+            }
+            peaks.update(cpu_peak_bytes(spec, ok))
+    del calls, tensors, q, k, v, mask, bias, inp, go
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    results = {}
+    for n in names:
+        t = timings[n]
+        results[n] = {
+            "median_ms": None if t.median is None else t.median * 1e3,
+            "gflops": None if t.median is None else flops / t.median / 1e9,
+            "pct_matmul": None if t.median is None or mm_rate is None else 100 * flops / t.median / mm_rate,
+            "peak_mb": None if peaks.get(n) is None else peaks[n] / 2**20,
+            "runs": len(t.samples),
+            "error": t.error,
+        }
+    own = results["attend"]["median_ms"]
+    speedup = {
+        n: r["median_ms"] / own
+        for n, r in results.items()
+        if n != "attend" and own and r["median_ms"] is not None
+    }
+    timed = {n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None}
+    return {
+        "case": case.name,
+        "label": case.label(),
+        "note": case.note,
+        "mode": mode,
+        "dtype": fmt_dtype(dtype),
+        "shape": shape,
+        "causal": case.causal,
+        "mask": case.mask,
+        "auto": report.backend,
+        "flops": flops,
+        "matmul_gflops": None if mm_rate is None else mm_rate / 1e9,
+        "results": results,
+        "speedup": speedup,
+        "fastest": min(timed, key=timed.get) if timed else None,
+        "skipped": skipped,
+    }
+
+
+def _warm_up(cfg: BenchConfig) -> None:
+    """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
+    selection, lazy CUDA init) lands in no row's warm-up budget."""
+    device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
+    prime_probes(device)
+    shape = {"b": 1, "h": 2, "g": 2, "i": 16, "j": 16, "d": 16, "e": 16}
+    for mode in ("fwd", "fwdbwd"):
+        tensors = make_inputs(shape, "padding", dtype=dtype, device=device, grad=mode != "fwd")
+        go = torch.randn(1, 2, 16, 16, device=device, dtype=dtype) if mode != "fwd" else None
+        for name in ["attend", *SEEDS, *(cfg.backends or [])]:
+            try:
+                make_call(name, tensors, True, mode, go)()
+            except (RuntimeError, ValueError):
+                pass
+    mm = _matmul_call(shape, dtype, device)
+    if mm:
+        mm[0]()
+
+
+# main function
+
+
+def run_suite(
+    cfg: BenchConfig,
+    *,
+    on_status: Callable[[str], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run `cfg.suite` and return the result document (what `--json` writes).
+
+    Each row: the case, the backend auto picks, and per candidate the median time, GFLOP/s (flash-attention
+    convention), % of a same-size matmul, peak memory; `speedup[name]` = that candidate's time / attend's
+    (above 1: attend is faster); `fastest` names the quickest candidate.
+    """
+    status = on_status or (lambda _msg: None)
+    status("warming up")
+    _warm_up(cfg)
+    rows = []
+    for case, mode in plan(cfg):
+        row = _measure(case, mode, cfg, status)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return {
+        "schema": SCHEMA_VERSION,
+        "suite": cfg.suite,
+        **environment(cfg.device),
+        "min_time_s": cfg.min_time,
+        "rows": rows,
+    }

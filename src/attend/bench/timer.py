@@ -1,0 +1,121 @@
+"""Median wall time after a warm-up, with the candidates interleaved.
+
+Interleaving (one call of each candidate per round) keeps ratios honest on a shared machine: a burst
+of load from elsewhere slows every candidate of the round, not one of them. On CUDA every call is
+bracketed by `torch.cuda.synchronize()`, so the time is the kernels' time, not the launch's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "time_interleaved"]
+
+
+@dataclass
+class Timing:
+    """The median and every sample, in seconds; `error` when the candidate raised (OOM, kernel error)."""
+
+    median: float | None
+    samples: list[float]
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:160]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    min_time: float = 0.3,
+    min_runs: int = 3,
+    max_runs: int = 200,
+    warmup: int = 1,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
+    round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
+    samples (or `max_runs` samples). A candidate whose warm-up call alone took 2 * `min_time` or more
+    needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
+    A candidate k times faster than the slowest makes about k / 2 calls per round and goes on sampling
+    until every candidate is done, so all medians cover the same stretch of time.
+
+    A candidate that raises is dropped with its error; the others go on.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+
+    def call(name: str) -> float | None:
+        try:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            return time.perf_counter() - start
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:
+            errors[name] = _error_text(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    need = dict.fromkeys(fns, min_runs)
+    first: dict[str, float] = {}
+    for name in fns:
+        for _ in range(warmup):
+            if name not in errors:
+                t = call(name)
+                if t is not None:
+                    first[name] = t
+                # a call that alone outlasts 2 * min_time (a reference path at a long length) gets 2 samples
+                if t is not None and t >= 2 * min_time:
+                    need[name] = min(min_runs, 2)
+
+    # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
+    # candidate gathers its samples over the same stretch of time (a burst of load from elsewhere then hits
+    # all of them alike, not whichever happened to be sampling then)
+    slowest = max(first.values(), default=0.0)
+    reps = {n: max(1, min(20, int(slowest / max(first.get(n, slowest), 1e-9) / 2))) for n in fns}
+
+    def done(name: str) -> bool:
+        s = samples[name]
+        return name in errors or len(s) >= max_runs or (len(s) >= need[name] and sum(s) >= min_time)
+
+    names = list(fns)
+    rnd = 0
+    while not all(done(n) for n in names):
+        # rotate the order every round: no candidate always runs right after the same neighbour
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            # fast candidates (reps > 1) go on sampling until every candidate is done
+            if name in errors or len(samples[name]) >= max_runs or (done(name) and reps[name] == 1):
+                continue
+            for _ in range(reps[name]):
+                t = call(name)
+                if t is None:
+                    break
+                samples[name].append(t)
+        rnd += 1
+        if on_round is not None:
+            on_round()
+    return {
+        name: Timing(
+            median=statistics.median(s) if s and name not in errors else None,
+            samples=s,
+            error=errors.get(name),
+        )
+        for name, s in samples.items()
+    }

@@ -1,0 +1,492 @@
+"""`attend info | explain | check | bench`: the command line.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+    attend info                                   versions, device, CPU features, every backend's status
+    attend explain --shape B,H,I,D [--kv-heads G] [--kv-len J] [--v-dim E] [--dtype X] [--device Y]
+                   [--causal] [--mask none|padding|bool|bias] [--grad] [--dropout P] [--backend NAME]
+    attend check [--device] [--dtype a,b] [--backends a,b]
+    attend bench [--suite quick|cpu|gan|vit|llm|long|gpu] [--device] [--dtype] [--backends a,b]
+                 [--mode fwd|fwdbwd|both] [--json PATH] [--plot PATH] [--compare OLD.json [NEW.json]]
+
+A mistake on the command line (a bad shape string, an unknown backend, CUDA asked for where there is
+none, inputs `validate` rejects) is one line on stderr and exit code 2, never a traceback.
+`attend check` exits 1 when a backend fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import __version__
+from ._helpers import fmt_dtype
+from .dispatch import PRIORITY, explain_inputs, get_backend, list_backends
+from .inputs import validate
+
+__all__ = ["main", "build_parser", "CliError"]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+}
+MODES = {"fwd": ("fwd",), "fwdbwd": ("fwdbwd",), "both": ("fwd", "fwdbwd")}
+
+
+class CliError(Exception):
+    """A user mistake on the command line: printed as one line, exit code 2."""
+
+
+# helpers
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a `CliError` (one line, exit 2) instead of usage text and exit."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def _one_line(msg: object) -> str:
+    return "; ".join(line.strip() for line in str(msg).strip().splitlines() if line.strip())
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 250  # redirected: do not squeeze tables into 80 columns
+    return Console(stderr=stderr, width=width, soft_wrap=False, highlight=False)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"B,H,I,D" -> (b, h, i, d), four positive integers."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) <= 0:
+        raise CliError(
+            f"expected --shape B,H,I,D (four positive integers: batch, query heads, query length, head dim, "
+            f"e.g. 2,8,1024,64), got {text!r}"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.strip().lower().removeprefix("torch.")]
+    except KeyError:
+        raise CliError(f"expected --dtype among float32, bfloat16, float16, float64 (or fp32, bf16, fp16), got {text!r}") from None
+
+
+def parse_device(text: str | None) -> torch.device:
+    """A torch device that exists here; None -> cuda when available, else cpu."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CliError(f"expected --device cpu, cuda, cuda:N or mps, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise CliError(
+                f"--device {text}: no CUDA device is available (torch {torch.__version__}, {build}; "
+                "torch.cuda.is_available() is False)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CliError(f"--device {text}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise CliError(f"expected --device cpu, cuda, cuda:N or mps, got {text!r}")
+    return device
+
+
+def parse_backends(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CliError(f"expected --backends as a comma-separated list of names, got {text!r}")
+    for n in names:
+        try:
+            get_backend(n)
+        except ValueError as exc:
+            raise CliError(_one_line(exc)) from None
+    return names
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+# attend info
+
+
+def cmd_info(args) -> int:
+    """Versions, devices, CPU features and threads; every backend with `available` or its reason."""
+    from rich.table import Table
+
+    console = _console()
+    env = Table(title=f"attend {__version__}", show_header=False)
+    env.add_column("item", style="bold")
+    env.add_column("value")
+    env.add_row("python", f"{platform.python_version()} ({platform.platform()})")
+    env.add_row("torch", torch.__version__)
+    env.add_row("CUDA build", str(torch.version.cuda or "none (CPU-only build)"))
+    if torch.cuda.is_available():
+        env.add_row("cuDNN", str(torch.backends.cudnn.version()))
+        for idx in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(idx)
+            env.add_row(
+                f"cuda:{idx}", f"{p.name}, sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+            )
+    else:
+        env.add_row("CUDA devices", "none visible to torch")
+    cpu_cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    env.add_row("CPU", f"{platform.machine()}, {os.cpu_count()} logical cores, torch kernels: {cpu_cap}")
+    env.add_row("CPU features", ", ".join(_cpu_flags()) or "(unknown)")
+    env.add_row("threads", f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op")
+    env.add_row("oneDNN / MKL", f"{torch.backends.mkldnn.is_available()} / {torch.backends.mkl.is_available()}")
+    console.print(env)
+
+    table = Table(title="backends (auto tries them in each device's priority order)")
+    for col in ("backend", "devices", "fused", "status", "auto order"):
+        table.add_column(col)
+    for name in list_backends():
+        b = get_backend(name)
+        why = b.unavailable_reason()
+        order = [f"{dev} #{PRIORITY[dev].index(name) + 1}" for dev in PRIORITY if name in PRIORITY[dev]]
+        status = "[green]available[/green]" if why is None else f"[red]unavailable[/red]: {why}"
+        table.add_row(name, ", ".join(sorted(b.caps)), "yes" if b.fused else "no", status, ", ".join(order) or "—")
+    console.print(table)
+    return 0
+
+
+# attend explain
+
+
+def _shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `shape` backed by one row of memory (strides 0 but the last): explain runs no kernel."""
+    return torch.empty_strided(shape, (0,) * (len(shape) - 1) + (1,), dtype=dtype, device=device)
+
+
+def cmd_explain(args) -> int:
+    """Print what `attend.explain(...)` prints for inputs of the given shape and options."""
+    b, h, i, d = parse_shape(args.shape)
+    g = args.kv_heads if args.kv_heads is not None else h
+    j = args.kv_len if args.kv_len is not None else i
+    e = args.v_dim if args.v_dim is not None else d
+    for flag, value in (("--kv-heads", g), ("--kv-len", j), ("--v-dim", e)):
+        if value < 0 or (value == 0 and flag != "--kv-len"):
+            raise CliError(f"expected {flag} to be a positive integer, got {value}")
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device)
+    if args.backend is not None:
+        parse_backends(args.backend)
+
+    q = _shaped((b, h, i, d), dtype, device)
+    k = _shaped((b, g, j, d), dtype, device)
+    v = _shaped((b, g, j, e), dtype, device)
+    mask = bias = None
+    if args.mask == "padding":
+        mask = _shaped((b, j), torch.bool, device)
+    elif args.mask == "bool":
+        mask = _shaped((b, 1, i, j), torch.bool, device)
+    elif args.mask == "bias":
+        bias = _shaped((b, h, i, j), dtype, device)
+    if args.grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    try:
+        inp = validate(q, k, v, mask=mask, bias=bias, causal=args.causal, dropout_p=args.dropout)
+    except (ValueError, TypeError) as exc:
+        raise CliError(_one_line(exc)) from None
+    report = explain_inputs(inp, args.backend)
+    sys.stdout.write(str(report) + "\n")
+    return 0
+
+
+# attend check
+
+
+def _check_tensors(case, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.b, case.h, case.i, case.d, generator=gen)
+    k = torch.randn(case.b, case.g, case.j, case.d, generator=gen)
+    v = torch.randn(case.b, case.g, case.j, case.e, generator=gen)
+    mask = bias = None
+    if case.mask == "padding":
+        mask = torch.ones(case.b, case.j, dtype=torch.bool)
+        mask[-1, max(1, case.j // 2) :] = False  # the last batch element: half its keys are padding
+    elif case.mask == "bool":
+        mask = torch.rand(case.b, 1, case.i, case.j, generator=gen) > 0.3
+        mask[..., 0, :] = False  # a fully masked query row, on purpose
+    elif case.mask == "bias":
+        bias = torch.randn(1, case.h, case.i, case.j, generator=gen).to(device, dtype)
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    return q, k, v, None if mask is None else mask.to(device), bias
+
+
+def cmd_check(args) -> int:
+    """Every eligible backend against the float64 reference, forward and backward, on a grid of awkward
+    cases; a pass/fail table; exit 1 when anything fails."""
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
+
+    from .bench.cases import CHECK_GRID, CHECK_GRID_SMOKE
+    from .testing import check_backend
+
+    device = parse_device(args.device)
+    if args.dtype:
+        dtypes = [parse_dtype(t) for t in args.dtype.split(",") if t.strip()]
+    else:
+        dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
+    names = parse_backends(args.backends) or list_backends()
+    grid = CHECK_GRID_SMOKE if args.grid == "smoke" else CHECK_GRID
+
+    console = _console()
+    cells: dict[tuple, str] = {}
+    failures: list[str] = []
+    counts = {"pass": 0, "fail": 0, "skip": 0}
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]attend check[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=_console(stderr=True), transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(dtypes) * len(grid) * len(names))
+        for dtype in dtypes:
+            for ci, case in enumerate(grid):
+                q, k, v, mask, bias = _check_tensors(case, dtype, device, seed=ci)
+                for name in names:
+                    progress.update(task, description=f"{fmt_dtype(dtype)} {case.label()} {name}")
+                    try:
+                        with torch.enable_grad():
+                            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                            reasons = get_backend(name).reasons_unsupported(
+                                validate(*leaves, mask=mask, bias=bias, causal=case.causal)
+                            )
+                        if reasons:
+                            cells[(dtype, ci, name)] = "skip"
+                            counts["skip"] += 1
+                        else:
+                            check_backend(name, q, k, v, mask=mask, bias=bias, causal=case.causal, grad=True)
+                            cells[(dtype, ci, name)] = "pass"
+                            counts["pass"] += 1
+                    except (AssertionError, RuntimeError, ValueError) as exc:
+                        cells[(dtype, ci, name)] = "FAIL"
+                        counts["fail"] += 1
+                        failures.append(f"{name} {fmt_dtype(dtype)} {case.label()}:\n{exc}")
+                    progress.advance(task)
+
+    style = {"pass": "[green]ok[/green]", "FAIL": "[bold red]FAIL[/bold red]", "skip": "[dim]—[/dim]"}
+    for dtype in dtypes:
+        table = Table(title=f"attend check: {device} {fmt_dtype(dtype)}, forward and backward vs the float64 reference")
+        table.add_column("case (b h g i j d \\[e] flags)")
+        for n in names:
+            table.add_column(n, justify="center")
+        for ci, case in enumerate(grid):
+            table.add_row(case.label(), *(style[cells[(dtype, ci, n)]] for n in names))
+        console.print(table)
+    for f in failures:
+        console.print(f"[red]FAIL[/red] {escape(f)}")
+    console.print(
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} not eligible (—), "
+        f"torch {torch.__version__}, {time.perf_counter() - start:.1f} s"
+    )
+    return 1 if counts["fail"] else 0
+
+
+# attend bench
+
+
+def cmd_bench(args) -> int:
+    """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from .bench.cases import HIDDEN_SUITES, SUITES
+    from .bench.report import (
+        compare_lines,
+        load_json,
+        markdown_table,
+        rich_table,
+        save_json,
+        save_plot,
+    )
+    from .bench.run import BenchConfig, plan, run_suite
+
+    console = _console()
+    compare = args.compare or []
+    if len(compare) > 2:
+        raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
+    def load(path):
+        try:
+            return load_json(path)
+        except ValueError as exc:
+            raise CliError(_one_line(exc)) from None
+
+    old = load(compare[0]) if compare else None
+    if len(compare) == 2:  # two saved files: compare them, run nothing
+        for line in compare_lines(old, load(compare[1]), args.threshold):
+            console.print(line, markup=False)
+        return 0
+
+    if args.suite not in SUITES:
+        visible = ", ".join(s for s in SUITES if s not in HIDDEN_SUITES)
+        raise CliError(f"expected --suite among {visible}, got {args.suite!r}")
+    device = parse_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"expected --device cpu or cuda for benchmarks, got {args.device!r}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib; install it with `pip install 'torch-attend[plot]'`") from None
+    if args.min_time <= 0:
+        raise CliError(f"expected --min-time > 0 seconds, got {args.min_time}")
+    cfg = BenchConfig(
+        suite=args.suite,
+        device=device,
+        dtype=parse_dtype(args.dtype) if args.dtype else None,
+        backends=parse_backends(args.backends),
+        modes=MODES[args.mode] if args.mode else None,
+        min_time=args.min_time,
+        memory=not args.no_memory,
+    )
+    total = len(plan(cfg))
+    with Progress(
+        TextColumn("[bold]attend bench[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=_console(stderr=True), transient=True,
+    ) as progress:
+        task = progress.add_task(f"--suite {cfg.suite}", total=total)
+        doc = run_suite(
+            cfg,
+            on_status=lambda msg: progress.update(task, description=msg),
+            on_row=lambda row: progress.advance(task),
+        )
+    doc["command"] = "attend " + " ".join(args.argv)
+    console.print(rich_table(doc))
+    if args.json:
+        save_json(doc, args.json)
+        console.print(f"wrote {args.json}", markup=False)
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(doc) + "\n")
+        console.print(f"wrote {args.markdown}", markup=False)
+    if args.plot:
+        save_plot(doc, args.plot)
+        console.print(f"wrote {args.plot}", markup=False)
+    if old is not None:
+        for line in compare_lines(old, doc, args.threshold):
+            console.print(line, markup=False)
+    return 0
+
+
+# parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `attend` argument parser (subcommands info, explain, check, bench)."""
+    parser = _Parser(prog="attend", description="attend: which attention kernel runs here, how fast, and why not the others.")
+    parser.add_argument("--version", action="version", version=f"attend {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", metavar="{info,explain,check,bench}", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="versions, device, CPU features, every backend's status")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("explain", help="the backend auto picks for a shape, and why not each other one")
+    p.add_argument("--shape", required=True, metavar="B,H,I,D", help="batch, query heads, query length, head dim")
+    p.add_argument("--kv-heads", type=int, metavar="G", help="key/value heads g (h %% g == 0); default h")
+    p.add_argument("--kv-len", type=int, metavar="J", help="key length j; default i")
+    p.add_argument("--v-dim", type=int, metavar="E", help="value head dim e; default d")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps; default cuda when available, else cpu")
+    p.add_argument("--causal", action="store_true", help="bottom-right aligned causal masking")
+    p.add_argument("--mask", choices=("none", "padding", "bool", "bias"), default="none",
+                   help="padding: (b, j) key padding; bool: (b, 1, i, j); bias: float (b, h, i, j)")
+    p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="dropout probability")
+    p.add_argument("--backend", metavar="NAME", help="explain a pinned backend instead of auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("check", help="every eligible backend vs the float64 reference, forward and backward")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--dtype", help="comma-separated; default float32,bfloat16 on CPU, float16,bfloat16,float32 on CUDA")
+    p.add_argument("--backends", metavar="A,B", help="comma-separated backend names; default all")
+    p.add_argument("--grid", choices=("full", "smoke"), default="full", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="time attend against every SDPA variant, the seed's code and a matmul")
+    p.add_argument("--suite", default="quick", metavar="{quick,cpu,gan,vit,llm,long,gpu}", help="default quick (< 1 min on 2 CPU cores)")
+    p.add_argument("--device", help="cpu or cuda; default cuda when available, else cpu")
+    p.add_argument("--dtype", help="override every case's dtype (default: the case's, else float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--backends", metavar="A,B", help="backends to time besides auto; default every registered one but einsum")
+    p.add_argument("--mode", choices=tuple(MODES), help="fwd, fwdbwd or both; default: each case's own")
+    p.add_argument("--json", metavar="PATH", help="write the results (with device, torch, threads, date)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: GFLOP/s and peak memory vs key length (needs matplotlib)")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as GitHub markdown")
+    p.add_argument("--compare", nargs="+", metavar="JSON", help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs")
+    p.add_argument("--threshold", type=float, default=0.10, help="relative change that counts as IMPROVED/REGRESSED (default 0.10)")
+    p.add_argument("--min-time", type=float, default=0.3, metavar="S", help="seconds of samples per candidate (default 0.3)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `attend` and `python -m attend`. Returns the exit code: 0 ok, 1 a check failed,
+    2 a mistake on the command line (one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        args.argv = argv
+        return int(args.func(args))
+    except CliError as exc:
+        cmd = f"attend {argv[0]}" if argv and not argv[0].startswith("-") else "attend"
+        print(f"{cmd}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("attend: interrupted", file=sys.stderr)
+        return 130

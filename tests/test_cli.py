@@ -1,0 +1,265 @@
+"""The command line: every command's happy path and error path, the JSON schema, the PNG, `--compare`.
+
+Runs `attend.cli.main([...])` in-process with tiny shapes (the hidden `smoke` suite and check grid);
+one test goes through `python -m attend` to prove the real entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attend import explain
+from attend.bench.flops import attended_pairs, attention_flops
+from attend.bench.report import REQUIRED_KEYS, RESULT_KEYS, ROW_KEYS
+from attend.cli import main
+from attend.inputs import validate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# helpers
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# info and explain
+
+
+def test_info(capsys):
+    rc, out, _ = run(capsys, "info")
+    assert rc == 0
+    assert torch.__version__ in out
+    for name in ("einsum", "sdpa:flash", "sdpa:math"):
+        assert name in out
+
+
+def test_explain_matches_python(capsys):
+    q = torch.randn(2, 8, 33, 64, requires_grad=True)
+    k = torch.randn(2, 2, 40, 64, requires_grad=True)
+    v = torch.randn(2, 2, 40, 32, requires_grad=True)
+    pad = torch.ones(2, 40, dtype=torch.bool)
+    want = str(explain(q, k, v, mask=pad, causal=True))
+    rc, out, _ = run(
+        capsys, "explain", "--shape", "2,8,33,64", "--kv-heads", "2", "--kv-len", "40", "--v-dim", "32",
+        "--dtype", "float32", "--device", "cpu", "--causal", "--mask", "padding", "--grad",
+    )
+    assert rc == 0
+    assert out == want + "\n"
+
+
+def test_explain_accepts_every_cli_hint(capsys):
+    """`AttnInputs.cli_hint()` (printed by NoBackendError) must be a command the CLI accepts."""
+    q = torch.randn(1, 4, 5, 16, requires_grad=True)
+    kv = torch.randn(1, 2, 7, 16)
+    for kwargs in ({"mask": torch.ones(1, 7, dtype=torch.bool)}, {"bias": torch.randn(1, 4, 5, 7)}, {"dropout_p": 0.25}):
+        hint = validate(q, kv, kv, causal=True, **kwargs).cli_hint()
+        rc, out, err = run(capsys, *hint.split()[1:])
+        assert rc == 0, err
+        assert "SELECTED" in out
+
+
+# errors: one line on stderr, exit 2, no traceback
+
+
+ERRORS = [
+    (["explain", "--shape", "2,8,x"], "--shape"),
+    (["explain", "--shape", "2,8,16"], "--shape"),
+    (["explain"], "--shape"),
+    (["explain", "--shape", "2,8,16,64", "--kv-heads", "3"], "h % g == 0"),
+    (["explain", "--shape", "2,8,16,64", "--kv-heads", "0"], "--kv-heads"),
+    (["explain", "--shape", "2,8,16,64", "--dropout", "1.5"], "dropout_p"),
+    (["explain", "--shape", "2,8,16,64", "--dtype", "int8"], "--dtype"),
+    (["explain", "--shape", "2,8,16,64", "--backend", "nope"], "backend"),
+    (["bench", "--backends", "sdpa:flash,nope"], "nope"),
+    (["bench", "--suite", "nope"], "--suite"),
+    (["bench", "--compare", "/nonexistent/old.json"], "old.json"),
+    (["check", "--dtype", "float8"], "--dtype"),
+    (["frobnicate"], "invalid choice"),
+]
+if not torch.cuda.is_available():
+    ERRORS += [
+        (["explain", "--shape", "1,2,3,4", "--device", "cuda"], "CUDA"),
+        (["check", "--device", "cuda"], "CUDA"),
+        (["bench", "--suite", "gpu", "--device", "cuda"], "CUDA"),
+    ]
+
+
+@pytest.mark.parametrize("argv, needle", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+def test_error_is_one_line_exit_2(capsys, argv, needle):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("attend")
+    assert needle in lines[0]
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "attend", "explain", "--shape", "1,2,3,x"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "--shape" in proc.stderr
+
+
+def test_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc, _, err = run(capsys, "bench", "--suite", "smoke", "--device", "cpu", "--plot", str(tmp_path / "x.png"))
+    assert rc == 2
+    assert "matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+# check
+
+
+def test_check_happy_path(capsys):
+    rc, out, _ = run(capsys, "check", "--grid", "smoke", "--device", "cpu", "--dtype", "float32,bfloat16")
+    assert rc == 0
+    assert " 0 failed" in out
+    assert "sdpa:flash" in out and "ok" in out
+
+
+def test_check_failure_exits_1(capsys, monkeypatch):
+    import attend.testing
+
+    def broken(name, *args, **kwargs):
+        if name == "sdpa:math":
+            raise AssertionError("sdpa:math does not match the float64 reference: out FAIL")
+        return []
+
+    monkeypatch.setattr(attend.testing, "check_backend", broken)
+    rc, out, _ = run(capsys, "check", "--grid", "smoke", "--device", "cpu", "--dtype", "float32")
+    assert rc == 1
+    assert "FAIL" in out and "does not match" in out
+
+
+# bench
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One smoke run writing JSON, markdown and PNG, compared against a doctored older run."""
+    tmp = tmp_path_factory.mktemp("bench")
+    old = {
+        "schema": 1, "suite": "smoke", "device": "cpu", "device_name": "old machine", "torch": "0.0",
+        "threads": 1, "date": "2020-01-01", "rows": [
+            {"case": "S1", "mode": "fwd", "dtype": "float32", "results": {"attend": {"median_ms": 1e6}}},
+        ],
+    }
+    (tmp / "old.json").write_text(json.dumps(old))
+    argv = [
+        "bench", "--suite", "smoke", "--device", "cpu", "--mode", "fwd", "--min-time", "0.01",
+        "--json", str(tmp / "new.json"), "--plot", str(tmp / "new.png"), "--markdown", str(tmp / "new.md"),
+        "--compare", str(tmp / "old.json"),
+    ]
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), tmp
+
+
+def test_bench_happy_path(bench_run):
+    rc, out, tmp = bench_run
+    assert rc == 0
+    for needle in ("S1", "S2", "auto picks", "× seed:einsum", "× seed:sdpa", "× sdpa:flash", "★"):
+        assert needle in out
+    assert "IMPROVED  S1 fwd float32" in out  # against the doctored old run
+    assert "warning: device_name differs" in out
+    assert (tmp / "new.md").read_text().startswith("| case | shape |")
+
+
+def test_bench_json_schema(bench_run):
+    _, _, tmp = bench_run
+    doc = json.loads((tmp / "new.json").read_text())
+    for key, typ in REQUIRED_KEYS.items():
+        assert isinstance(doc[key], typ), key
+    assert doc["device"] == "cpu" and doc["torch"] == torch.__version__ and doc["threads"] == torch.get_num_threads()
+    assert doc["command"].startswith("attend bench --suite smoke")
+    assert [r["case"] for r in doc["rows"]] == ["S1", "S2", "S3"]
+    for row in doc["rows"]:
+        for key, typ in ROW_KEYS.items():
+            assert isinstance(row[key], typ), (row["case"], key)
+        assert row["auto"] == "sdpa:flash"
+        assert {"attend", "seed:einsum", "seed:sdpa", "sdpa:flash", "sdpa:math"} <= set(row["results"])
+        assert "sdpa:efficient" in row["skipped"]  # CUDA only, with its reason
+        for name, res in row["results"].items():
+            assert set(RESULT_KEYS) <= set(res), name
+            assert res["error"] is None, (name, res["error"])
+            assert res["median_ms"] > 0 and res["gflops"] > 0 and res["runs"] >= 2
+            assert res["peak_mb"] is None or res["peak_mb"] >= 0
+        assert row["fastest"] in row["results"]
+        assert row["speedup"]["seed:einsum"] == pytest.approx(
+            row["results"]["seed:einsum"]["median_ms"] / row["results"]["attend"]["median_ms"]
+        )
+    assert doc["rows"][1]["flops"] == attention_flops(doc["rows"][1]["shape"], True, "fwd")
+    assert any(res["peak_mb"] is not None for res in doc["rows"][0]["results"].values())
+
+
+def test_bench_plot_is_png(bench_run):
+    _, _, tmp = bench_run
+    data = (tmp / "new.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_compare_two_saved_files(bench_run, capsys, tmp_path):
+    _, _, tmp = bench_run
+    doc = json.loads((tmp / "new.json").read_text())
+    faster, slower = copy.deepcopy(doc), copy.deepcopy(doc)
+    faster["rows"][0]["results"]["attend"]["median_ms"] /= 2
+    slower["rows"][0]["results"]["attend"]["median_ms"] *= 2
+    for name, d in (("faster.json", faster), ("slower.json", slower)):
+        (tmp_path / name).write_text(json.dumps(d))
+    rc, out, _ = run(capsys, "bench", "--compare", str(tmp / "new.json"), str(tmp_path / "faster.json"))
+    assert rc == 0
+    assert out.splitlines()[0].startswith("IMPROVED  S1 fwd float32")
+    assert "SAME      S2 fwd float32" in out
+    rc, out, _ = run(capsys, "bench", "--compare", str(tmp / "new.json"), str(tmp_path / "slower.json"))
+    assert rc == 0
+    assert out.splitlines()[0].startswith("REGRESSED S1 fwd float32")
+
+
+# FLOP counting
+
+
+@pytest.mark.parametrize("i, j", [(5, 2), (2, 5), (1, 7), (7, 1), (129, 257), (129, 64), (48, 64)])
+def test_causal_pairs_exact_when_unaligned(i, j):
+    brute = sum(min(j, max(0, r + (j - i) + 1)) for r in range(i))
+    assert attended_pairs(i, j, True) == brute
+
+
+def test_flops_convention():
+    shape = {"b": 2, "h": 8, "i": 1024, "j": 1024, "d": 64, "e": 64}
+    fwd = 4 * 2 * 8 * 1024 * 1024 * 64
+    assert attention_flops(shape, False, "fwd") == fwd
+    assert attention_flops(shape, True, "fwd") == fwd / 2  # FA convention: halved, not i(i+1)/2
+    assert attention_flops(shape, False, "fwdbwd") == 3.5 * fwd
+
+
+# CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them)
+
+
+@pytest.mark.gpu
+def test_cuda_check_and_bench(capsys, tmp_path):
+    rc, out, _ = run(capsys, "check", "--grid", "smoke", "--device", "cuda")
+    assert rc == 0, out
+    rc, out, _ = run(
+        capsys, "bench", "--suite", "smoke", "--device", "cuda", "--min-time", "0.01", "--json", str(tmp_path / "g.json")
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert doc["device"] == "cuda" and "capability" in doc
+    assert all("torch:sdpa" in r["results"] for r in doc["rows"])
