@@ -33,10 +33,20 @@ from .inputs import validate
 __all__ = ["main", "build_parser", "CliError"]
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "f64": torch.float64,
+    "double": torch.float64,
 }
 MODES = {"fwd": ("fwd",), "fwdbwd": ("fwdbwd",), "both": ("fwd", "fwdbwd")}
 
@@ -68,7 +78,7 @@ def _console(stderr: bool = False):
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """"B,H,I,D" -> (b, h, i, d), four positive integers."""
+    """ "B,H,I,D" -> (b, h, i, d), four positive integers."""
     parts = [p.strip() for p in text.replace("x", ",").split(",")]
     try:
         dims = tuple(int(p) for p in parts)
@@ -79,14 +89,16 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
             f"expected --shape B,H,I,D (four positive integers: batch, query heads, query length, head dim, "
             f"e.g. 2,8,1024,64), got {text!r}"
         )
-    return dims  # type: ignore[return-value]
+    return dims
 
 
 def parse_dtype(text: str) -> torch.dtype:
     try:
         return DTYPES[text.strip().lower().removeprefix("torch.")]
     except KeyError:
-        raise CliError(f"expected --dtype among float32, bfloat16, float16, float64 (or fp32, bf16, fp16), got {text!r}") from None
+        raise CliError(
+            f"expected --dtype among float32, bfloat16, float16, float64 (or fp32, bf16, fp16), got {text!r}"
+        ) from None
 
 
 def parse_device(text: str | None) -> torch.device:
@@ -160,7 +172,8 @@ def cmd_info(args) -> int:
         for idx in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(idx)
             env.add_row(
-                f"cuda:{idx}", f"{p.name}, sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+                f"cuda:{idx}",
+                f"{p.name}, sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs",
             )
     else:
         env.add_row("CUDA devices", "none visible to torch")
@@ -269,7 +282,9 @@ def cmd_check(args) -> int:
     if args.dtype:
         dtypes = [parse_dtype(t) for t in args.dtype.split(",") if t.strip()]
     else:
-        dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
+        dtypes = (
+            [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
+        )
     names = parse_backends(args.backends) or list_backends()
     grid = CHECK_GRID_SMOKE if args.grid == "smoke" else CHECK_GRID
 
@@ -279,8 +294,12 @@ def cmd_check(args) -> int:
     counts = {"pass": 0, "fail": 0, "skip": 0}
     start = time.perf_counter()
     with Progress(
-        TextColumn("[bold]attend check[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=_console(stderr=True), transient=True,
+        TextColumn("[bold]attend check[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
     ) as progress:
         task = progress.add_task("", total=len(dtypes) * len(grid) * len(names))
         for dtype in dtypes:
@@ -353,6 +372,7 @@ def cmd_bench(args) -> int:
     compare = args.compare or []
     if len(compare) > 2:
         raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
+
     def load(path):
         try:
             return load_json(path)
@@ -361,7 +381,7 @@ def cmd_bench(args) -> int:
 
     old = load(compare[0]) if compare else None
     if len(compare) == 2:  # two saved files: compare them, run nothing
-        for line in compare_lines(old, load(compare[1]), args.threshold):
+        for line in compare_lines(load(compare[0]), load(compare[1]), args.threshold):
             console.print(line, markup=False)
         return 0
 
@@ -389,8 +409,12 @@ def cmd_bench(args) -> int:
     )
     total = len(plan(cfg))
     with Progress(
-        TextColumn("[bold]attend bench[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=_console(stderr=True), transient=True,
+        TextColumn("[bold]attend bench[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
     ) as progress:
         task = progress.add_task(f"--suite {cfg.suite}", total=total)
         doc = run_suite(
@@ -423,7 +447,9 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `attend` argument parser (subcommands info, explain, check, bench)."""
-    parser = _Parser(prog="attend", description="attend: which attention kernel runs here, how fast, and why not the others.")
+    parser = _Parser(
+        prog="attend", description="attend: which attention kernel runs here, how fast, and why not the others."
+    )
     parser.add_argument("--version", action="version", version=f"attend {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="{info,explain,check,bench}", parser_class=_Parser)
 
@@ -438,8 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps; default cuda when available, else cpu")
     p.add_argument("--causal", action="store_true", help="bottom-right aligned causal masking")
-    p.add_argument("--mask", choices=("none", "padding", "bool", "bias"), default="none",
-                   help="padding: (b, j) key padding; bool: (b, 1, i, j); bias: float (b, h, i, j)")
+    p.add_argument(
+        "--mask",
+        choices=("none", "padding", "bool", "bias"),
+        default="none",
+        help="padding: (b, j) key padding; bool: (b, 1, i, j); bias: float (b, h, i, j)",
+    )
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="dropout probability")
     p.add_argument("--backend", metavar="NAME", help="explain a pinned backend instead of auto")
@@ -453,17 +483,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time attend against every SDPA variant, the seed's code and a matmul")
-    p.add_argument("--suite", default="quick", metavar="{quick,cpu,gan,vit,llm,long,gpu}", help="default quick (< 1 min on 2 CPU cores)")
+    p.add_argument(
+        "--suite",
+        default="quick",
+        metavar="{quick,cpu,gan,vit,llm,long,gpu}",
+        help="default quick (< 1 min on 2 CPU cores)",
+    )
     p.add_argument("--device", help="cpu or cuda; default cuda when available, else cpu")
-    p.add_argument("--dtype", help="override every case's dtype (default: the case's, else float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--backends", metavar="A,B", help="backends to time besides auto; default every registered one but einsum")
+    p.add_argument(
+        "--dtype", help="override every case's dtype (default: the case's, else float32 on CPU, bfloat16 on CUDA)"
+    )
+    p.add_argument(
+        "--backends", metavar="A,B", help="backends to time besides auto; default every registered one but einsum"
+    )
     p.add_argument("--mode", choices=tuple(MODES), help="fwd, fwdbwd or both; default: each case's own")
     p.add_argument("--json", metavar="PATH", help="write the results (with device, torch, threads, date)")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG: GFLOP/s and peak memory vs key length (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="PATH", help="write a PNG: GFLOP/s and peak memory vs key length (needs matplotlib)"
+    )
     p.add_argument("--markdown", metavar="PATH", help="write the table as GitHub markdown")
-    p.add_argument("--compare", nargs="+", metavar="JSON", help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs")
-    p.add_argument("--threshold", type=float, default=0.10, help="relative change that counts as IMPROVED/REGRESSED (default 0.10)")
-    p.add_argument("--min-time", type=float, default=0.3, metavar="S", help="seconds of samples per candidate (default 0.3)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="JSON",
+        help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.10, help="relative change that counts as IMPROVED/REGRESSED (default 0.10)"
+    )
+    p.add_argument(
+        "--min-time", type=float, default=0.3, metavar="S", help="seconds of samples per candidate (default 0.3)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.set_defaults(func=cmd_bench)
     return parser

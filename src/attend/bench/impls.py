@@ -28,7 +28,7 @@ from ..backends.einsum import einsum_attention
 from ..functional import attention
 from ..inputs import validate
 
-__all__ = ["SEEDS", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes", "prime_probes"]
+__all__ = ["SEEDS", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes"]
 
 SEEDS = ("seed:einsum", "seed:sdpa")
 DENSE = frozenset({"einsum", "seed:einsum", "sdpa:math"})  # hold (b, h, i, j) logits in memory
@@ -79,23 +79,6 @@ def dense_bytes(shape: dict[str, int], mode: str) -> int:
     """Rough peak bytes of an implementation that holds the float32 (b, h, i, j) logits."""
     n = shape["b"] * shape["h"] * shape["i"] * shape["j"] * 4
     return n * (3 if mode == "fwd" else 6)
-
-
-def prime_probes(device: torch.device) -> None:
-    """Workaround: `backends.sdpa.zeroes_dead_rows` probes each kernel once per process and caches the
-    answer, but the probe runs a backward: first reached under `torch.no_grad()` / `inference_mode`
-    (a forward-only row here, or any inference code) it caches False, and every masked call after it
-    takes the fallback (a dead-row pass over the mask and a copy of the output: about 2x on small masked
-    shapes). Probing once with grad enabled makes every row measure the intended path. Delete once the
-    probe enables grad itself (found with issue 6; attend 0.1.0, torch 2.13)."""
-    from ..backends import sdpa
-
-    variants = [sdpa.SdpaFlash.variant, sdpa.SdpaMath.variant]
-    if device.type == "cuda":
-        variants += [sdpa.SdpaEfficient.variant, sdpa.SdpaCudnn.variant]
-    with torch.inference_mode(False), torch.enable_grad():
-        for variant in variants:
-            sdpa.zeroes_dead_rows(variant, device.type)
 
 
 # main function

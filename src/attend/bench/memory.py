@@ -4,7 +4,8 @@ CPU: a fresh `python -m attend.bench.memory` child builds the inputs, runs each 
 shape (so one-time set-up, such as thread pools, is not charged to the first candidate), and then per
 candidate: frees what it can (`gc`, `malloc_trim`), resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads `VmHWM`. The first candidate is
-measured twice (the smaller figure kept): the first full-size pass of a process pays one-time buffers. The figure is the peak
+measured twice (the smaller figure kept): the first full-size pass of a process pays one-time buffers.
+The figure is the peak
 above the resident size just before the pass: the working memory, inputs excluded. Where the mark
 cannot be reset, each candidate gets its own child instead.
 """
@@ -82,7 +83,12 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "attend.bench.memory"],
-                input=payload, capture_output=True, text=True, timeout=timeout, env=env, check=False,
+                input=payload,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                check=False,
             )
             result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
         except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
@@ -97,14 +103,13 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
 
 def _child() -> None:
     from .cases import make_inputs
-    from .impls import make_call, prime_probes
+    from .impls import make_call
 
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     dtype = getattr(torch, spec["dtype"])
     grad = spec["mode"] != "fwd"
     shape = spec["shape"]
-    prime_probes(torch.device("cpu"))
 
     def calls(sh):
         tensors = make_inputs(sh, spec["mask"], dtype=dtype, device="cpu", pad=spec["pad"], grad=grad)
@@ -137,10 +142,11 @@ def _child() -> None:
     # the first full-size pass also pays one-time allocations (about 2 MB of per-thread buffers measured
     # on CPU flash); measure the first candidate again and keep the smaller figure
     first = next(iter(real), None)
-    if first is not None and peaks[first] is not None and len(real) > 1:
+    before = peaks.get(first) if first is not None else None
+    if first is not None and before is not None and len(real) > 1:
         again = measure(real[first])
         if again is not None:
-            peaks[first] = min(peaks[first], again)
+            peaks[first] = min(before, again)
     print(json.dumps({"peak": peaks, "reset_ok": reset_ok}))
 
 

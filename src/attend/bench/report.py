@@ -26,10 +26,28 @@ __all__ = [
     "compare_lines",
 ]
 
-REQUIRED_KEYS = {"schema": int, "suite": str, "device": str, "device_name": str, "torch": str,
-                 "threads": int, "date": str, "rows": list}
-ROW_KEYS = {"case": str, "label": str, "mode": str, "dtype": str, "shape": dict, "causal": bool, "mask": str,
-            "flops": float, "results": dict, "speedup": dict}
+REQUIRED_KEYS = {
+    "schema": int,
+    "suite": str,
+    "device": str,
+    "device_name": str,
+    "torch": str,
+    "threads": int,
+    "date": str,
+    "rows": list,
+}
+ROW_KEYS = {
+    "case": str,
+    "label": str,
+    "mode": str,
+    "dtype": str,
+    "shape": dict,
+    "causal": bool,
+    "mask": str,
+    "flops": float,
+    "results": dict,
+    "speedup": dict,
+}
 RESULT_KEYS = ("median_ms", "gflops", "pct_matmul", "peak_mb", "runs", "error")
 STAR = "★"
 
@@ -60,8 +78,15 @@ def _cells(row: dict, ratio_cols: list[str]) -> list[str]:
     if fastest == "attend":
         ms += " " + STAR
     cells = [
-        row["case"], row["label"], row["dtype"], _mode(row), str(row.get("auto")), ms,
-        _fmt(own["gflops"], ".1f"), _fmt(own["pct_matmul"], ".0f"), _fmt(own["peak_mb"], ".1f"),
+        row["case"],
+        row["label"],
+        row["dtype"],
+        _mode(row),
+        str(row.get("auto")),
+        ms,
+        _fmt(own["gflops"], ".1f"),
+        _fmt(own["pct_matmul"], ".0f"),
+        _fmt(own["peak_mb"], ".1f"),
     ]
     for n in ratio_cols:
         if n not in res:
@@ -178,10 +203,14 @@ def save_plot(doc: dict, path: str | Path) -> None:
         xs = [r["shape"]["j"] for r in rs] if sweep else list(range(len(rs)))
         names = list(dict.fromkeys(n for r in rs for n in r["results"]))
         for n in names:
-            for ax, key in ((ax_t, "gflops"), (ax_m, "peak_mb")):
-                ys = [r["results"].get(n, {}).get(key) for r in rs]
-                ys = [float("nan") if y is None else y for y in ys]
-                style = {"linewidth": 2.5, "color": "black"} if n == "attend" else {"linestyle": "--" if n.startswith("seed") else "-"}
+            for ax, metric in ((ax_t, "gflops"), (ax_m, "peak_mb")):
+                raw = [r["results"].get(n, {}).get(metric) for r in rs]
+                ys = [float("nan") if y is None else y for y in raw]
+                style = (
+                    {"linewidth": 2.5, "color": "black"}
+                    if n == "attend"
+                    else {"linestyle": "--" if n.startswith("seed") else "-"}
+                )
                 ax.plot(xs, ys, marker="o", label=n, **style)
         for ax, ylabel in ((ax_t, "GFLOP/s (FA convention)"), (ax_m, "peak memory above inputs (MB)")):
             ax.set_title(title, fontsize=9)
@@ -212,6 +241,7 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, st
     """Per row of `new` (matched to `old` by case, pass and dtype): (verdict, row id, old ms, new ms) for
     attend's own time. IMPROVED: new <= old * (1 - threshold); REGRESSED: new >= old * (1 + threshold);
     SAME in between; NEW when `old` has no such row (or no time for it)."""
+
     def key(r):
         return (r["case"], r["mode"], r["dtype"])
 

@@ -12,6 +12,7 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from .cases import SUITES, BenchCase, make_inputs
 from .flops import attention_flops, matmul_flops
-from .impls import DENSE, SEEDS, dense_bytes, make_call, prime_probes
+from .impls import DENSE, SEEDS, dense_bytes, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
@@ -175,7 +176,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     status(f"{case.name} {mode}: timing {len(calls)} candidates and a matmul")
     timings = time_interleaved(timed_calls, device, min_time=cfg.min_time, warmup=2 if device.type == "cuda" else 1)
     mm_time = timings.pop(MATMUL).median if mm else None
-    mm_rate = None if not mm_time else mm[1] / mm_time
+    mm_rate = None if not mm_time or mm is None else mm[1] / mm_time
     del timed_calls, mm
 
     peaks: dict[str, int | None] = dict.fromkeys(names)
@@ -186,34 +187,37 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
             for n in ok:
                 try:
                     peaks[n] = cuda_peak_bytes(calls[n], device)
-                except (RuntimeError, torch.OutOfMemoryError):
+                except RuntimeError:  # torch.OutOfMemoryError is one
                     torch.cuda.empty_cache()
         else:
             spec = {
-                "shape": shape, "mask": case.mask, "pad": case.pad, "causal": case.causal,
-                "dtype": fmt_dtype(dtype), "mode": mode, "threads": torch.get_num_threads(),
+                "shape": shape,
+                "mask": case.mask,
+                "pad": case.pad,
+                "causal": case.causal,
+                "dtype": fmt_dtype(dtype),
+                "mode": mode,
+                "threads": torch.get_num_threads(),
             }
             peaks.update(cpu_peak_bytes(spec, ok))
     del calls, tensors, q, k, v, mask, bias, inp, go
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for n in names:
         t = timings[n]
         results[n] = {
             "median_ms": None if t.median is None else t.median * 1e3,
             "gflops": None if t.median is None else flops / t.median / 1e9,
             "pct_matmul": None if t.median is None or mm_rate is None else 100 * flops / t.median / mm_rate,
-            "peak_mb": None if peaks.get(n) is None else peaks[n] / 2**20,
+            "peak_mb": None if (peak := peaks.get(n)) is None else peak / 2**20,
             "runs": len(t.samples),
             "error": t.error,
         }
     own = results["attend"]["median_ms"]
     speedup = {
-        n: r["median_ms"] / own
-        for n, r in results.items()
-        if n != "attend" and own and r["median_ms"] is not None
+        n: r["median_ms"] / own for n, r in results.items() if n != "attend" and own and r["median_ms"] is not None
     }
     timed = {n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None}
     return {
@@ -230,7 +234,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
         "matmul_gflops": None if mm_rate is None else mm_rate / 1e9,
         "results": results,
         "speedup": speedup,
-        "fastest": min(timed, key=timed.get) if timed else None,
+        "fastest": min(timed, key=lambda n: timed[n]) if timed else None,
         "skipped": skipped,
     }
 
@@ -239,7 +243,6 @@ def _warm_up(cfg: BenchConfig) -> None:
     """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
     selection, lazy CUDA init) lands in no row's warm-up budget."""
     device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
-    prime_probes(device)
     shape = {"b": 1, "h": 2, "g": 2, "i": 16, "j": 16, "d": 16, "e": 16}
     for mode in ("fwd", "fwdbwd"):
         tensors = make_inputs(shape, "padding", dtype=dtype, device=device, grad=mode != "fwd")
