@@ -71,9 +71,26 @@ def _tile_seed(seed: int, r0: int, c0: int) -> int:
     return (seed * 0x9E3779B1 + r0 * 0x85EBCA77 + c0 * 0xC2B2AE3D + 1) % (2**63 - 1)
 
 
-def _dropout_keep(shape, p: float, seed: int, r0: int, c0: int, b0: int, device) -> Tensor:
-    gen = torch.Generator(device=device).manual_seed(_tile_seed(seed, r0, c0) ^ (b0 * 0x27D4EB2F))
-    return torch.rand(shape, generator=gen, device=device) >= p
+def _i32(x: int) -> int:
+    """An unsigned 32-bit constant as the signed int32 torch multiplies with (two's complement wrap)."""
+    x &= 0xFFFFFFFF
+    return x - 2**32 if x >= 2**31 else x
+
+
+def _dropout_keep(index: Tensor, shape, p: float, seed: int, r0: int, c0: int, b0: int) -> Tensor:
+    """Bool keep-mask of one tile, a pure function of (seed, tile origin, position in the tile).
+
+    A counter-based hash (murmur3's 32-bit finaliser over the element index, keyed by the tile) in int32
+    tensor ops: about 6x cheaper on CPU than drawing `torch.rand` from a freshly seeded generator per tile,
+    and the backward regenerates it exactly. The low 24 bits are uniform: keep iff they are >= p * 2**24.
+    """
+    key = _i32(_tile_seed(seed, r0, c0) ^ (b0 * 0x27D4EB2F) ^ (_tile_seed(seed, r0, c0) >> 32))
+    x = index.mul(_i32(0x9E3779B1)).bitwise_xor_(key)  # index: arange(numel) in int32, cached per shape
+    # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
+    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(0x85EBCA6B))
+    x.bitwise_xor_(x.bitwise_right_shift(13).bitwise_and_(0x7FFFF)).mul_(_i32(0xC2B2AE35))
+    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+    return x.bitwise_and_(0xFFFFFF).ge(int(round(p * 2**24))).view(shape)
 
 
 def _add_bmm(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -128,6 +145,7 @@ class _Plan:
         per_batch = self.h * q_tile * k_tile * 4
         self.batch_step = max(1, min(self.b, MAX_TILE_BYTES // max(per_batch, 1)))
         self._causal_tiles: dict[tuple[int, int, int], Tensor] = {}
+        self._index: dict[int, Tensor] = {}  # dropout: arange(numel) per tile size
         # A key padding mask (b|1, 1, 1, j): decide once per key tile whether it is all True (no masking
         # needed) or all False for every batch element (the tile is skipped).
         self.pad_all = self.pad_none = None
@@ -195,7 +213,11 @@ class _Plan:
         return s, drops
 
     def keep(self, shape, bs: slice, r0: int, c0: int) -> Tensor:
-        return _dropout_keep(shape, self.dropout_p, self.seed, r0, c0, bs.start, self.device)
+        n = math.prod(shape)
+        index = self._index.get(n)
+        if index is None:
+            index = self._index[n] = torch.arange(n, dtype=torch.int32, device=self.device)
+        return _dropout_keep(index, shape, self.dropout_p, self.seed, r0, c0, bs.start)
 
     def split(self, q: Tensor, k: Tensor, v: Tensor):
         """Fold heads: q (b, h, i, d) -> (b*g, r, i, d); k (b*g, j, d); v (b*g, j, e), in the matmul dtype."""
@@ -403,10 +425,11 @@ class ChunkedBackend(Backend):
     """
 
     name = "chunked"
+    # every feature on every device; memory bounded by the tile, so no (i, j) scores for the budget to count
     caps = {
-        "cpu": Caps(),
-        "cuda": Caps(),
-        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
+        "cpu": Caps(dense_scores=False),
+        "cuda": Caps(dense_scores=False),
+        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), dense_scores=False),
     }
 
     def __init__(self, q_tile: int | None = None, k_tile: int | None = None, *, name: str | None = None):
