@@ -36,8 +36,16 @@ backward's `p = exp(s - lse)` is 0 and its gradients are 0 (contract item 2). Ma
 never added to, so garbage in masked keys never reaches the softmax (contract item 3).
 
 Dropout draws one seed per call from torch's default generator (so `torch.manual_seed` makes it
-reproducible) and regenerates each tile's keep-mask in the backward from that seed and the tile's
-coordinates: forward and backward use the same mask without ever storing it.
+reproducible). Each tile's keep-mask is a counter-based hash of (seed, tile origin, position in the tile),
+so the backward regenerates exactly the forward's mask without ever storing it; `dropout_keep_mask`
+rebuilds it densely for tests. The mask depends on the tile sizes: the same seed with other tiles gives
+another (equally valid) mask.
+
+Example::
+
+    >>> inp = validate(q, k, v, mask=pad, causal=True)       # q (b, h, i, d), k, v (b, g, j, d|e)
+    >>> out = chunked_attention(inp, q_tile=128, k_tile=512)  # (b, h, i, e)
+    >>> out = attention(q, k, v, mask=pad, causal=True, backend="chunked")
 """
 
 from __future__ import annotations
