@@ -197,14 +197,24 @@ class _Plan:
             drop = self._causal_tiles[key] = y > x + key[2]
         return drop
 
-    def scores(self, qt: Tensor, kk: Tensor, bs: slice, r0, r1, c0, c1, crosses) -> tuple[Tensor, list[Tensor]]:
-        """Logits of one tile in the accumulation dtype, masked to -inf, and the drop masks applied.
+    def scores(
+        self, qt: Tensor, kk: Tensor, bs: slice, r0, r1, c0, c1, crosses, shift: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Logits of one tile in the accumulation dtype, minus `shift` (nb*g, r*tq, 1) if given, masked
+        to -inf; and the drop masks applied.
 
         qt: (nb*g, r*tq, d) already scaled; kk: (nb*g, j, d). Returns s: (nb*g, r*tq, tk).
         """
-        s = torch.bmm(qt, kk[:, c0:c1].transpose(1, 2))
-        if s.dtype != self.acc:
-            s = s.to(self.acc)
+        kt = kk[:, c0:c1].transpose(1, 2)
+        if shift is not None and qt.dtype == self.acc:
+            # the subtraction rides on the matmul's beta term: one pass over the tile fewer
+            s = torch.baddbmm(shift.neg().expand(-1, -1, c1 - c0), qt, kt)
+        else:
+            s = torch.bmm(qt, kt)
+            if s.dtype != self.acc:
+                s = s.to(self.acc)
+            if shift is not None:
+                s.sub_(shift)
         nb = bs.stop - bs.start
         s5 = s.view(nb, self.g, self.r, r1 - r0, c1 - c0)
         rows, cols = slice(r0, r1), slice(c0, c1)
@@ -314,19 +324,22 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
             delta_t = delta[gs, :, r0:r1].reshape(-1, r * n, 1)
             dqt = torch.zeros(qt.shape[0], r * n, plan.d, dtype=acc, device=q.device)
             for c0, c1, crosses in plan.key_tiles(r0, r1):
-                s, drops = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
-                p = s.sub_(lse_t).exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
-                dp = torch.bmm(dot, vb[:, c0:c1].transpose(1, 2))
-                if dp.dtype != acc:
-                    dp = dp.to(acc)
+                s, drops = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
+                p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
+                vt = vb[:, c0:c1].transpose(1, 2)
                 if plan.dropout_p > 0:
+                    dp = torch.bmm(dot, vt).to(acc)
                     keep = plan.keep(p.shape, bs, r0, c0)
                     pd = p * keep * keep_scale
-                    dp.mul_(keep).mul_(keep_scale)
+                    dp.mul_(keep).mul_(keep_scale).sub_(delta_t)
+                elif dot.dtype == acc:
+                    dp = torch.baddbmm(delta_t.neg().expand(-1, -1, c1 - c0), dot, vt)  # dp - D in one pass
+                    pd = p
                 else:
+                    dp = torch.bmm(dot, vt).to(acc).sub_(delta_t)
                     pd = p
                 _add_bmm(dvb[:, c0:c1], pd.transpose(1, 2).to(plan.mm), dot)
-                ds = dp.sub_(delta_t).mul_(p)
+                ds = dp.mul_(p)
                 ds5 = ds.view(-1, g, r, n, c1 - c0)
                 for drop in drops:
                     # p is 0 there, but dp may hold inf from garbage in masked values: 0 * inf is NaN
