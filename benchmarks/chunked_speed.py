@@ -10,6 +10,7 @@ ratios as the acceptance criteria of issue 3 state them.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -74,10 +75,7 @@ def main() -> None:
         variants = {k: fn for k, fn in variants.items() if k in keep}
 
     times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn in variants.values():
-            if "train" not in "".join(variants):
-                pass
+    load_before = os.getloadavg()[0]
     for name, fn in variants.items():  # warm-up
         with torch.set_grad_enabled("train" in name):
             fn()
@@ -89,9 +87,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, (1, 8, {n}, 64) float32, "
-          f"median of {args.reps}, tiles {args.q_tile or 'default'}x{args.k_tile or 'default'}")
+          f"median of {args.reps}, tiles {args.q_tile or 'default'}x{args.k_tile or 'default'}, "
+          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} (2 cores: above 2 the runs compete)")
     for name, t in med.items():
-        print(f"  {name:<30} {t * 1e3:9.1f} ms")
+        print(f"  {name:<30} {t * 1e3:9.1f} ms   (min {min(times[name]) * 1e3:9.1f} ms)")
 
     def ratio(label, fast, slow):
         if fast in med and slow in med:
