@@ -103,7 +103,9 @@ def _dropout_keep(index: Tensor, shape, p: float, seed: int, r0: int, c0: int, b
 
 def _add_bmm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b, batched; a and b may be in a narrower matmul dtype than the accumulator (GPUs)."""
-    if a.dtype == acc.dtype:
+    # baddbmm_ into a strided slice (dk[:, c0:c1] with b*g > 1) falls back to one addmm_ per batch entry
+    # (torch 2.13, CPU): b*g small matmuls instead of one; a bmm and an add are cheaper
+    if a.dtype == acc.dtype and acc.is_contiguous():
         acc.baddbmm_(a, b)
     else:
         acc.add_(torch.bmm(a, b))
