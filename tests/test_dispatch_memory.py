@@ -81,8 +81,16 @@ def test_long_sequence_never_lands_on_an_ij_path():
     assert any("8.0 GiB" in r for r in report.reasons["sdpa:math"])
 
 
-def test_promote_moves_chunked_ahead_of_math_for_large_shapes():
+def test_promote_rule_reorders_auto_for_matching_shapes(monkeypatch):
+    """A shape-dependent rule moves a backend ahead only where its condition holds."""
+    rule = ("cpu", "chunked", "sdpa:math", lambda inp: inp.i * inp.j >= 512 * 512)
+    monkeypatch.setattr(dispatch, "PROMOTE", [rule])
+    dispatch.clear_cache()
     small = torch.randn(1, 2, 64, 8)
     assert explain(small, small, small, dropout_p=0.1).backend == "sdpa:math"
     large = torch.randn(1, 2, 1024, 8)
-    assert explain(large, large, large, dropout_p=0.1).backend == "chunked"
+    report = explain(large, large, large, dropout_p=0.1)
+    assert report.backend == "chunked"
+    assert list(report.reasons).index("chunked") < list(report.reasons).index("sdpa:math")
+    monkeypatch.undo()
+    dispatch.clear_cache()

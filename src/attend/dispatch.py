@@ -41,15 +41,16 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27), (1, 8, 4096, 64) float32 forward:
     # sdpa:flash 224 ms, sdpa:math 727 ms, einsum 900 ms; causal: sdpa:flash 127 ms.
     # See benchmarks/README.md for the full table.
-    # chunked (2026-11-27, same machine): see benchmarks/chunked.md. It follows sdpa:math for small
-    # shapes, where its per-tile Python overhead loses; it runs whenever math would exceed the memory
-    # budget (below) and is moved ahead of math for large shapes by PROMOTE.
+    # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math, which beat it at every
+    # size from 64 to 2048 tokens with dropout on a loaded machine (chunked's many per-tile ops suffer most
+    # from CPU contention); it runs whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of sdpa:flash
+    # for causal + mask: 1.61x faster on a quiet machine but 0.31x on a loaded one (see the page).
     "cpu": ("sdpa:flash", "sdpa:math", "chunked", "einsum"),
     # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
     # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
     # (pytorch#196678 NaN grad_q, pytorch#193893 corrupted greedy decoding).
-    # chunked: not measured on CUDA; placed after the fused kernels, before the two (i, j)-sized paths.
-    "cuda": ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "chunked", "sdpa:math", "einsum"),
+    # chunked: not measured on CUDA; after sdpa:math like on CPU, reached when math exceeds the budget.
+    "cuda": ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "chunked", "einsum"),
 }
 # Devices without their own list: the generic order.
 DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math", "chunked", "einsum")
@@ -57,9 +58,7 @@ DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math"
 # Shape-dependent reorderings: (device, backend, moved ahead of, condition on the inputs). Each carries
 # its one-line reason and evidence.
 PROMOTE: list[tuple[str, str, str, Callable[[AttnInputs], bool]]] = [
-    # CPU, float32, h=8, d=64, dropout 0.1 (sdpa:flash takes no dropout): chunked beats sdpa:math from
-    # i * j >= 512 * 512 on (see benchmarks/chunked.md, "chunked vs sdpa:math")
-    ("cpu", "chunked", "sdpa:math", lambda inp: inp.i * inp.j >= 512 * 512),
+    # none yet: the measurements so far do not justify moving chunked ahead anywhere (see the CPU list)
 ]
 
 # Auto skips a backend whose largest (i, j)-sized intermediate is above this many bytes (1 GiB): at
