@@ -72,6 +72,12 @@ MAX_TILE_BYTES = 64 * 2**20
 # helpers
 
 _NEG_INF = float("-inf")
+# Lazy rescaling (as in FlashAttention-4), where the matmuls run in the accumulation dtype (CPU, float64):
+# exp is taken against a per-row reference that starts at 0 and moves only when the row's running max
+# leaves [ref - 60, ref + 8]. The largest term is then within [e^-60, e^8] (float32-safe, no underflow of
+# the max, no overflow of l <= j * e^8), and most tiles skip the subtract and rescale passes. GPUs keep
+# the exact running max: their half-precision p would underflow below e^-16.
+_LAZY = (-60.0, 8.0)
 
 
 def _tile_seed(seed: int, r0: int, c0: int) -> int:
@@ -152,6 +158,7 @@ class _Plan:
         self.bias5 = _grouped(bias, self.g)
         # can a row's running max be -inf (nothing visible in a tile)? Only with a mask, causal or a bias
         self.may_be_empty = mask is not None or bias is not None or causal
+        self.lazy = self.mm == self.acc
         per_batch = self.h * q_tile * k_tile * 4
         self.batch_step = max(1, min(self.b, MAX_TILE_BYTES // max(per_batch, 1)))
         self._causal_tiles: dict[tuple[int, int, int], Tensor] = {}
@@ -269,12 +276,34 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
             l = torch.zeros_like(m)
             o = torch.zeros(qt.shape[0], rows, plan.e, dtype=acc, device=q.device)
             first = True
+            ref, shifted = torch.zeros_like(m), False  # lazy path: exp is taken against `ref`, see _LAZY
             for c0, c1, crosses in plan.key_tiles(r0, r1):
-                s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
-                m_new = s.amax(dim=-1) if first else torch.maximum(m, s.amax(dim=-1))
-                # a row with nothing visible so far has max -inf: subtract 0 so exp gives 0, not NaN
-                m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if plan.may_be_empty else m_new
-                p = s.sub_(m_safe[..., None]).exp_()
+                if plan.lazy:
+                    s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=ref[..., None] if shifted else None)
+                    t = s.amax(dim=-1) + ref  # the tile's row max, absolute
+                    m = t if first else torch.maximum(m, t)
+                    # move a row's reference only when its running max leaves [ref + LO, ref + HI]: usually
+                    # never after the first tile, which saves the subtract pass and the rescale of o
+                    move = torch.isfinite(m) & ((m > ref + _LAZY[1]) | (m < ref + _LAZY[0]))
+                    if bool(move.any()):
+                        new_ref = torch.where(move, m, ref)
+                        delta = new_ref - ref
+                        s.sub_(delta[..., None])
+                        if not first:
+                            factor = delta.neg_().exp_()
+                            l.mul_(factor)
+                            o.mul_(factor[..., None])
+                        ref, shifted = new_ref, True
+                    p = s.exp_()
+                    alpha = None
+                else:
+                    s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
+                    m_new = s.amax(dim=-1) if first else torch.maximum(m, s.amax(dim=-1))
+                    # a row with nothing visible so far has max -inf: subtract 0 so exp gives 0, not NaN
+                    m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if plan.may_be_empty else m_new
+                    p = s.sub_(m_safe[..., None]).exp_()
+                    alpha = None if first else (m - m_safe).exp_()
+                    m, ref = m_new, m_safe
                 if plan.dropout_p > 0:
                     keep = plan.keep(p.shape, bs, r0, c0)
                 if first:
@@ -285,18 +314,21 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
                     o = torch.bmm(p.to(plan.mm), vb[:, c0:c1])
                     o = o if o.dtype == acc else o.to(acc)
                 else:
-                    alpha = (m - m_safe).exp_()
-                    l.mul_(alpha).add_(p.sum(dim=-1))
+                    if alpha is not None:
+                        l.mul_(alpha)
+                        o.mul_(alpha[..., None])
+                    l.add_(p.sum(dim=-1))
                     if plan.dropout_p > 0:
                         p.mul_(keep)
-                    _add_bmm(o.mul_(alpha[..., None]), p.to(plan.mm), vb[:, c0:c1])
-                m, first = m_new, False
+                    _add_bmm(o, p.to(plan.mm), vb[:, c0:c1])
+                first = False
             alive = l > 0
             o.div_(torch.where(alive, l, torch.ones_like(l))[..., None])
             if plan.dropout_p > 0:
                 o.mul_(1.0 / (1.0 - plan.dropout_p))
-            m_fin = m.masked_fill(~alive, 0.0)
-            lse_t = torch.where(alive, m_fin + torch.log(torch.where(alive, l, torch.ones_like(l))), math.inf)
+            # p was exp(s - ref) with ref = the (lazy) reference or the running max: lse = ref + log(l)
+            base = ref.masked_fill(~alive, 0.0)
+            lse_t = torch.where(alive, base + torch.log(torch.where(alive, l, torch.ones_like(l))), math.inf)
             out[gs, :, r0:r1] = o.view(-1, r, r1 - r0, plan.e)
             lse[gs, :, r0:r1] = lse_t.view(-1, r, r1 - r0)
     return out, lse
