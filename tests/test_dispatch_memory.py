@@ -66,7 +66,7 @@ def test_named_backend_ignores_the_budget(budget):
 
 
 def test_budget_change_is_not_hidden_by_the_cache(budget):
-    q = k = v = torch.randn(1, 2, 64, 8)
+    q = k = v = torch.randn(1, 2, 64, 8)  # small: below the PROMOTE threshold, math goes first
     assert explain(q, k, v, dropout_p=0.1).backend == "sdpa:math"
     budget(1024)
     assert explain(q, k, v, dropout_p=0.1).backend == "chunked"
@@ -94,3 +94,10 @@ def test_promote_rule_reorders_auto_for_matching_shapes(monkeypatch):
     assert list(report.reasons).index("chunked") < list(report.reasons).index("sdpa:math")
     monkeypatch.undo()
     dispatch.clear_cache()
+
+
+def test_cpu_promotes_chunked_ahead_of_math_for_large_shapes():
+    small = torch.randn(1, 2, 64, 8)
+    assert explain(small, small, small, dropout_p=0.1).backend == "sdpa:math"
+    large = torch.randn(1, 2, 512, 8)
+    assert explain(large, large, large, dropout_p=0.1).backend == "chunked"

@@ -41,10 +41,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27), (1, 8, 4096, 64) float32 forward:
     # sdpa:flash 224 ms, sdpa:math 727 ms, einsum 900 ms; causal: sdpa:flash 127 ms.
     # See benchmarks/README.md for the full table.
-    # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math, which beat it at every
-    # size from 64 to 2048 tokens with dropout on a loaded machine (chunked's many per-tile ops suffer most
-    # from CPU contention); it runs whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of sdpa:flash
-    # for causal + mask: 1.61x faster on a quiet machine but 0.31x on a loaded one (see the page).
+    # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
+    # for large shapes (PROMOTE), and whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of
+    # sdpa:flash for causal + key padding: 0.78x its query-block path on a quiet machine.
     "cpu": ("sdpa:flash", "sdpa:math", "chunked", "einsum"),
     # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
     # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
@@ -58,7 +57,10 @@ DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math"
 # Shape-dependent reorderings: (device, backend, moved ahead of, condition on the inputs). Each carries
 # its one-line reason and evidence.
 PROMOTE: list[tuple[str, str, str, Callable[[AttnInputs], bool]]] = [
-    # none yet: the measurements so far do not justify moving chunked ahead anywhere (see the CPU list)
+    # CPU, quiet machine, (1, 8, n, 64) float32 with dropout 0.1 (no fused CPU kernel takes dropout):
+    # chunked / sdpa:math = 1.07x at n=128, 1.24x at 256, 1.87x at 512, 3.5x at 2048 (0.79x at 64).
+    # On a machine loaded by other processes math won at every size (chunked's per-tile ops suffer more).
+    ("cpu", "chunked", "sdpa:math", lambda inp: inp.i * inp.j >= 256 * 256),
 ]
 
 # Auto skips a backend whose largest (i, j)-sized intermediate is above this many bytes (1 GiB): at
