@@ -13,7 +13,9 @@ float32 (float64 for float64 inputs), and for every key tile it can see::
     l     = l * exp(m - m_new) + rowsum(p)
     o     = o * exp(m - m_new) + dropout(p) @ v_t
 
-and at the end `out = o / l` and `lse = m + log(l)` (saved for the backward). The backward recomputes
+and at the end `out = o / l` and `lse = m + log(l)` (saved for the backward). Where the matmuls run in
+the accumulation dtype (CPU, float64) `m` is replaced by a lazily moved reference (see `_LAZY`), so most
+tiles need neither the subtraction nor the rescale of `o`. The backward recomputes
 `p = exp(s - lse)` tile by tile, so training memory is bounded as well. The grouped-query heads sharing one
 kv head are folded into the rows of the tile, (b, h, i, d) -> (b*g, r*i, d), so k and v are never copied to
 h heads and one `bmm` serves all r heads.
