@@ -23,7 +23,7 @@ def main() -> None:
     for n in (64, 128, 256, 512, 1024, 2048):
         q, k, v = (torch.randn(1, 8, n, 64) for _ in range(3))
         inp = validate(q, k, v, dropout_p=0.1)
-        fns = {name: (lambda b=get_backend(name): b.run(inp)) for name in ("sdpa:math", "chunked")}
+        fns = {name: (lambda b=get_backend(name), inp=inp: b.run(inp)) for name in ("sdpa:math", "chunked")}
         reps = max(5, int(2e8 // (n * n * 8 * 64)))
         times = {name: [] for name in fns}
         for fn in fns.values():

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attend import attention, explain
-from attend import dispatch
+from attend import attention, dispatch, explain
 from attend.dispatch import get_backend
 from attend.inputs import validate
 

@@ -43,7 +43,7 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # See benchmarks/README.md for the full table.
     # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
     # for large shapes (PROMOTE), and whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of
-    # sdpa:flash for causal + key padding: 0.78x its query-block path on a quiet machine.
+    # sdpa:flash for causal + key padding: 0.78x-0.95x its query-block path on a quiet machine.
     "cpu": ("sdpa:flash", "sdpa:math", "chunked", "einsum"),
     # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
     # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
@@ -128,10 +128,10 @@ def _auto_order(inp: AttnInputs) -> tuple[str, ...]:
     """The device's priority with the shape-dependent moves of PROMOTE applied."""
     order = list(_priority(inp.device.type))
     for device, name, ahead_of, applies in PROMOTE:
-        if device == inp.device.type and name in order and ahead_of in order and applies(inp):
-            if order.index(name) > order.index(ahead_of):
-                order.remove(name)
-                order.insert(order.index(ahead_of), name)
+        applicable = device == inp.device.type and name in order and ahead_of in order
+        if applicable and order.index(name) > order.index(ahead_of) and applies(inp):
+            order.remove(name)
+            order.insert(order.index(ahead_of), name)
     return tuple(order)
 
 
@@ -146,8 +146,10 @@ def _budget_reasons(backend: Backend, inp: AttnInputs) -> list[str]:
         return []
     shape = fmt_shape((inp.b, inp.h, inp.i, inp.j))
     return [
-        f"needs a {_fmt_bytes(need)} (b, h, i, j) = {shape} intermediate > budget "
-        f"{_fmt_bytes(MEMORY_BUDGET_BYTES)} (attend.dispatch.MEMORY_BUDGET_BYTES; auto only)"
+        (
+            f"needs a {_fmt_bytes(need)} (b, h, i, j) = {shape} intermediate > budget "
+            f"{_fmt_bytes(MEMORY_BUDGET_BYTES)} (attend.dispatch.MEMORY_BUDGET_BYTES; auto only)"
+        )
     ]
 
 

@@ -106,7 +106,7 @@ def _dropout_keep(index: Tensor, shape, p: float, seed: int, r0: int, c0: int, b
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(0x85EBCA6B))
     x.bitwise_xor_(x.bitwise_right_shift(13).bitwise_and_(0x7FFFF)).mul_(_i32(0xC2B2AE35))
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    return x.bitwise_and_(0xFFFFFF).ge(int(round(p * 2**24))).view(shape)
+    return x.bitwise_and_(0xFFFFFF).ge(round(p * 2**24)).view(shape)
 
 
 def _add_bmm(acc: Tensor, a: Tensor, b: Tensor) -> None:
