@@ -108,11 +108,11 @@ def test_many_threads_get_correct_results_and_a_consistent_cache():
     # every cached choice equals a fresh uncached selection for the inputs it was cached for
     checked = 0
     for inp in seen:
-        cached = dispatch._cache.get((inp.signature(), False))
+        cached = dispatch._cache.get(dispatch.cache_key(inp))
         if cached is not None:
             assert cached == _fresh_choice(inp), inp.describe()
             checked += 1
-    assert checked >= len({(inp.signature(), False) for inp in seen}) // 2
+    assert checked >= len({dispatch.cache_key(inp) for inp in seen}) // 2
     assert all(name in dispatch._registry for name in dispatch._cache.values())
 
 
@@ -136,7 +136,7 @@ def test_cache_stays_consistent_while_another_thread_clears_it():
     finally:
         stop.set()
         bg.join()
-    for (_sig, fused_only), name in list(dispatch._cache.items()):
+    for (_sig, fused_only, _budget), name in list(dispatch._cache.items()):
         assert name in dispatch._registry and fused_only in (True, False)
 
 
@@ -155,7 +155,7 @@ def test_a_choice_made_before_a_registry_change_is_not_cached(monkeypatch):
 
     monkeypatch.setattr(backend, "reasons_unsupported", racing)
     assert dispatch.select(inp).name == first
-    assert (inp.signature(), False) not in dispatch._cache
+    assert dispatch.cache_key(inp) not in dispatch._cache
     monkeypatch.undo()
     assert dispatch.select(inp).name == first
-    assert dispatch._cache[(inp.signature(), False)] == first
+    assert dispatch._cache[dispatch.cache_key(inp)] == first

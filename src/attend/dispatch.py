@@ -2,17 +2,23 @@
 
 Auto = the first eligible backend in the device's priority order. A named backend runs or raises a
 `ValueError` with its reasons: never a silent fallback. The dispatcher reads only each backend's declared
-capabilities and `reasons_unsupported`; it never looks inside a backend.
+capabilities, `reasons_unsupported` and `intermediate_bytes`; it never looks inside a backend.
+
+Memory budget: auto skips a backend whose largest (i, j)-sized intermediate (its `intermediate_bytes`)
+exceeds `MEMORY_BUDGET_BYTES`, with the reason in `explain`; the memory-bounded `chunked` backend then
+runs. Set `attend.dispatch.MEMORY_BUDGET_BYTES` to change it. A named backend ignores the budget.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ._helpers import fmt_shape
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs
@@ -29,6 +35,7 @@ __all__ = [
     "fallbacks",
     "explain_inputs",
     "clear_cache",
+    "MEMORY_BUDGET_BYTES",
 ]
 
 log = logging.getLogger("attend")
@@ -38,14 +45,31 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27), (1, 8, 4096, 64) float32 forward:
     # sdpa:flash 224 ms, sdpa:math 727 ms, einsum 900 ms; causal: sdpa:flash 127 ms.
     # See benchmarks/README.md for the full table.
-    "cpu": ("sdpa:flash", "sdpa:math", "einsum"),
+    # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
+    # for large shapes (PROMOTE), and whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of
+    # sdpa:flash for causal + key padding: 0.78x-0.95x its query-block path on a quiet machine.
+    "cpu": ("sdpa:flash", "sdpa:math", "chunked", "einsum"),
     # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
     # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
     # (pytorch#196678 NaN grad_q, pytorch#193893 corrupted greedy decoding).
-    "cuda": ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "einsum"),
+    # chunked: not measured on CUDA; after sdpa:math like on CPU, reached when math exceeds the budget.
+    "cuda": ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "chunked", "einsum"),
 }
 # Devices without their own list: the generic order.
-DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math", "einsum")
+DEFAULT_PRIORITY: tuple[str, ...] = ("sdpa:flash", "sdpa:efficient", "sdpa:math", "chunked", "einsum")
+
+# Shape-dependent reorderings: (device, backend, moved ahead of, condition on the inputs). Each carries
+# its one-line reason and evidence.
+PROMOTE: list[tuple[str, str, str, Callable[[AttnInputs], bool]]] = [
+    # CPU, quiet machine, (1, 8, n, 64) float32 with dropout 0.1 (no fused CPU kernel takes dropout):
+    # chunked / sdpa:math = 1.07x at n=128, 1.24x at 256, 1.87x at 512, 3.5x at 2048 (0.79x at 64).
+    # On a machine loaded by other processes math won at every size (chunked's per-tile ops suffer more).
+    ("cpu", "chunked", "sdpa:math", lambda inp: inp.i * inp.j >= 256 * 256),
+]
+
+# Auto skips a backend whose largest (i, j)-sized intermediate is above this many bytes (1 GiB): at
+# (1, 8, 4096, 4096) float32 the scores alone are 0.5 GiB; at 16k tokens 8 GiB. `chunked` needs none.
+MEMORY_BUDGET_BYTES: int = 2**30
 
 # Auto landing here on these devices means a slow path: logged once with the reasons.
 SLOW: dict[str, frozenset[str]] = {"cuda": frozenset({"einsum", "sdpa:math"})}
@@ -106,14 +130,43 @@ class Report:
 # helpers
 
 
+def cache_key(inp: AttnInputs, fused_only: bool = False) -> tuple:
+    """What an auto choice is cached under: the inputs' signature, the fused-only flag and the budget."""
+    return (inp.signature(), fused_only, MEMORY_BUDGET_BYTES)
+
+
 def _priority(device_type: str) -> tuple[str, ...]:
     order = PRIORITY.get(device_type, DEFAULT_PRIORITY)
     return tuple(n for n in order if n in _registry)
 
 
-def _ordered_names(device_type: str) -> list[str]:
-    first = list(_priority(device_type))
-    return first + [n for n in _registry if n not in first]
+def _auto_order(inp: AttnInputs) -> tuple[str, ...]:
+    """The device's priority with the shape-dependent moves of PROMOTE applied."""
+    order = list(_priority(inp.device.type))
+    for device, name, ahead_of, applies in PROMOTE:
+        applicable = device == inp.device.type and name in order and ahead_of in order
+        if applicable and order.index(name) > order.index(ahead_of) and applies(inp):
+            order.remove(name)
+            order.insert(order.index(ahead_of), name)
+    return tuple(order)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _budget_reasons(backend: Backend, inp: AttnInputs) -> list[str]:
+    """Why auto skips `backend` on memory grounds (empty when it fits MEMORY_BUDGET_BYTES)."""
+    need = backend.intermediate_bytes(inp)
+    if need <= MEMORY_BUDGET_BYTES:
+        return []
+    shape = fmt_shape((inp.b, inp.h, inp.i, inp.j))
+    return [
+        (
+            f"needs a {_fmt_bytes(need)} (b, h, i, j) = {shape} intermediate > budget "
+            f"{_fmt_bytes(MEMORY_BUDGET_BYTES)} (attend.dispatch.MEMORY_BUDGET_BYTES; auto only)"
+        )
+    ]
 
 
 def _format_failure(inp: AttnInputs, blocks: dict[str, list[str]], head: str) -> str:
@@ -192,19 +245,19 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
     # So no cache (reading it would guard on the dict and recompile whenever eager code adds an entry;
     # its lock is a context manager dynamo cannot enter) and no logging (a graph break) while compiling.
     compiling = torch.compiler.is_compiling()
-    key = (inp.signature(), fused_only)
+    key = cache_key(inp, fused_only)
     generation = _generation
     name = None if compiling else _cache.get(key)
     if name is not None:
         return _registry[name]
 
     rejected: dict[str, list[str]] = {}
-    for name in _priority(inp.device.type):
+    for name in _auto_order(inp):
         candidate = _registry[name]
         if fused_only and not candidate.fused:
             rejected[name] = ["not a fused kernel (Attend(flash=True) asks for one)"]
             continue
-        reasons = candidate.reasons_unsupported(inp)
+        reasons = candidate.reasons_unsupported(inp) + _budget_reasons(candidate, inp)
         if not reasons:
             if not compiling:
                 with _lock:
@@ -222,7 +275,7 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[B
     `oom`: the failure was out of memory, so the memory-bounded `chunked` backend (when registered and
     eligible) goes first, even if this device's auto order does not list it.
     """
-    names = [n for n in _priority(inp.device.type) if n not in failed]
+    names = [n for n in _auto_order(inp) if n not in failed]
     if oom and "chunked" in _registry and "chunked" not in failed:
         names = ["chunked"] + [n for n in names if n != "chunked"]
     out = []
@@ -235,8 +288,12 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[B
 
 def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
     """Every registered backend with its reasons, and the one that runs `inp`."""
-    order = _ordered_names(inp.device.type)
+    auto = _auto_order(inp)
+    order = list(auto) + [n for n in _registry if n not in auto]
     reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
+    if backend is None:
+        for n in auto:
+            reasons[n] = reasons[n] + _budget_reasons(_registry[n], inp)
     if fused_only:
         for n in order:
             if not _registry[n].fused:
@@ -250,7 +307,7 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
         reasons=reasons,
         inputs=inp.describe(),
         hint=inp.cli_hint(),
-        candidates=_priority(inp.device.type),
+        candidates=auto,
     )
 
 

@@ -1,6 +1,7 @@
 """Every backend module, imported so its default instance is registered. Nothing else lives here."""
 
 from .base import Backend, Caps
+from .chunked import ChunkedBackend
 from .einsum import EinsumBackend
 from .sdpa import SdpaCudnn, SdpaEfficient, SdpaFlash, SdpaMath
 
@@ -13,4 +14,5 @@ REGISTERED: tuple[Backend, ...] = (
     SdpaEfficient(),
     SdpaCudnn(),
     SdpaMath(),
+    ChunkedBackend(),
 )

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._helpers import cuda_capability, fmt_dtypes
+from .._helpers import accum_dtype, cuda_capability, fmt_dtypes
 from ..inputs import AttnInputs
 
 __all__ = ["Caps", "Backend"]
@@ -43,6 +43,10 @@ class Caps:
     grad: bool = True
     native_gqa: bool = True  # False: k/v are expanded to h heads (a copy)
     deterministic: bool = True
+    # Holds the (b, h, i, j) scores in memory (the dispatcher's memory budget reads it through
+    # `Backend.intermediate_bytes`). None = not declared: non-fused backends do (einsum, sdpa:math), fused
+    # kernels do not; a memory-bounded non-fused backend (chunked) declares False.
+    dense_scores: bool | None = None
 
 
 class Backend:
@@ -51,7 +55,7 @@ class Backend:
     `run(inp)` takes validated `AttnInputs` and returns `(b, h, i, e)` in the dtype of q.
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""  # a class default; an instance may carry its own (a tuned copy registered anew)
     caps: ClassVar[dict[str, Caps]] = {}
     fused: ClassVar[bool] = False  # counts as "flash" for Attend(flash=True)
 
@@ -111,6 +115,18 @@ class Backend:
         if not caps.deterministic and (inp.deterministic or torch.are_deterministic_algorithms_enabled()):
             reasons.append("not deterministic, and determinism was requested")
         return reasons
+
+    def intermediate_bytes(self, inp: AttnInputs) -> int:
+        """Bytes of the largest (i, j)-sized intermediate `run(inp)` holds: the (b, h, i, j) scores in the
+        accumulation dtype when the backend declares (or defaults to) `dense_scores`, else 0. A dense mask
+        or bias the user passed is theirs already and is not counted."""
+        caps = self.caps_for(inp.device)
+        if caps is None:
+            return 0
+        dense = caps.dense_scores if caps.dense_scores is not None else not self.fused
+        if not dense:
+            return 0
+        return inp.b * inp.h * inp.i * inp.j * accum_dtype(inp.dtype).itemsize
 
     def supports(self, inp: AttnInputs) -> bool:
         return not self.reasons_unsupported(inp)
