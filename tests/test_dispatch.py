@@ -20,6 +20,8 @@ CPU_TABLE = [
     ("bf16 GQA", {"dtype": torch.bfloat16}, {}, "sdpa:flash"),
     ("float64", {"dtype": torch.float64}, {}, "sdpa:flash"),
     ("dropout (CPU flash has none)", {}, {"dropout_p": 0.1}, "sdpa:math"),
+    ("bf16 training (CPU flash backward inexact)", {"dtype": torch.bfloat16, "grad": True}, {}, "sdpa:math"),
+    ("f32 training", {"grad": True}, {}, "sdpa:flash"),
     ("e != d", {"e": 16}, {}, "sdpa:math"),
     ("bias that requires grad", {}, {"bias": torch.zeros(1, 4, 16, 24, requires_grad=True)}, "sdpa:math"),
 ]
