@@ -44,8 +44,9 @@ log = logging.getLogger("attend")
 PRIORITY: dict[str, tuple[str, ...]] = {
     # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27, quiet machine), (1, 8, 4096, 64) float32
     # forward: sdpa:flash 219.5 ms; sdpa:math 3.40x that, the seed's einsum 4.20x; causal + key padding:
-    # sdpa:flash (query blocks) 183.9 ms, SDPA with a dense mask 1.57x. sdpa:math beats einsum where flash can't run
-    # (dropout, e != d, bias grad; ad hoc at (1, 8, 1024-2048, 64) and (4, 8, 512, 64): 1.1-1.9x). Evidence: benchmarks/results/cpu-quick.json, cpu.json.
+    # sdpa:flash (query blocks) 183.9 ms, SDPA with a dense mask 1.57x. Evidence: benchmarks/results/cpu-quick.json,
+    # cpu.json. sdpa:math beats einsum where flash can't run (dropout, e != d, bias grad; ad hoc at
+    # (1, 8, 1024-2048, 64) and (4, 8, 512, 64): 1.1-1.9x).
     # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
     # for large shapes (PROMOTE), and whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of
     # sdpa:flash for causal + key padding: 0.78x-0.95x its query-block path on a quiet machine.
