@@ -69,6 +69,20 @@ def _one_line(msg: object) -> str:
     return "; ".join(line.strip() for line in str(msg).strip().splitlines() if line.strip())
 
 
+def _progress(command: str):
+    """The progress bar `attend check` and `attend bench` show on stderr while they run (a rich Progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]attend {command}[/bold] {{task.description}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -266,13 +280,6 @@ def cmd_check(args) -> int:
     """Every eligible backend against the float64 reference, forward and backward, on a grid of awkward
     cases; a pass/fail table; exit 1 when anything fails."""
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
     from rich.table import Table
 
     from .bench.cases import CHECK_GRID, CHECK_GRID_SMOKE
@@ -293,14 +300,7 @@ def cmd_check(args) -> int:
     failures: list[str] = []
     counts = {"pass": 0, "fail": 0, "skip": 0}
     start = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]attend check[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as progress:
+    with _progress("check") as progress:
         task = progress.add_task("", total=len(dtypes) * len(grid) * len(names))
         for dtype in dtypes:
             for ci, case in enumerate(grid):
@@ -349,13 +349,6 @@ def cmd_check(args) -> int:
 
 def cmd_bench(args) -> int:
     """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from .bench.cases import HIDDEN_SUITES, SUITES
     from .bench.report import (
@@ -408,14 +401,7 @@ def cmd_bench(args) -> int:
         memory=not args.no_memory,
     )
     total = len(plan(cfg))
-    with Progress(
-        TextColumn("[bold]attend bench[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as progress:
+    with _progress("bench") as progress:
         task = progress.add_task(f"--suite {cfg.suite}", total=total)
         doc = run_suite(
             cfg,
