@@ -162,7 +162,8 @@ def check_backend(
     inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale)
     dtype = inp.dtype
     impl = get_backend(backend)
-    reasons = impl.reasons_unsupported(_clone_inputs(inp, dtype)[0] if grad else inp)
+    with torch.set_grad_enabled(grad):
+        reasons = impl.reasons_unsupported(_clone_inputs(inp, dtype)[0])
     if reasons:
         raise ValueError(f"backend {backend!r} cannot run this case: {'; '.join(reasons)}")
 
