@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import einsum, nn
 
-from attend import Attend, get_backend
+from attend import Attend, explain, get_backend
 
 from .helpers import make_qkv
 
@@ -78,6 +78,9 @@ def test_flash_true_runs_a_fused_kernel_or_says_why(caplog):
         out = attn_drop(q, k, v)
     assert out.shape == q.shape
     assert any("no fused kernel can run" in r.getMessage() for r in caplog.records)
+    fallback = attn_drop.explain(q, k, v)
+    assert fallback.backend == explain(q, k, v, dropout_p=0.1).backend, "explain names what forward runs"
+    assert fallback.reasons["sdpa:flash"] == ["dropout_p=0.1 > 0; this backend has no dropout"]
 
 
 def test_forward_arguments_override_module_defaults():

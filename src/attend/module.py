@@ -7,6 +7,7 @@ d head dim (q and k), e value head dim.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,12 @@ class Attend(nn.Module):
     ) -> Report:
         """The `Report` for what `forward` would run on these inputs (in the module's current mode)."""
         inp = self._inputs(q, k, v, mask, bias, causal)
-        return explain_inputs(inp, self.backend, fused_only=self.flash is True and self.backend is None)
+        fused_only = self.flash is True and self.backend is None
+        report = explain_inputs(inp, self.backend, fused_only=fused_only)
+        if fused_only and report.backend is None:
+            # forward falls back to auto here (see the class docstring): report the backend it will run
+            report = replace(report, backend=explain_inputs(inp).backend)
+        return report
 
 
 Attend.__doc__ = (
