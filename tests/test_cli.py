@@ -194,14 +194,16 @@ def test_bench_json_schema(bench_run):
         for key, typ in ROW_KEYS.items():
             assert isinstance(row[key], typ), (row["case"], key)
         assert row["auto"] == "sdpa:flash"
-        assert {"attend", "seed:einsum", "seed:sdpa", "sdpa:flash", "sdpa:math"} <= set(row["results"])
+        assert {"attend", "attend:unchecked", "seed:einsum", "seed:sdpa", "sdpa:flash", "sdpa:math"} <= set(
+            row["results"]
+        )
         assert "sdpa:efficient" in row["skipped"]  # CUDA only, with its reason
         for name, res in row["results"].items():
             assert set(RESULT_KEYS) <= set(res), name
             assert res["error"] is None, (name, res["error"])
             assert res["median_ms"] > 0 and res["gflops"] > 0 and res["runs"] >= 2
             assert res["peak_mb"] is None or res["peak_mb"] >= 0
-        assert row["fastest"] in row["results"]
+        assert row["fastest"] in row["results"] and row["fastest"] != "attend:unchecked"  # a cost, not a kernel
         assert row["speedup"]["seed:einsum"] == pytest.approx(
             row["results"]["seed:einsum"]["median_ms"] / row["results"]["attend"]["median_ms"]
         )

@@ -141,6 +141,20 @@ def test_dead_rows_zero_and_finite_grads_like_torch():
     assert all(torch.isfinite(t.grad).all() for t in ours)
 
 
+def test_nan_in_a_masked_key_stays_out_of_other_rows():
+    """Stricter than PyTorch, which adds the mask as -inf (NaN + -inf = NaN) and spreads a masked NaN key."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen) for _ in range(3))
+    k[0, 0, 3, 0] = float("nan")
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[:2, 3] = False  # rows 0, 1 mask key 3; rows 2, 3 see it
+    out = sdpa(q, k, v, attn_mask=keep)
+    assert torch.isnan(out[0, 0, 2:]).all() and not torch.isnan(out[0, 0, :2]).any()
+    assert not torch.isnan(out[0, 1]).any()  # the other head has no NaN key
+    clean = k.nan_to_num(0.0)
+    torch.testing.assert_close(out[0, 0, :2], F.scaled_dot_product_attention(q, clean, v, attn_mask=keep)[0, 0, :2])
+
+
 @pytest.mark.parametrize(
     "q_shape, kv_shape",
     [((5, 8), (7, 8)), ((3, 5, 8), (3, 7, 8)), ((2, 3, 4, 5, 8), (2, 3, 4, 7, 8)), ((1, 4, 5, 8), (3, 4, 7, 8))],

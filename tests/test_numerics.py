@@ -2,9 +2,9 @@
 
 * large logits (scale * |q||k| in the hundreds and more) stay finite and match the float64 reference;
 * float16 `q @ k` beyond 65504 does not overflow where the scaled logits fit (scale applied first);
-* a NaN in an attended position reaches exactly the rows that see it: it never vanishes, and it does
-  not leak into rows that mask it. Known violations are listed in `KNOWN_NAN` (strict xfail, so a fix
-  shows up) and in docs/reliability.md;
+* a NaN or inf in q, k or v reaches exactly the rows that see it, on every backend: it never vanishes,
+  and it does not leak into rows that mask it (SDPA's additive masks would leak it: the guard in
+  `functional.run_inputs` runs the finite part and marks the rows);
 * huge finite garbage in masked-out keys and values never changes the output (contract item 3).
 
 Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
@@ -66,81 +66,141 @@ def test_float16_qk_beyond_65504_does_not_overflow(name):
 
 # NaN propagation
 
-# (backend, where) -> why it fails, on CPU with torch 2.13. Each is a strict xfail: a fix turns it red.
-KNOWN_NAN = {
-    ("sdpa:flash", "q"): "CPU flash kernel turns a query row whose logits are NaN into 0 (treated as a row "
-    "with no key), so the NaN vanishes",
-    ("sdpa:flash", "k-padding"): "the mask is added as -inf to the logits and NaN + -inf = NaN: a NaN key "
-    "leaks into every row of its (b, h) even where masked",
-    ("sdpa:flash", "k-bool"): "as k-padding: masks are additive inside SDPA",
-    ("sdpa:math", "k-padding"): "as sdpa:flash: masks are additive inside SDPA",
-    ("sdpa:math", "k-bool"): "as sdpa:flash: masks are additive inside SDPA",
-    ("sdpa:math", "k-causal"): "the causal mask is additive too, so a NaN key leaks into earlier rows",
-}
-WHERES = ["q", "k-causal", "k-padding", "k-bool", "v-causal"]
+WHERES = ["q", "q-dead-row", "k-causal", "v-causal", "k-causal-i<j", "k-padding", "v-padding", "k-bool",
+          "v-bool", "k-bias-inf", "inf-k-padding", "k-padding-causal"]  # fmt: skip
 
 
 def _nan_case(where: str, dtype):
-    """Inputs with one NaN, and `sees`: bool (b, h, i), True for the output rows that attend to it."""
+    """Inputs with NaN (or inf) entries, and `sees`: bool (b, h, i), True for the rows that attend one."""
     gen = torch.Generator().manual_seed(0)
     b, h, g, i, j, d = 2, 4, 2, 6, 6, 8
+    if where == "k-causal-i<j":
+        i = 4
+    elif where == "q-dead-row":
+        i = 8  # causal with i = 8 > j = 6: rows 0 and 1 may attend no key
     q = torch.randn(b, h, i, d, generator=gen).to(dtype)
     k = torch.randn(b, g, j, d, generator=gen).to(dtype)
     v = torch.randn(b, g, j, d, generator=gen).to(dtype)
     kw: dict = {}
     sees = torch.zeros(b, h, i, dtype=torch.bool)
-    heads_of_g0 = slice(0, h // g)  # query heads that share kv head 0
+    g0 = slice(0, h // g)  # query heads that share kv head 0
+    nan = float("inf") if where.startswith("inf") else float("nan")
+    kv = v if where.startswith("v") else k
     if where == "q":
-        q[1, 2, 3, 0] = float("nan")
+        q[1, 2, 3, 0] = nan
+        sees[1, 2, 3] = True
+    elif where == "q-dead-row":  # a row that may attend nothing is 0 (contract item 2), NaN query or not
+        q[1, 2, 0, 0] = q[1, 2, 3, 0] = nan
+        kw["causal"] = True
         sees[1, 2, 3] = True
     elif where in ("k-causal", "v-causal"):
-        (k if where == "k-causal" else v)[0, 0, 3, 1] = float("nan")
+        kv[0, 0, 3, 1] = nan
         kw["causal"] = True
-        sees[0, heads_of_g0, 3:] = True  # rows i >= 3 see key 3
-    elif where == "k-padding":
-        k[0, 0, 3, 1] = float("nan")
+        sees[0, g0, 3:] = True  # rows i >= 3 see key 3
+    elif where == "k-causal-i<j":  # bottom-right: row r sees keys <= r + 2
+        k[0, 0, 3, 1] = nan
+        kw["causal"] = True
+        sees[0, g0, 1:] = True
+    elif where in ("k-padding", "v-padding", "inf-k-padding", "k-padding-causal"):
+        kv[0, 0, 3, 1] = nan
         mask = torch.ones(b, j, dtype=torch.bool)
-        mask[0, 3] = False  # batch 0 pads key 3 out: nobody sees the NaN
+        mask[0, 3] = False  # batch 0 pads key 3 out: nobody sees it
         kw["mask"] = mask
-        k[1, 1, 2, 0] = float("nan")  # batch 1 keeps its NaN key 2: all rows of kv head 1 see it
-        sees[1, h // g :] = True
-    elif where == "k-bool":
-        k[0, 0, 3, 1] = float("nan")
+        kv[1, 1, 2, 0] = nan  # batch 1 keeps key 2: all rows of kv head 1 see it (causal: rows >= 2)
+        if where == "k-padding-causal":
+            kw["causal"] = True
+            sees[1, h // g :, 2:] = True
+        else:
+            sees[1, h // g :] = True
+    elif where in ("k-bool", "v-bool"):
+        kv[0, 0, 3, 1] = nan
         mask = torch.ones(1, 1, i, j, dtype=torch.bool)
         mask[..., :4, 3] = False  # rows 0..3 may not attend key 3
         kw["mask"] = mask
-        sees[0, heads_of_g0, 4:] = True
+        sees[0, g0, 4:] = True
+    elif where == "k-bias-inf":
+        k[0, 0, 3, 1] = nan
+        bias = torch.randn(1, h, i, j, generator=gen).to(dtype)
+        bias[:, :, :4, 3] = float("-inf")  # a -inf bias is a mask: rows 0..3 do not attend key 3
+        kw["bias"] = bias
+        sees[0, g0, 4:] = True
     return q, k, v, kw, sees
 
 
-NAN_PARAMS = [
-    pytest.param(
-        name, where,
-        marks=[pytest.mark.xfail(strict=True, reason=KNOWN_NAN[(name, where)])] if (name, where) in KNOWN_NAN else [],
-        id=f"{name}-{where}",
-    )
-    for name in list_backends()
-    for where in WHERES
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("name, where", NAN_PARAMS)
-def test_nan_reaches_exactly_the_rows_that_see_it(name, where):
-    dtype = torch.float32
-    q, k, v, kw, sees = _nan_case(where, dtype)
+@pytest.mark.parametrize("where", WHERES)
+@pytest.mark.parametrize("name", list_backends())
+def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, where):
+    """Every backend, whatever its masking does inside: NaN rows are exactly the rows that attend a NaN/inf
+    (never vanishing, never leaking), and every other row is what it would be with those entries at 0."""
+    q, k, v, kw, sees = _nan_case(where, torch.float32)
     _skip_unless_runs(name, q, k, v, **kw)
     out = attention(q, k, v, backend=name, **kw)
     nan_rows = torch.isnan(out).any(dim=-1)
     assert nan_rows[sees].all(), f"{name}: the NaN vanished from rows that attend to it"
-    if where == "v-causal":
-        # a NaN value times an attention weight of exactly 0 is still NaN: every matmul-based backend
-        # spreads a NaN *value* to all rows of its (b, g), even rows that mask it. Documented, not tested.
-        return
+    assert torch.isnan(out[sees]).all(), f"{name}: a row that sees a NaN is NaN in every column"
     assert not nan_rows[~sees].any(), f"{name}: the NaN leaked into rows that do not attend to it"
-    # and the clean rows are exactly what they would be without the NaN
-    clean = [t.nan_to_num(0.0) for t in (q, k, v)]
+    clean = [t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v)]
     ref = attention(*(t.double() for t in clean), backend="einsum", **kw)
     torch.testing.assert_close(out[~sees].double(), ref[~sees], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_backends())
+def test_nonfinite_clean_rows_train(name):
+    """Garbage NaN in padded keys (torch.empty padding) costs nothing in training: the loss and the
+    gradients are finite and equal those of the same batch with the padding zeroed."""
+    q, k, v, kw, _ = _nan_case("k-padding", torch.float32)
+    k[1, 1, 2, 0] = 0.0  # only the padded NaN is left
+    v[0, 1, 3] = float("nan")
+    _skip_unless_runs(name, q, k, v, **kw)
+
+    def grads(k, v):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, backend=name, **kw).square().sum().backward()
+        return [t.grad for t in leaves]
+
+    dirty = grads(k, v)
+    clean = grads(k.nan_to_num(0.0), v.nan_to_num(0.0))
+    for got, want in zip(dirty, clean):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["q", "k-causal", "v-bool"])
+def test_nonfinite_guard_is_off_under_compile(where):
+    """torch.compile traces no data-dependent branch: the guard is skipped and the kernel's own
+    behaviour applies (documented); finite inputs compile to one graph as before."""
+    q, k, v, kw, _ = _nan_case(where, torch.float32)
+    from attend.functional import _maybe_nonfinite
+
+    inp = validate(q, k, v, **kw)
+    assert _maybe_nonfinite(inp)
+    assert torch.compile(lambda: _maybe_nonfinite(inp), fullgraph=True, backend="eager")() is False
+
+
+def test_empty_keys_with_nan_query_give_zeros():
+    """j = 0: no key to attend, so 0 even for a NaN query (contract item 2)."""
+    q = torch.full((1, 2, 3, 4), float("nan"), requires_grad=True)
+    k = v = torch.zeros(1, 2, 0, 4)
+    out = attention(q, k, v)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 4))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_overflowing_finite_sum_is_only_a_false_alarm():
+    """The cheap check sums each input in float32: huge finite values overflow it, the exact path runs,
+    and the output is the same as the plain kernel's."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, generator=gen)
+    k = torch.randn(1, 2, 5, 8, generator=gen)
+    v = (torch.rand(1, 2, 5, 8, generator=gen) + 1) * 1e37  # the sum of 80 entries > 8e38 overflows
+    from attend.functional import _maybe_nonfinite
+
+    assert _maybe_nonfinite(validate(q, k, v))
+    out = attention(q, k, v, backend="einsum")
+    ref = attention(q.double(), k.double(), v.double(), backend="einsum")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0)
 
 
 # garbage in masked-out positions
@@ -184,3 +244,26 @@ def test_huge_finite_garbage_in_masked_positions_changes_nothing(name, dtype, ma
     out = attention(q, k2, v2, backend=name, **kw)
     assert torch.isfinite(out[:, :, rows]).all()
     torch.testing.assert_close(out[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
+
+
+def test_unchecked_path_is_the_kernel_alone():
+    """`run_inputs(check_finite=False)` (the bench's `attend:unchecked`) runs the kernel without the guard:
+    SDPA's additive mask then leaks a masked NaN key, which is what the guard exists for."""
+    from attend.functional import run_inputs
+
+    q, k, v, kw, sees = _nan_case("k-padding", torch.float32)
+    inp = validate(q, k, v, **kw)
+    leaky = run_inputs(inp, "sdpa:math", check_finite=False)
+    assert torch.isnan(leaky[~sees]).any()
+    guarded = run_inputs(inp, "sdpa:math")
+    assert not torch.isnan(guarded[~sees]).any()
+
+
+def test_float16_check_does_not_overflow_on_ordinary_activations():
+    """A float16 sum of 4096 entries of 60000 is inf; the check uses the mean, so no false alarm."""
+    from attend.functional import _maybe_nonfinite
+
+    x = torch.full((1, 2, 32, 64), 60000.0, dtype=torch.float16)
+    assert not _maybe_nonfinite(validate(x, x, x))
+    x[0, 1, 5, 7] = float("-inf")
+    assert _maybe_nonfinite(validate(x, x.clone().fill_(1), x.clone().fill_(1)))

@@ -8,8 +8,8 @@ Profiles (tests/conftest.py): `ci` (default, 60 derandomized examples) and `thor
 
     HYPOTHESIS_PROFILE=thorough ATTEND_PROPERTY_STATS=stats.json pytest tests/test_properties.py
 
-ATTEND_PROPERTY_STATS: write the run's figures (examples, checks per backend, skips, mismatches) as
-JSON, every 50 examples and at the end. With it set, a mismatch is recorded there (case and report)
+ATTEND_PROPERTY_STATS: write the run's figures (examples, checks per backend, skips, mismatches; and
+`nonfinite:*` for the NaN/inf property: examples, rows, rows that see a bad entry, checks) as JSON, every 50 examples and at the end. With it set, a mismatch is recorded there (case and report)
 and the run goes on, so a long run counts every mismatch instead of stopping at the first; the test
 still fails at the end if there was any. Without it (CI), the first mismatch fails the
 example and hypothesis shrinks it.
@@ -31,7 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from attend import get_backend, list_backends
+from attend import attention, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import check_backend
 
@@ -203,3 +203,66 @@ def test_every_backend_matches_reference(case: Case):
 def test_no_mismatch_was_collected():
     """Runs after the property test (file order): fails a collecting run that found mismatches."""
     assert not MISMATCHES, f"{len(MISMATCHES)} mismatches; first: {MISMATCHES[0]}"
+
+
+@st.composite
+def nonfinite_cases(draw) -> tuple[Case, int, int, int, float]:
+    """A `cases()` case plus how many q, k and v entries to poison, and with what (NaN, +inf, -inf)."""
+    case = draw(cases())
+    counts = [draw(st.integers(0, 3)) for _ in range(3)]
+    value = draw(st.sampled_from([float("nan"), float("nan"), float("inf"), float("-inf")]))
+    return (case, *counts, value)
+
+
+def _poison(t: torch.Tensor, count: int, value: float, gen: torch.Generator) -> torch.Tensor:
+    t = t.clone()
+    flat = t.view(-1)
+    for index in torch.randint(0, flat.numel(), (count,), generator=gen).tolist():
+        flat[index] = value
+    return t
+
+
+def _expected_rows(case: Case, mask, bias, q, k, v) -> torch.Tensor:
+    """bool (b, h, i), from the dense definition: a row sees a bad key it may attend, or its own bad query
+    when it may attend any key."""
+    b, h, i, j = case.b, case.h, case.i, case.j
+    allowed = torch.ones(b, h, i, j, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & (mask[:, None, None, :] if mask.dim() == 2 else mask)
+    if case.causal:
+        allowed = allowed & torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
+    if bias is not None:
+        allowed = allowed & (bias != float("-inf"))
+    q_bad = ~torch.isfinite(q).all(-1)
+    kv_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).repeat_interleave(h // case.g, dim=1)
+    return (allowed & (q_bad[..., None] | kv_bad[:, :, None, :])).any(-1)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=nonfinite_cases())
+def test_nonfinite_reaches_exactly_the_rows_that_see_it(spec):
+    """Random cases with NaN/inf entries in q, k, v: on every backend that runs the case (forward), the
+    NaN output rows are exactly the rows that see a bad entry, and every other row equals the same
+    backend's output with those entries zeroed."""
+    case, n_q, n_k, n_v, value = spec
+    note(repr(spec))
+    STATS["nonfinite:examples"] += 1
+    q, k, v, mask, bias = case.tensors()
+    bias = None if bias is None else bias.detach()
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    q, k, v = (_poison(t, n, value, gen) for t, n in zip((q, k, v), (n_q, n_k, n_v)))
+    sees = _expected_rows(case, mask, bias, q, k, v)
+    STATS["nonfinite:rows"] += sees.numel()
+    STATS["nonfinite:rows_that_see"] += int(sees.sum())
+    kw = dict(mask=mask, bias=bias, causal=case.causal, scale=case.scale)
+    zeroed = [t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v)]
+    for name in list_backends():
+        if get_backend(name).reasons_unsupported(validate(q, k, v, **kw)):
+            continue
+        STATS[f"nonfinite:checked:{name}"] += 1
+        out = attention(q, k, v, backend=name, **kw)
+        nan_rows = torch.isnan(out).any(-1)
+        assert torch.equal(nan_rows, sees), f"{name}: NaN rows {nan_rows.nonzero().tolist()} != {sees.nonzero().tolist()}"
+        assert torch.isnan(out[sees]).all(), f"{name}: a row that sees a bad entry is NaN in every column"
+        want = attention(*zeroed, backend=name, **kw)
+        torch.testing.assert_close(out[~sees], want[~sees], atol=0, rtol=0, msg=f"{name}: clean rows changed")

@@ -23,6 +23,10 @@ where they differ from `attention()`:
   softmax can tell: PyTorch gives the mean of `v` over the keys there, and so does this function,
   because a drop-in gives the same answer wherever PyTorch defines one. Use a bool mask or `-inf`
   for rows that must be zero.
+
+One place where it is stricter than PyTorch: a NaN or inf in q, k or v reaches only the output rows
+that see it (attend's contract). PyTorch's kernels add masks as `-inf`, so a NaN key they mask out
+still turns other rows NaN; here those rows keep their values.
 """
 
 from __future__ import annotations

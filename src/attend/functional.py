@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import traceback
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from .backends.base import Backend
 from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
+from .masks import rows_that_see
 
 __all__ = ["attention", "explain", "run_inputs", "autocast_inputs"]
 
@@ -30,6 +33,13 @@ _DOC_SEMANTICS = """
         sim = sim.masked_fill(~mask | ~causal_keep, -inf)             # mask: bool, True = may attend
         attn = dropout(sim.softmax(dim=-1), dropout_p)                # a row with no key gives 0
         out = einsum('b h i j, b h j e -> b h i e', attn, v)
+
+    Non-finite inputs (NaN, inf) in q, k or v make NaN exactly the output rows that see them: a row
+    whose own query is non-finite, or that may attend a key whose k or v is non-finite. Nothing in a
+    position a row may not attend reaches that row, on every backend (SDPA's kernels alone would spread
+    it through their additive masks). Such rows pass no gradient, and non-finite entries get gradient 0.
+    This costs one sum per input per call; under torch.compile and CUDA graph capture it is skipped
+    and the kernel's own behaviour applies (docs/reliability.md).
 
     `mask` may be 2-D (b, j): a key padding mask. `causal=True` is aligned to the bottom-right, as in
     flash-attn and KV-cache decoding: query i may attend key j iff j <= i + (j_len - i_len)::
@@ -81,16 +91,62 @@ def _failure(name: str, err: BaseException) -> str:
     return f"backend {name!r} failed with {type(err).__name__}: {first}"
 
 
-def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
-    """Dispatch validated inputs and run them (used by `attention` and `Attend`)."""
+def _mean_as_float32(t: Tensor) -> Tensor:
+    return t.mean().float()
+
+
+def _maybe_nonfinite(inp: AttnInputs) -> bool:
+    """True when q, k or v may hold a NaN or inf: one sum (float16: mean) per input and one host sync
+    (free on CPU).
+    A sum of finite values that overflows is a false alarm that only costs the exact path.
+    Skipped (False) where a data-dependent branch cannot run: torch.compile, CUDA graph capture, meta."""
+    if inp.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    # float32, bfloat16, float64 sums accumulate in float32 or wider and have its range; a float16 sum
+    # would overflow 65504 on ordinary activations, but its mean (accumulated in float32) cannot
+    reduce = _mean_as_float32 if inp.dtype == torch.float16 else Tensor.sum
+    with torch.no_grad():
+        total = reduce(inp.q) + reduce(inp.k) + reduce(inp.v)
+        return not bool(total.isfinite())
+
+
+def _finite_part(inp: AttnInputs) -> tuple[AttnInputs, Tensor, Tensor]:
+    """The inputs with every non-finite entry of q, k, v set to 0, and which rows (bool (b, h, i)) and
+    keys (bool (b, g, j), k or v) held one, so the output rows that see them can be set to NaN."""
+    finite = [torch.isfinite(t) for t in (inp.q, inp.k, inp.v)]
+    q_bad = ~finite[0].all(-1)
+    kv_bad = ~(finite[1].all(-1) & finite[2].all(-1))
+    q, k, v = (t.masked_fill(~ok, 0) for t, ok in zip((inp.q, inp.k, inp.v), finite))
+    return replace(inp, q=q, k=k, v=v), q_bad, kv_bad
+
+
+def run_inputs(
+    inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False, check_finite: bool = True
+) -> Tensor:
+    """Dispatch validated inputs and run them (used by `attention` and `Attend`).
+
+    `check_finite=False` skips the NaN/inf check (so the kernel's own behaviour applies): only for
+    `attend bench`, which times the check's cost as the `attend:unchecked` candidate."""
     if inp.i == 0 or inp.j == 0:
         # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
         # The zero terms keep the graph connected so gradients are zeros, not None.
         if backend is not None:
             select(inp, backend)  # a named backend still has to exist and accept the inputs
-        zero = (inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0
+        # (nan_to_num: a NaN in q still has no key to reach, so the row stays 0)
+        zero = ((inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0).nan_to_num(0.0, 0.0, 0.0)
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
     chosen = select(inp, backend, fused_only=fused_only)
+    if check_finite and _maybe_nonfinite(inp):
+        # run the finite part, then mark the rows that see a NaN/inf: no kernel's masking can leak it
+        clean, q_bad, kv_bad = _finite_part(inp)
+        out = _run(clean, chosen, backend)
+        return out.masked_fill(rows_that_see(inp, q_bad, kv_bad)[..., None], float("nan"))
+    return _run(inp, chosen, backend)
+
+
+def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
     # under autocast the inputs were cast by `autocast_inputs`; inside, the backend owns its precision
     # (float32 softmax statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd` does
     no_autocast = (
@@ -131,7 +187,7 @@ def _retry(inp: AttnInputs, failed_name: str, err: BaseException) -> Tensor:
             err = again
             continue
         warnings.warn(
-            f"attend: {'; '.join(failures)}; retried on {candidate.name!r}", AttendFallbackWarning, stacklevel=4
+            f"attend: {'; '.join(failures)}; retried on {candidate.name!r}", AttendFallbackWarning, stacklevel=5
         )
         return out
     if len(failures) == 1:

@@ -23,12 +23,15 @@ with them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import cast
+
 import torch
 from torch import Tensor
 
 from .inputs import AttnInputs
 
-__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows"]
+__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows", "visible", "rows_that_see"]
 
 
 def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
@@ -79,13 +82,22 @@ def sdpa_attn_mask(inp: AttnInputs, rows: slice | None = None, cols: int | None 
     return bias.masked_fill(~keep, float("-inf"))
 
 
+def visible(inp: AttnInputs, rows: slice | None = None) -> Tensor | None:
+    """Bool, True where a query may attend a key: `mask` AND `causal` AND `bias != -inf`, with the
+    broadcast shape of those three (2-D (i, j) for causal alone, else 4-D), or None when nothing
+    constrains attention. `rows` selects a block of query rows."""
+    keep = combined_keep(inp, rows)
+    bias = _slice_rows(inp.bias, rows, None)
+    if bias is not None:
+        finite = bias != float("-inf")
+        keep = finite if keep is None else keep & finite
+    return keep
+
+
 def dead_rows(inp: AttnInputs) -> Tensor | None:
     """Bool (b|1, h|1, i, 1): True for query rows with no key they may attend, or None if there are none
     possible. Used only where a kernel does not zero such rows itself (contract item 2)."""
-    keep = combined_keep(inp)
-    if inp.bias is not None:
-        finite = inp.bias != float("-inf")
-        keep = finite if keep is None else keep & finite
+    keep = visible(inp)
     if keep is None:
         if inp.j == 0:
             return torch.ones(1, 1, inp.i, 1, dtype=torch.bool, device=inp.device)
@@ -93,3 +105,48 @@ def dead_rows(inp: AttnInputs) -> Tensor | None:
     if keep.dim() == 2:
         keep = keep[None, None]
     return ~keep.any(dim=-1, keepdim=True)
+
+
+# bools per block when `rows_that_see` must look at (b, h, rows, j) at once: 16 MiB
+_SEE_BLOCK = 1 << 24
+
+
+def rows_that_see(inp: AttnInputs, q_bad: Tensor, kv_bad: Tensor) -> Tensor:
+    """Bool (b, h, i): True for the query rows that attend something marked bad.
+
+    `q_bad` (b, h, i) marks query rows, `kv_bad` (b, g, j) marks keys (k or v). A row sees a bad key
+    it may attend (mask, causal, `-inf` bias), and its own bad query unless it may attend no key at all
+    (such a row's output is 0 by contract item 2). Memory: mask/bias with a query axis are looked at in
+    blocks of rows; key padding and causal alone cost O(b h j).
+    """
+    b, h, g, i, j = inp.b, inp.h, inp.g, inp.i, inp.j
+    kv_bad = kv_bad.repeat_interleave(h // g, dim=1) if g != h else kv_bad  # (b, h, j)
+    per_row = [t for t in (inp.mask, inp.bias) if t is not None and t.shape[2] != 1]
+    if per_row:
+        # a mask or bias that differs per query row: look at (b, h, rows, j) a block of rows at a time
+        step = max(1, _SEE_BLOCK // max(1, b * h * j))
+        parts = []
+        for start in range(0, i, step):
+            rows = slice(start, min(i, start + step))
+            keep = cast(Tensor, visible(inp, rows))  # 4-D: mask or bias is set
+            sees = (keep & kv_bad[:, :, None, :]).any(-1) | (q_bad[:, :, rows] & keep.any(-1))
+            parts.append(sees.expand(b, h, rows.stop - rows.start))
+        return torch.cat(parts, dim=2)
+    # every constraint is per key (key padding, a (.., 1, j) bias), plus perhaps causal
+    cols = visible(replace(inp, causal=False))  # (b|1, h|1, 1, j) or None
+    if cols is not None:
+        kv_bad = kv_bad & cols[:, :, 0]
+    if not inp.causal:
+        alive = cols.any(-1) if cols is not None else torch.ones((), dtype=torch.bool, device=inp.device)
+        return (kv_bad.any(-1, keepdim=True) | (q_bad & alive)).expand(b, h, i)
+    # causal: row r sees key c iff c <= r + (j - i), so row r sees a bad key iff the first one is that early
+    last = torch.arange(i, device=inp.device) + (j - i)  # the last key each row may attend
+    positions = torch.arange(j, device=inp.device)
+
+    def first(flags: Tensor) -> Tensor:  # index of the first True along j, j when there is none
+        return torch.where(flags, positions, j).amin(-1, keepdim=True)
+
+    alive_cols = cols[:, :, 0] if cols is not None else torch.ones(1, 1, j, dtype=torch.bool, device=inp.device)
+    sees_kv = first(kv_bad) <= last
+    alive = first(alive_cols) <= last
+    return (sees_kv | (q_bad & alive)).expand(b, h, i)

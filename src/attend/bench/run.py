@@ -22,7 +22,7 @@ from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from .cases import SUITES, BenchCase, make_inputs
 from .flops import attention_flops, matmul_flops
-from .impls import DENSE, SEEDS, dense_bytes, make_call
+from .impls import DENSE, SEEDS, UNCHECKED, dense_bytes, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
@@ -155,7 +155,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
         inp = validate(q, k, v, mask=mask, bias=bias, causal=case.causal)
         report = explain_inputs(inp)
         backends, skipped = _candidates(cfg, inp)
-    names = ["attend"] + [n for n in backends if n != "attend"] + list(SEEDS)
+    names = ["attend", UNCHECKED] + [n for n in backends if n != "attend"] + list(SEEDS)
     if device.type == "cuda":
         names.append("torch:sdpa")
 
@@ -219,7 +219,8 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     speedup = {
         n: r["median_ms"] / own for n, r in results.items() if n != "attend" and own and r["median_ms"] is not None
     }
-    timed = {n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None}
+    # attend:unchecked is attend minus its NaN/inf check, not a kernel to pick: it competes for no star
+    timed = {n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None and n != UNCHECKED}
     return {
         "case": case.name,
         "label": case.label(),
@@ -270,7 +271,8 @@ def run_suite(
 
     Each row: the case, the backend auto picks, and per candidate the median time, GFLOP/s (flash-attention
     convention), % of a same-size matmul, peak memory; `speedup[name]` = that candidate's time / attend's
-    (above 1: attend is faster); `fastest` names the quickest candidate.
+    (above 1: attend is faster); `fastest` names the quickest candidate (`attend:unchecked`, the cost of
+    the NaN/inf check, is timed but never `fastest`).
     """
     status = on_status or (lambda _msg: None)
     status("warming up")
