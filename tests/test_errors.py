@@ -174,6 +174,8 @@ ROWS: list[Row] = [
     Row("causal-type", "causal not a bool", call(causal="yes"), TypeError, "expected `causal` to be a bool, got str 'yes'"),
     Row("deterministic-type", "deterministic not a bool", call(deterministic=None), TypeError,
         "expected `deterministic` to be a bool, got NoneType None"),
+    Row("check-finite-type", "check_finite not a bool", call(check_finite="no"), TypeError,
+        "expected `check_finite` to be a bool, got str 'no'"),
     # --- empty sequences ----------------------------------------------------------------------------
     Row("i-zero", "no queries (i = 0)", call(q=q_(2, 4, 0, 8)), None, "works: an empty (b, h, 0, e) output"),
     Row("j-zero", "no keys (j = 0)", call(k=kv_(2, 2, 0, 8), v=kv_(2, 2, 0, 8)), None,
@@ -201,6 +203,8 @@ ROWS: list[Row] = [
         "expected `flash` to be True, False or None, got 'yes'"),
     Row("module-deterministic", "Attend(deterministic=...) not a bool", lambda: Attend(deterministic=1), TypeError,
         "expected `deterministic` to be True or False, got 1"),
+    Row("module-check-finite", "Attend(check_finite=...) not a bool", lambda: Attend(check_finite=0), TypeError,
+        "expected `check_finite` to be True or False, got 0"),
 ]  # fmt: skip
 
 def _expected(row: Row) -> str:

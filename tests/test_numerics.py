@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attend import attention, get_backend, list_backends
+from attend import Attend, attention, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import check_backend
 
@@ -246,17 +246,16 @@ def test_huge_finite_garbage_in_masked_positions_changes_nothing(name, dtype, ma
     torch.testing.assert_close(out[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
 
 
-def test_unchecked_path_is_the_kernel_alone():
-    """`run_inputs(check_finite=False)` (the bench's `attend:unchecked`) runs the kernel without the guard:
-    SDPA's additive mask then leaks a masked NaN key, which is what the guard exists for."""
-    from attend.functional import run_inputs
-
+def test_check_finite_false_is_the_kernel_alone():
+    """`check_finite=False` (the bench's `attend:unchecked`) runs the kernel without the guard: SDPA's
+    additive mask then leaks a masked NaN key, which is what the guard exists for."""
     q, k, v, kw, sees = _nan_case("k-padding", torch.float32)
-    inp = validate(q, k, v, **kw)
-    leaky = run_inputs(inp, "sdpa:math", check_finite=False)
+    leaky = attention(q, k, v, backend="sdpa:math", check_finite=False, **kw)
     assert torch.isnan(leaky[~sees]).any()
-    guarded = run_inputs(inp, "sdpa:math")
-    assert not torch.isnan(guarded[~sees]).any()
+    leaky = Attend(backend="sdpa:math", check_finite=False)(q, k, v, **kw)
+    assert torch.isnan(leaky[~sees]).any()
+    for guarded in (attention(q, k, v, backend="sdpa:math", **kw), Attend(backend="sdpa:math")(q, k, v, **kw)):
+        assert not torch.isnan(guarded[~sees]).any()
 
 
 def test_float16_check_does_not_overflow_on_ordinary_activations():

@@ -92,6 +92,7 @@ class AttnInputs:
     dropout_p: float = 0.0
     deterministic: bool = False
     mask_kind: str = "none"  # "none" | "key_padding" | "bool"
+    check_finite: bool = True  # NaN/inf in q, k, v reach exactly the rows that see them (functional.py)
 
     # derived, so backends never re-derive them differently
 
@@ -216,6 +217,7 @@ def validate(
     scale: Any = None,
     dropout_p: Any = 0.0,
     deterministic: bool = False,
+    check_finite: bool = True,
 ) -> AttnInputs:
     """Check user inputs and return a normalised `AttnInputs`.
 
@@ -336,8 +338,9 @@ def validate(
         raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(deterministic)}")
+    for flag, value in (("deterministic", deterministic), ("check_finite", check_finite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"expected `{flag}` to be a bool, got {_describe(value)}")
 
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
@@ -357,4 +360,5 @@ def validate(
         dropout_p=float(dropout_p),
         deterministic=bool(deterministic),
         mask_kind=kind,
+        check_finite=check_finite,
     )

@@ -32,6 +32,7 @@ class Attend(nn.Module):
         scale: float | None = None,
         backend: str | None = None,
         deterministic: bool = False,
+        check_finite: bool = True,
     ):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -43,8 +44,9 @@ class Attend(nn.Module):
                 f"expected either flash=False (the einsum backend) or backend=..., got flash=False and "
                 f"backend={backend!r}; hint: drop `flash` when you name a backend"
             )
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"expected `deterministic` to be True or False, got {deterministic!r}")
+        for flag, value in (("deterministic", deterministic), ("check_finite", check_finite)):
+            if not isinstance(value, bool):
+                raise TypeError(f"expected `{flag}` to be True or False, got {value!r}")
         if backend is not None:
             from .dispatch import get_backend
 
@@ -55,11 +57,12 @@ class Attend(nn.Module):
         self.scale = scale
         self.backend = "einsum" if flash is False else backend
         self.deterministic = deterministic
+        self.check_finite = check_finite
 
     def extra_repr(self) -> str:
         return (
             f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, "
-            f"backend={self.backend!r}, deterministic={self.deterministic}"
+            f"backend={self.backend!r}, deterministic={self.deterministic}, check_finite={self.check_finite}"
         )
 
     def _inputs(self, q, k, v, mask, bias, causal):
@@ -74,6 +77,7 @@ class Attend(nn.Module):
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             deterministic=self.deterministic,
+            check_finite=self.check_finite,
         )
 
     def forward(
@@ -128,6 +132,8 @@ Attend.__doc__ = (
         deterministic: only backends declared deterministic may run this module, so two runs give
             bitwise-identical outputs and gradients (what `torch.use_deterministic_algorithms(True)`
             does for every module); `explain` names the backends it excludes.
+        check_finite: NaN/inf in q, k, v reach exactly the output rows that see them (default); False
+            skips that check (one extra read of q, k, v per call) where inputs are known finite.
 
     forward(q, k, v, mask=None, bias=None, causal=None) -> out
 """

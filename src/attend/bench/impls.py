@@ -4,8 +4,8 @@ Shape legend: b batch, h query heads, g key/value heads, i query positions, j ke
 d head dim (q and k), e value head dim.
 
 * `attend`      `attend.attention(...)`, backend chosen by auto (the row's subject)
-* `attend:unchecked` the same without the NaN/inf check (one sum per input, and a host sync): its
-                ratio is that check's cost
+* `attend:unchecked` the same with `check_finite=False` (no NaN/inf check: one sum per input and a
+                host sync): its ratio is that check's cost
 * `<backend>`   `attend.attention(..., backend=name)` for every registered backend that can run the case:
                 the same mask semantics on every SDPA variant, lowered by the backend itself
 * `seed:einsum` the seed's einsum path: einsum with the softmax in the input dtype
@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..backends.einsum import einsum_attention
-from ..functional import attention, run_inputs
+from ..functional import attention
 from ..inputs import validate
 
 __all__ = ["SEEDS", "UNCHECKED", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes"]
@@ -108,8 +108,7 @@ def make_call(
     elif name == UNCHECKED:
 
         def fwd():
-            inp = validate(q, k, v, mask=mask, bias=bias, causal=causal)
-            return run_inputs(inp, check_finite=False)
+            return attention(q, k, v, mask=mask, bias=bias, causal=causal, check_finite=False)
 
     elif name == "seed:einsum":
 
