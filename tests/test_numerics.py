@@ -266,3 +266,21 @@ def test_float16_check_does_not_overflow_on_ordinary_activations():
     assert not _maybe_nonfinite(validate(x, x, x))
     x[0, 1, 5, 7] = float("-inf")
     assert _maybe_nonfinite(validate(x, x.clone().fill_(1), x.clone().fill_(1)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # PyTorch's: no vmap rule for CPU flash
+def test_guard_skips_under_vmap_and_fake_tensors():
+    """vmap and FakeTensorMode cannot branch on values: the check is skipped there (as under compile),
+    so both keep working as they did before the guard."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 4, 5, 8, generator=gen)
+    k, v = torch.randn(3, 2, 2, 6, 8, generator=gen), torch.randn(3, 2, 2, 6, 8, generator=gen)
+    out = torch.func.vmap(lambda a, b, c: attention(a, b, c))(q, k, v)
+    want = torch.stack([attention(a, b, c) for a, b, c in zip(q, k, v)])
+    torch.testing.assert_close(out, want)
+    real = q[0], k[0], v[0]
+    with FakeTensorMode() as mode:
+        fake = attention(*(mode.from_tensor(t) for t in real))
+    assert fake.shape == (2, 4, 5, 8)
