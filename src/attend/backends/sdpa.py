@@ -23,6 +23,7 @@ Lowering, cheapest first:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -49,19 +50,39 @@ FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # helpers
 
 
+@contextlib.contextmanager
+def _not_traced():
+    """Suspend `torch.jit.trace` (and the ONNX exporter built on it) around a probe: a probe's backward
+    recorded by the tracer crashes the process (segfault, torch 2.13). The state functions are private,
+    so they are looked up by capability; where they are missing the probe runs as it is."""
+    get = getattr(torch._C, "_get_tracing_state", None)
+    put = getattr(torch._C, "_set_tracing_state", None)
+    state = get() if get is not None and put is not None else None
+    if state is None:
+        yield
+        return
+    put(None)
+    try:
+        yield
+    finally:
+        put(state)
+
+
 def _probe(fn):
     """`functools.lru_cache` for environment probes, made safe for torch.compile.
 
     Dynamo ignores an lru_cache and traces the probe itself: a graph break (the probe makes tensors that
     require grad and calls backward) and a UserWarning. `assume_constant_result` makes dynamo call the
     cached probe eagerly while tracing and bake its answer into the graph as a constant instead.
+    Under `torch.jit.trace` the probe runs untraced (`_not_traced`).
     """
     cached = functools.lru_cache(maxsize=None)(fn)
 
     @torch.compiler.assume_constant_result
     @functools.wraps(fn)
     def probe(*args):
-        return cached(*args)
+        with _not_traced():
+            return cached(*args)
 
     probe.cache_clear = cached.cache_clear
     return probe
