@@ -41,6 +41,9 @@ class Caps:
     dropout: bool = True
     dropout_step: float | None = None  # dropout_p must be a multiple of this
     grad: bool = True
+    # its own backward is differentiable again (create_graph=True). False: a first-order kernel (PyTorch's
+    # fused ones), which `attend.grad2` makes twice differentiable by recomputing through the reference
+    grad2: bool = True
     native_gqa: bool = True  # False: k/v are expanded to h heads (a copy)
     deterministic: bool = True
     # Holds the (b, h, i, j) scores in memory (the dispatcher's memory budget reads it through

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .._helpers import accum_dtype
+from ..grad2 import recompute_grads, records_graph
 from ..inputs import AttnInputs
 from .base import Backend, Caps
 
@@ -415,6 +416,14 @@ class _ChunkedFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, mask, out, lse = ctx.saved_tensors
         plan = ctx.plan
+        if records_graph():
+            # create_graph: the tile loop below is first-order only; recompute through the reference with
+            # this call's own dropout keep-mask, so the gradients are exact and differentiable again
+            inp = AttnInputs(q, k, v, mask=mask, bias=bias, causal=plan.causal, scale=plan.scale,
+                             dropout_p=plan.dropout_p)
+            keep = _dense_keep(plan) if plan.dropout_p > 0 else None
+            grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep)
+            return (*grads, None, None, None, None, None, None, None)
         # the plan holds views of mask and bias; rebind them to the saved tensors (same storage)
         plan.mask5, plan.bias5 = _grouped(mask, plan.g), _grouped(bias, plan.g)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
@@ -458,7 +467,12 @@ def dropout_keep_mask(inp: AttnInputs, seed: int, *, q_tile: int | None = None, 
     default_q, default_k = TILES.get(inp.device.type, TILES["cpu"])
     q_tile, k_tile = q_tile or default_q, k_tile or default_k
     plan = _Plan(inp.q, inp.k, inp.v, inp.mask, inp.bias, inp.causal, inp.scale, inp.dropout_p, seed, q_tile, k_tile)
-    keep = torch.ones(plan.b, plan.g, plan.r, plan.i, plan.j, dtype=torch.bool, device=inp.device)
+    return _dense_keep(plan)
+
+
+def _dense_keep(plan: _Plan) -> Tensor:
+    """The plan's dropout keep-mask as one bool (b, h, i, j) tensor (tiles never visited stay True)."""
+    keep = torch.ones(plan.b, plan.g, plan.r, plan.i, plan.j, dtype=torch.bool, device=plan.device)
     for bs in plan.batches():
         for r0, r1 in plan.query_tiles():
             for c0, c1, _ in plan.key_tiles(r0, r1):

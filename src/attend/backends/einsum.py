@@ -32,9 +32,13 @@ def _group(t: Tensor, g: int) -> Tensor:
     return rearrange(t, "b (g r) i j -> b g r i j", g=g)
 
 
-def einsum_attention(inp: AttnInputs, *, softmax_dtype: torch.dtype | None = None) -> Tensor:
+def einsum_attention(
+    inp: AttnInputs, *, softmax_dtype: torch.dtype | None = None, dropout_keep: Tensor | None = None
+) -> Tensor:
     """Attention as the contract defines it. `softmax_dtype` overrides where the softmax runs (the
-    seed's behaviour, softmax in the input dtype, is `softmax_dtype=q.dtype`; benchmarks only)."""
+    seed's behaviour, softmax in the input dtype, is `softmax_dtype=q.dtype`; benchmarks only).
+    `dropout_keep`: a bool keep-mask broadcastable to (b, h, i, j) to apply instead of drawing one (the
+    second-order recompute of another backend replays that backend's own mask, `attend.grad2`)."""
     acc = softmax_dtype or accum_dtype(inp.dtype)
 
     # scale q before the matmul rather than the logits after it: in float16 q @ k overflows (> 65504) long
@@ -67,7 +71,9 @@ def einsum_attention(inp: AttnInputs, *, softmax_dtype: torch.dtype | None = Non
     den = exp.sum(dim=-1, keepdim=True)
     attn = exp / torch.where(den > 0, den, torch.ones_like(den))
 
-    if inp.dropout_p > 0:
+    if dropout_keep is not None:
+        attn = attn * _group(dropout_keep, inp.g).to(attn.dtype) * (1.0 / (1.0 - inp.dropout_p))
+    elif inp.dropout_p > 0:
         attn = F.dropout(attn, p=inp.dropout_p, training=True)
 
     out = torch.einsum("b g r i j, b g j e -> b g r i e", attn.to(inp.v.dtype), inp.v)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..grad2 import TwiceDifferentiable
 from ..inputs import AttnInputs
 from ..masks import dead_rows, sdpa_attn_mask
 from .base import Backend, Caps
@@ -138,6 +139,15 @@ def has_lower_right_gqa() -> bool:
     return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
+def _plain_eager(t: Tensor) -> bool:
+    """Not tracing (torch.compile, whose AOTAutograd has no double backward anyway) and not under a
+    torch.func transform (which runs the kernel's own derivative rules)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is None or not functorch.is_functorch_wrapped_tensor(t)
+
+
 def _broadcast(t: Tensor, inp: AttnInputs) -> bool:
     """Is `t` broadcast over some dim of (b, h, i, j) (so its gradient is a sum)?"""
     return tuple(t.shape) != (inp.b, inp.h, inp.i, inp.j)
@@ -166,6 +176,13 @@ class SdpaBackend(Backend):
         return caps
 
     def run(self, inp: AttnInputs) -> Tensor:
+        caps = self.caps_for(inp.device)
+        if caps is not None and not caps.grad2 and inp.needs_grad and _plain_eager(inp.q):
+            # a first-order kernel: its own backward for training, the reference's for create_graph
+            return TwiceDifferentiable.apply(self._kernel, inp, inp.q, inp.k, inp.v, inp.bias)
+        return self._kernel(inp)
+
+    def _kernel(self, inp: AttnInputs) -> Tensor:
         caps = self.caps_for(inp.device)
         q, k, v = inp.q, inp.k, inp.v
         kwargs: dict[str, Any] = {"scale": inp.scale, "dropout_p": inp.dropout_p}
@@ -229,7 +246,7 @@ class SdpaFlash(SdpaBackend):
     variant = SDPBackend.FLASH_ATTENTION
     caps = {
         # sdp_utils_cpp.cpp: any float dtype, q/k/v one head dim, masks without grad, no dropout
-        "cpu": Caps(dtypes=FLOATS, same_value_dim=True, bias_grad=False, dropout=False),
+        "cpu": Caps(dtypes=FLOATS, same_value_dim=True, bias_grad=False, dropout=False, grad2=False),
         # sdp_utils.cpp: sm80+, fp16/bf16, d = e <= 256, no attn_mask; bottom-right causal via CausalBias
         "cuda": Caps(
             dtypes=HALF,
@@ -239,6 +256,7 @@ class SdpaFlash(SdpaBackend):
             mask=False,
             bias=False,
             deterministic=False,
+            grad2=False,
         ),
     }
 
@@ -271,6 +289,7 @@ class SdpaEfficient(SdpaBackend):
             head_dim_multiple={torch.float16: 8, torch.bfloat16: 8, torch.float32: 4},
             native_gqa=False,
             deterministic=False,
+            grad2=False,
         ),
     }
 
@@ -291,6 +310,7 @@ class SdpaCudnn(SdpaBackend):
             bias_grad=False,
             dropout_step=1 / 16,
             deterministic=False,
+            grad2=False,
         ),
     }
 
