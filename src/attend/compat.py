@@ -72,6 +72,11 @@ def _as_4d(t: Tensor, batch: tuple[int, ...]) -> Tensor:
     return t.reshape((math.prod(batch),) + tuple(t.shape[-3:]))
 
 
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Does `shape` broadcast to exactly `target` (right-aligned, sizes 1 or equal)?"""
+    return all(size in (1, want) for size, want in zip(reversed(shape), reversed(target)))
+
+
 # main function
 
 
@@ -152,41 +157,46 @@ def scaled_dot_product_attention(
         )
 
     n = max(q.dim(), k.dim(), v.dim())
-    shapes = f"query {fmt_shape(q.shape)}, key {fmt_shape(k.shape)}, value {fmt_shape(v.shape)}"
+
+    def shapes() -> str:  # only on error: symbolic sizes under torch.compile cannot be formatted
+        return f"query {fmt_shape(q.shape)}, key {fmt_shape(k.shape)}, value {fmt_shape(v.shape)}"
+
     try:
         batch = tuple(torch.broadcast_shapes(*(t.shape[:-3] for t in (q, k, v)), (1,) * max(1, n - 3)))
     except RuntimeError:
         raise SdpaArgumentError(
-            f"expected query, key and value with broadcastable leading dims, got {shapes}"
+            f"expected query, key and value with broadcastable leading dims, got {shapes()}"
         ) from None
     q4, k4, v4 = (_as_4d(t, batch) for t in (q, k, v))
     hq, hk, hv = q4.shape[1], k4.shape[1], v4.shape[1]
     if hk != hv:
-        raise SdpaArgumentError(f"expected key and value with the same number of heads, got {hk} and {hv} ({shapes})")
+        raise SdpaArgumentError(f"expected key and value with the same number of heads, got {hk} and {hv} ({shapes()})")
     if hq != hk and not enable_gqa and hk != 1:  # one k/v head broadcasts, as in PyTorch
         raise SdpaArgumentError(
             f"expected as many key/value heads as query heads when enable_gqa=False, got Hq={hq}, H={hk} "
-            f"({shapes}); hint: pass enable_gqa=True for grouped-query attention"
+            f"({shapes()}); hint: pass enable_gqa=True for grouped-query attention"
         )
     L, S = q4.shape[2], k4.shape[2]
 
+    out_shape = batch + (hq, L, v4.shape[-1])
     mask = bias = None
     if attn_mask is not None:
-        if attn_mask.dim() > len(batch) + 3:
+        target = batch + (hq, L, S)
+        if attn_mask.dim() > len(target) or not _broadcasts(tuple(attn_mask.shape), target):
+            # SdpaArgumentError is a RuntimeError too: code that catches PyTorch's error for this keeps working
             raise SdpaArgumentError(
-                f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape "
-                f"{fmt_shape(attn_mask.shape)} ({shapes})"
+                f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S) = {fmt_shape(target)}, got shape "
+                f"{fmt_shape(attn_mask.shape)} ({shapes()}); hint: a key padding mask (N, S) goes in as "
+                "`attn_mask[:, None, None, :]`"
             )
         m = attn_mask.reshape((1,) * (len(batch) + 3 - attn_mask.dim()) + tuple(attn_mask.shape))
         if len(batch) > 1:  # several leading dims: broadcast them, then flatten like q, k, v
-            try:
-                m = m.expand(batch + tuple(m.shape[-3:]))
-            except RuntimeError:
-                raise SdpaArgumentError(
-                    f"expected `attn_mask` broadcastable to (N, ..., Hq, L, S), got shape "
-                    f"{fmt_shape(attn_mask.shape)} ({shapes})"
-                ) from None
+            m = m.expand(batch + tuple(m.shape[-3:]))
             m = m.reshape((-1,) + tuple(m.shape[-3:]))
+    if math.prod(batch) == 0 or hq == 0:
+        # an empty batch (or no heads): an empty output, as PyTorch gives; the zero term keeps the graph
+        zero = (q4.sum() + k4.sum() + v4.sum()) * 0
+        return (q4.new_zeros(out_shape) + zero).reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)
         if m.dtype == torch.bool:
             mask = m
         else:
@@ -204,5 +214,4 @@ def scaled_dot_product_attention(
 
     inp = validate(q4, k4, v4, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     out = run_inputs(inp)
-    out_shape = batch + (hq, L, v4.shape[-1])
     return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

@@ -142,6 +142,19 @@ def _priority(device_type: str) -> tuple[str, ...]:
     return tuple(n for n in order if n in _registry)
 
 
+def _promotions(inp: AttnInputs, name: str, order: tuple[str, ...]) -> list[str]:
+    """Backends that PROMOTE moves ahead of `name` for these inputs (each listed after `name` in `order`)."""
+    return [
+        promoted
+        for device, promoted, ahead_of, applies in PROMOTE
+        if ahead_of == name
+        and device == inp.device.type
+        and promoted in order
+        and order.index(promoted) > order.index(name)
+        and applies(inp)
+    ]
+
+
 def _auto_order(inp: AttnInputs) -> tuple[str, ...]:
     """The device's priority with the shape-dependent moves of PROMOTE applied."""
     order = list(_priority(inp.device.type))
@@ -254,21 +267,39 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         return _registry[name]
 
     rejected: dict[str, list[str]] = {}
-    for name in _auto_order(inp):
+
+    def eligible(name: str) -> bool:
         candidate = _registry[name]
         if fused_only and not candidate.fused:
             rejected[name] = ["not a fused kernel (Attend(flash=True) asks for one)"]
-            continue
+            return False
         reasons = candidate.reasons_unsupported(inp) + _budget_reasons(candidate, inp)
-        if not reasons:
-            if not compiling:
-                with _lock:
-                    if generation == _generation:
-                        _cache[key] = name
-                _log_slow(inp, name, rejected)
-            return candidate
-        rejected[name] = reasons
-    raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
+        if reasons:
+            rejected[name] = reasons
+        return not reasons
+
+    order = _priority(inp.device.type)
+    chosen = None
+    for name in order:
+        # a shape-dependent PROMOTE rule is looked at only when the backend it overtakes is reached: its
+        # condition then decides something. (Under torch.compile every condition read becomes a guard on the
+        # sizes; reading one that cannot change the answer would recompile for nothing.)
+        for promoted in _promotions(inp, name, order):
+            if promoted not in rejected and eligible(promoted):
+                chosen = promoted
+                break
+        if chosen is None and name not in rejected and eligible(name):
+            chosen = name
+        if chosen is not None:
+            break
+    if chosen is None:
+        raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
+    if not compiling:
+        with _lock:
+            if generation == _generation:
+                _cache[key] = chosen
+        _log_slow(inp, chosen, rejected)
+    return _registry[chosen]
 
 
 def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[Backend]:

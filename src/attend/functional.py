@@ -7,6 +7,7 @@ d head dim (q and k), e value head dim.
 from __future__ import annotations
 
 import contextlib
+import math
 import traceback
 import warnings
 from dataclasses import replace
@@ -17,7 +18,8 @@ from torch import Tensor
 from .backends.base import Backend
 from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
-from .masks import rows_that_see
+from ._helpers import accum_dtype
+from .masks import dead_keys, rows_that_see
 
 __all__ = ["attention", "explain", "run_inputs", "autocast_inputs"]
 
@@ -92,14 +94,26 @@ def _failure(name: str, err: BaseException) -> str:
     return f"backend {name!r} failed with {type(err).__name__}: {first}"
 
 
-def _mean_as_float32(t: Tensor) -> Tensor:
-    return t.mean().float()
+def _max_abs(t: Tensor) -> Tensor:
+    """max |t| as a float32/float64 scalar (NaN if t holds a NaN): one pass (aminmax)."""
+    low, high = torch.aminmax(t)
+    return torch.maximum(high, low.neg()).to(accum_dtype(t.dtype))
 
 
-def _maybe_nonfinite(inp: AttnInputs) -> bool:
-    """True when q, k or v may hold a NaN or inf: one sum (float16: mean) per input and one host sync
-    (free on CPU).
-    A sum of finite values that overflows is a false alarm that only costs the exact path.
+def _all_finite_sum(t: Tensor) -> Tensor:
+    # float32, bfloat16, float64 sums accumulate in float32 or wider and have its range; a float16 sum
+    # would overflow 65504 on ordinary activations, but its mean (accumulated in float32) cannot
+    return t.mean().float() if t.dtype == torch.float16 else t.sum()
+
+
+def _needs_exact_path(inp: AttnInputs) -> bool:
+    """True when q, k or v may hold a NaN or inf, or values so large that a logit may overflow.
+
+    Cost: one pass per input (max |q| and max |k| by aminmax, a sum of v) and one host sync (free on CPU).
+    A logit is bounded by d * max|q| * max|k| * scale: when that can pass the largest finite value of the
+    kernels' logit dtype (float32; float64 for float64 inputs), a garbage key that every row masks out
+    could still turn into inf + (-inf) = NaN inside a kernel that adds its mask (SDPA's), so the exact
+    path runs. A false alarm (a sum of finite values that overflows) only costs the exact path.
     Skipped (False) where a data-dependent branch cannot run: torch.compile and torch.export, CUDA graph
     capture, torch.func.vmap, fake and meta tensors. `check_finite=False` (attention, Attend) skips it
     too."""
@@ -107,17 +121,21 @@ def _maybe_nonfinite(inp: AttnInputs) -> bool:
         return False
     if inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    # float32, bfloat16, float64 sums accumulate in float32 or wider and have its range; a float16 sum
-    # would overflow 65504 on ordinary activations, but its mean (accumulated in float32) cannot
-    reduce = _mean_as_float32 if inp.dtype == torch.float16 else Tensor.sum
     with torch.no_grad():
-        total = reduce(inp.q) + reduce(inp.k) + reduce(inp.v)
+        if inp.i == 0 or inp.j == 0:
+            return False
+        stats = torch.stack(
+            [_max_abs(inp.q), _max_abs(inp.k), _all_finite_sum(inp.v).to(accum_dtype(inp.dtype))]
+        )
         try:
-            return not bool(total.isfinite())
+            q_max, k_max, v_sum = stats.tolist()
         except RuntimeError:
             if _no_data_branch(inp.q):  # vmap, fake tensors: skipped, as under compile
                 return False
             raise
+    if not all(math.isfinite(x) for x in (q_max, k_max, v_sum)):
+        return True
+    return inp.d * q_max * k_max * inp.scale > torch.finfo(accum_dtype(inp.dtype)).max / 2
 
 
 def _no_data_branch(t: Tensor) -> bool:
@@ -132,12 +150,18 @@ def _no_data_branch(t: Tensor) -> bool:
 
 
 def _finite_part(inp: AttnInputs) -> tuple[AttnInputs, Tensor, Tensor]:
-    """The inputs with every non-finite entry of q, k, v set to 0, and which rows (bool (b, h, i)) and
-    keys (bool (b, g, j), k or v) held one, so the output rows that see them can be set to NaN."""
+    """The inputs with every non-finite entry of q, k, v set to 0 and the keys no query may attend
+    (`masks.dead_keys`) zeroed in k and v, and which rows (bool (b, h, i)) and keys (bool (b, g, j), k or
+    v) held a non-finite entry, so the output rows that see them can be set to NaN."""
     finite = [torch.isfinite(t) for t in (inp.q, inp.k, inp.v)]
     q_bad = ~finite[0].all(-1)
     kv_bad = ~(finite[1].all(-1) & finite[2].all(-1))
     q, k, v = (t.masked_fill(~ok, 0) for t, ok in zip((inp.q, inp.k, inp.v), finite))
+    dead = dead_keys(inp)
+    if dead is not None:
+        # whatever sits there (garbage up to the dtype's max) can reach no output, but in a kernel that
+        # adds its mask a huge logit would meet the mask's -inf; zeros reach nothing either
+        k, v = k.masked_fill(dead[:, None, :, None], 0), v.masked_fill(dead[:, None, :, None], 0)
     return replace(inp, q=q, k=k, v=v), q_bad, kv_bad
 
 
@@ -152,7 +176,7 @@ def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool 
         zero = ((inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0).nan_to_num(0.0, 0.0, 0.0)
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
     chosen = select(inp, backend, fused_only=fused_only)
-    if inp.check_finite and _maybe_nonfinite(inp):
+    if inp.check_finite and _needs_exact_path(inp):
         # run the finite part, then mark the rows that see a NaN/inf: no kernel's masking can leak it
         clean, q_bad, kv_bad = _finite_part(inp)
         out = _run(clean, chosen, backend)

@@ -263,24 +263,28 @@ def validate(
     b, h, i, d = q.shape
     bk, g, j, dk = k.shape
     bv, gv, jv, e = v.shape
-    shapes = f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
+    # formatted only when an error is raised: under torch.compile with dynamic shapes the sizes are
+    # symbolic, and formatting them on every call cannot be traced
+    def shapes() -> str:
+        return f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
+
     if not (b == bk == bv):
-        raise ValueError(f"expected one batch size `b` for q, k, v, got {b}, {bk}, {bv} ({shapes})")
+        raise ValueError(f"expected one batch size `b` for q, k, v, got {b}, {bk}, {bv} ({shapes()})")
     if g != gv:
         raise ValueError(
-            f"expected k and v with the same number of heads `g`, got {g} and {gv} ({shapes})"
+            f"expected k and v with the same number of heads `g`, got {g} and {gv} ({shapes()})"
         )
     if j != jv:
-        raise ValueError(f"expected k and v with the same length `j`, got {j} and {jv} ({shapes})")
+        raise ValueError(f"expected k and v with the same length `j`, got {j} and {jv} ({shapes()})")
     if dk != d:
-        raise ValueError(f"expected q and k with the same head dim `d`, got {d} and {dk} ({shapes})")
+        raise ValueError(f"expected q and k with the same head dim `d`, got {d} and {dk} ({shapes()})")
     if g == 0 or h % g != 0:
         raise ValueError(
             f"expected query heads `h` to be a multiple of key/value heads `g` (h % g == 0), "
-            f"got h={h}, g={g} ({shapes}); hint: grouped-query attention needs h = g * r"
+            f"got h={h}, g={g} ({shapes()}); hint: grouped-query attention needs h = g * r"
         )
     if min(b, h, d, e) == 0:
-        raise ValueError(f"expected non-zero b, h, d and e, got {shapes}")
+        raise ValueError(f"expected non-zero b, h, d and e, got {shapes()}")
 
     target = (b, h, i, j)
     mask4, kind = None, "none"
@@ -301,7 +305,7 @@ def validate(
             if tuple(mask.shape) != (b, j):
                 raise ValueError(
                     f"expected a 2-D `mask` to be a key padding mask (b, j) = {fmt_shape((b, j))}, got shape "
-                    f"{fmt_shape(mask.shape)} ({shapes}); hint: for an (i, j) mask pass `mask[None, None]`"
+                    f"{fmt_shape(mask.shape)} ({shapes()}); hint: for an (i, j) mask pass `mask[None, None]`"
                 )
             mask4, kind = mask[:, None, None, :], "key_padding"
         else:
@@ -320,8 +324,9 @@ def validate(
             raise ValueError(f"expected `bias` on {q.device} like q, got {bias.device}")
         bias4 = _broadcast_4d("bias", bias, target, "hint: one additive logit per (b, h, i, j)")
 
-    if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)):
-        raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
+    # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
+    if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
+        raise TypeError(f"expected `causal` to be a bool (True or False), got {_describe(causal)}")
 
     if scale is None:
         scale_f = d**-0.5

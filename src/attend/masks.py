@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .inputs import AttnInputs
 
-__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows", "visible", "rows_that_see"]
+__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows", "dead_keys", "visible", "rows_that_see"]
 
 
 def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
@@ -105,6 +105,22 @@ def dead_rows(inp: AttnInputs) -> Tensor | None:
     if keep.dim() == 2:
         keep = keep[None, None]
     return ~keep.any(dim=-1, keepdim=True)
+
+
+def dead_keys(inp: AttnInputs) -> Tensor | None:
+    """Bool (b|1, j): True for keys that no query of that batch element may attend in any head (`mask`
+    False for every row and head, or `bias` -inf for every row and head); None when neither is set.
+    (Causality alone hides no key from every row.) Cost: one reduction over the mask and one over the bias.
+    """
+    dead = None
+    if inp.mask is not None:
+        dead = ~inp.mask.any(dim=2).any(dim=1)  # (b|1, j|1)
+    if inp.bias is not None:
+        gone = (inp.bias == float("-inf")).all(dim=2).all(dim=1)
+        dead = gone if dead is None else dead | gone
+    if dead is None:
+        return None
+    return dead.expand(dead.shape[0], inp.j)
 
 
 # bools per block when `rows_that_see` must look at (b, h, rows, j) at once: 16 MiB
