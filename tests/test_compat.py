@@ -226,7 +226,7 @@ def test_heads_differ_without_enable_gqa_raises_like_torch():
     "kwargs, exc",
     [
         (dict(attn_mask=torch.ones(4, 4, dtype=torch.int64)), TypeError),
-        (dict(attn_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError),
+        (dict(attn_mask=torch.ones(3, 4, dtype=torch.bool)), SdpaArgumentError),
         (dict(is_causal=1), TypeError),
     ],
     ids=["int-mask", "mask-shape", "is_causal-int"],
@@ -235,6 +235,33 @@ def test_bad_arguments(kwargs, exc):
     q = k = v = torch.randn(1, 2, 4, 8)
     with pytest.raises(exc, match="expected"):
         sdpa(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "mask_shape", [(3, 1, 4, 4), (2, 5, 4, 4), (4, 5), (1, 1, 1, 2, 4, 4)], ids=["batch", "heads", "LS", "5-d"]
+)
+def test_mask_that_does_not_broadcast_raises_what_torch_callers_catch(mask_shape):
+    """PyTorch raises a RuntimeError here; so does the drop-in (a ValueError too), naming attn_mask."""
+    q = k = v = torch.randn(2, 2, 4, 8)
+    keep = torch.ones(mask_shape, dtype=torch.bool)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    with pytest.raises(RuntimeError, match=r"expected `attn_mask` broadcastable to \(N, \.\.\., Hq, L, S\) = \(2, 2, 4, 4\)"):
+        sdpa(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize(
+    "shape, mask", [((0, 4, 5, 8), None), ((0, 4, 5, 8), (5, 5)), ((0, 5, 8), None), ((2, 0, 5, 8), None)],
+    ids=["N0", "N0-mask", "N0-3d", "H0"],
+)
+def test_empty_batch_returns_empty_like_torch(shape, mask):
+    q = torch.randn(shape, requires_grad=True)
+    keep = None if mask is None else torch.ones(mask, dtype=torch.bool)
+    out = sdpa(q, q, q, attn_mask=keep)
+    ref = F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
 
 
 def test_mixed_dtypes_outside_autocast_raise():

@@ -172,6 +172,7 @@ ROWS: list[Row] = [
     Row("scale-tensor", "scale given as a tensor", call(scale=torch.tensor(0.5)), TypeError,
         "expected `scale` to be a Python float, got a 0-D tensor of shape (), dtype float32"),
     Row("causal-type", "causal not a bool", call(causal="yes"), TypeError, "expected `causal` to be a bool, got str 'yes'"),
+    Row("causal-int", "causal an int other than 0 or 1", call(causal=2), TypeError, "expected `causal` to be a bool, got int 2"),
     Row("deterministic-type", "deterministic not a bool", call(deterministic=None), TypeError,
         "expected `deterministic` to be a bool, got NoneType None"),
     Row("check-finite-type", "check_finite not a bool", call(check_finite="no"), TypeError,

@@ -193,14 +193,14 @@ def scaled_dot_product_attention(
         if len(batch) > 1:  # several leading dims: broadcast them, then flatten like q, k, v
             m = m.expand(batch + tuple(m.shape[-3:]))
             m = m.reshape((-1,) + tuple(m.shape[-3:]))
-    if math.prod(batch) == 0 or hq == 0:
-        # an empty batch (or no heads): an empty output, as PyTorch gives; the zero term keeps the graph
-        zero = (q4.sum() + k4.sum() + v4.sum()) * 0
-        return (q4.new_zeros(out_shape) + zero).reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)
         if m.dtype == torch.bool:
             mask = m
         else:
             bias = m
+    if math.prod(batch) == 0 or hq == 0:
+        # an empty batch (or no heads): an empty output, as PyTorch gives; the zero term keeps the graph
+        zero = (q4.sum() + k4.sum() + v4.sum()) * 0
+        return (q4.new_zeros(out_shape) + zero).reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)
 
     causal = False
     if is_causal:

@@ -279,27 +279,27 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         return not reasons
 
     order = _priority(inp.device.type)
-    chosen = None
+    picked: str | None = None
     for name in order:
         # a shape-dependent PROMOTE rule is looked at only when the backend it overtakes is reached: its
         # condition then decides something. (Under torch.compile every condition read becomes a guard on the
         # sizes; reading one that cannot change the answer would recompile for nothing.)
         for promoted in _promotions(inp, name, order):
             if promoted not in rejected and eligible(promoted):
-                chosen = promoted
+                picked = promoted
                 break
-        if chosen is None and name not in rejected and eligible(name):
-            chosen = name
-        if chosen is not None:
+        if picked is None and name not in rejected and eligible(name):
+            picked = name
+        if picked is not None:
             break
-    if chosen is None:
+    if picked is None:
         raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
     if not compiling:
         with _lock:
             if generation == _generation:
-                _cache[key] = chosen
-        _log_slow(inp, chosen, rejected)
-    return _registry[chosen]
+                _cache[key] = picked
+        _log_slow(inp, picked, rejected)
+    return _registry[picked]
 
 
 def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[Backend]:

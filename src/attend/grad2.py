@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -65,7 +66,7 @@ def recompute_grads(
     leaves = (inp.q, inp.k, inp.v, inp.bias)
     with torch.enable_grad():
         wide = [None if t is None else (t if t.dtype == acc else t.to(acc)) for t in leaves]
-        run = replace(inp, q=wide[0], k=wide[1], v=wide[2], bias=wide[3])
+        run = replace(inp, q=cast(Tensor, wide[0]), k=cast(Tensor, wide[1]), v=cast(Tensor, wide[2]), bias=wide[3])
         out = einsum_attention(run, dropout_keep=dropout_keep)
         targets = [t for t, want in zip(leaves, wanted) if want and t is not None]
         grads = iter(torch.autograd.grad(out, targets, dout.to(out.dtype), create_graph=True, allow_unused=True))
@@ -88,22 +89,23 @@ class TwiceDifferentiable(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kernel: Callable[[AttnInputs], Tensor], inp: AttnInputs, q, k, v, bias):  # type: ignore[override]
+    def forward(ctx, kernel: Callable[[AttnInputs], Tensor], inp: AttnInputs, q, k, v, bias):
         inner = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, bias)]
         with torch.enable_grad():
-            out = kernel(replace(inp, q=inner[0], k=inner[1], v=inner[2], bias=inner[3]))
+            out = kernel(replace(inp, q=cast(Tensor, inner[0]), k=cast(Tensor, inner[1]), v=cast(Tensor, inner[2]),
+                                 bias=inner[3]))
         ctx.inp = inp
         ctx.inner = (out, inner)
         ctx.save_for_backward(q, k, v, bias)
         return out.detach()
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         wanted = tuple(ctx.needs_input_grad[2:6])
         out, inner = ctx.inner
         if records_graph():
             q, k, v, bias = ctx.saved_tensors
-            grads = recompute_grads(replace(ctx.inp, q=q, k=k, v=v, bias=bias), dout, wanted)  # type: ignore[arg-type]
+            grads = recompute_grads(replace(ctx.inp, q=q, k=k, v=v, bias=bias), dout, wanted)
             return (None, None, *grads)
         targets = [t for t, want in zip(inner, wanted) if want and t is not None]
         found = iter(torch.autograd.grad(out, targets, dout, allow_unused=True))

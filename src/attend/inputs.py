@@ -326,7 +326,7 @@ def validate(
 
     # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
     if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
-        raise TypeError(f"expected `causal` to be a bool (True or False), got {_describe(causal)}")
+        raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
 
     if scale is None:
         scale_f = d**-0.5

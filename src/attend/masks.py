@@ -31,7 +31,16 @@ from torch import Tensor
 
 from .inputs import AttnInputs
 
-__all__ = ["causal_keep", "combined_keep", "sdpa_attn_mask", "dead_rows", "dead_keys", "visible", "rows_that_see"]
+__all__ = [
+    "bias_as",
+    "causal_keep",
+    "combined_keep",
+    "sdpa_attn_mask",
+    "dead_rows",
+    "dead_keys",
+    "visible",
+    "rows_that_see",
+]
 
 
 def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
@@ -66,9 +75,30 @@ def combined_keep(inp: AttnInputs, rows: slice | None = None, cols: int | None =
     return keep
 
 
-def sdpa_attn_mask(inp: AttnInputs, rows: slice | None = None, cols: int | None = None) -> Tensor | None:
+def bias_as(bias: Tensor, dtype: torch.dtype, *, grad: bool) -> Tensor:
+    """The bias in `dtype` for a kernel's additive mask, by the one rule every backend keeps (contract
+    item 4): a float32 kernel mask carries the bias at float32 precision; a kernel that takes the mask only
+    in a narrower dtype gets it saturated to that dtype's finite range (a bias of 7e4 becomes 65504 in
+    float16, not inf; -1e9 becomes -65504, not -inf), with +-inf kept as they are.
+
+    `grad=False` detaches it, so a learned bias (an `nn.Parameter`) under `torch.no_grad()` reaches the
+    kernel as the plain tensor it is there (PyTorch's CPU flash rejects a mask that requires grad)."""
+    if not grad:
+        bias = bias.detach()
+    if bias.dtype == dtype:
+        return bias
+    if torch.finfo(dtype).max < torch.finfo(bias.dtype).max:
+        limit = torch.finfo(dtype).max
+        bias = torch.where(bias.isinf(), bias, bias.clamp(-limit, limit))
+    return bias.to(dtype)
+
+
+def sdpa_attn_mask(
+    inp: AttnInputs, rows: slice | None = None, cols: int | None = None, bias_dtype: torch.dtype | None = None
+) -> Tensor | None:
     """The `attn_mask` for `F.scaled_dot_product_attention`: bool when there is no bias (cheapest),
-    else the bias in the query dtype with -inf where the mask or causality forbids.
+    else the bias in `bias_dtype` (default: q's dtype; see `bias_as`) with -inf where the mask or causality
+    forbids.
 
     Callers use `is_causal=True` instead when causal is the only constraint and i == j.
     """
@@ -76,7 +106,7 @@ def sdpa_attn_mask(inp: AttnInputs, rows: slice | None = None, cols: int | None 
     bias = _slice_rows(inp.bias, rows, cols)
     if bias is None:
         return keep
-    bias = bias.to(inp.dtype)
+    bias = bias_as(bias, bias_dtype or inp.dtype, grad=inp.bias_needs_grad)
     if keep is None:
         return bias
     return bias.masked_fill(~keep, float("-inf"))

@@ -41,6 +41,10 @@ class Caps:
     dropout: bool = True
     dropout_step: float | None = None  # dropout_p must be a multiple of this
     grad: bool = True
+    # the dtype its kernel takes an additive bias in: "accum" (float32, float64 for float64 inputs: the
+    # softmax's precision, contract item 4) or "input" (q's dtype only; the bias is then saturated to that
+    # dtype's finite range, `masks.bias_as`)
+    bias_dtype: str = "accum"
     # its own backward is differentiable again (create_graph=True). False: a first-order kernel (PyTorch's
     # fused ones), which `attend.grad2` makes twice differentiable by recomputing through the reference
     grad2: bool = True
@@ -105,6 +109,17 @@ class Backend:
             reasons.append("bias given; this backend takes no bias")
         if inp.bias_needs_grad and not caps.bias_grad:
             reasons.append("bias requires grad; this backend gives no gradient for bias")
+        if (
+            inp.bias_needs_grad
+            and caps.bias_dtype == "input"
+            and inp.dtype in (torch.float16, torch.bfloat16)
+            and inp.bias is not None
+            and tuple(inp.bias.shape) != (inp.b, inp.h, inp.i, inp.j)
+        ):
+            # the kernel takes the bias in q's dtype, so autograd sums the gradient of a broadcast bias over
+            # many positions in half precision (measured on sdpa:math when it did: off by 2e-2 where the true
+            # value is 0; docs/reliability.md)
+            reasons.append(f"gradient of a broadcast bias would be summed in {inp.dtype} (inexact)")
         if inp.causal and not caps.causal:
             reasons.append("causal=True not supported")
         if inp.dropout_p > 0 and not caps.dropout:

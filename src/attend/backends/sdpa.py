@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._helpers import accum_dtype
 from ..grad2 import TwiceDifferentiable
 from ..inputs import AttnInputs
 from ..masks import dead_rows, sdpa_attn_mask
@@ -148,11 +149,6 @@ def _plain_eager(t: Tensor) -> bool:
     return functorch is None or not functorch.is_functorch_wrapped_tensor(t)
 
 
-def _broadcast(t: Tensor, inp: AttnInputs) -> bool:
-    """Is `t` broadcast over some dim of (b, h, i, j) (so its gradient is a sum)?"""
-    return tuple(t.shape) != (inp.b, inp.h, inp.i, inp.j)
-
-
 def _expand_kv(t: Tensor, h: int) -> Tensor:
     """(b, g, j, x) -> (b, h, j, x), a copy: only for kernels with no native grouped-query path."""
     b, g, j, x = t.shape
@@ -221,7 +217,9 @@ class SdpaBackend(Backend):
 
     def _call(self, inp: AttnInputs, q, k, v, kwargs, rows, cols) -> Tensor:
         if not inp.causal or rows is not None:
-            attn_mask = sdpa_attn_mask(inp, rows, cols)
+            caps = self.caps_for(inp.device)
+            wide = caps is None or caps.bias_dtype == "accum"
+            attn_mask = sdpa_attn_mask(inp, rows, cols, accum_dtype(inp.dtype) if wide else inp.dtype)
             is_causal = False
         else:
             attn_mask, is_causal = None, True
@@ -290,6 +288,7 @@ class SdpaEfficient(SdpaBackend):
             native_gqa=False,
             deterministic=False,
             grad2=False,
+            bias_dtype="input",  # the CUTLASS kernel checks "invalid dtype for bias - should match query's dtype"
         ),
     }
 
@@ -311,6 +310,7 @@ class SdpaCudnn(SdpaBackend):
             dropout_step=1 / 16,
             deterministic=False,
             grad2=False,
+            bias_dtype="input",  # not verified on a GPU yet: assumed like the CUTLASS kernel
         ),
     }
 
@@ -332,12 +332,3 @@ class SdpaMath(SdpaBackend):
         "cuda": Caps(),
         "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
     }
-
-    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
-        reasons = super().reasons_unsupported(inp)
-        bias = inp.bias
-        if not reasons and bias is not None and inp.bias_needs_grad and inp.dtype in HALF and _broadcast(bias, inp):
-            # SDPA takes the bias in q's dtype, so autograd sums the gradient of a broadcast bias over many
-            # positions in half precision (measured: off by 2e-2 where the true value is 0; docs/reliability.md)
-            reasons.append(f"gradient of a broadcast bias would be summed in {inp.dtype} (inexact)")
-        return reasons
