@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ._helpers import accum_dtype
 from .backends.base import Backend
 from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
-from ._helpers import accum_dtype
 from .masks import dead_keys, rows_that_see
 
 __all__ = ["attention", "explain", "run_inputs", "autocast_inputs"]
