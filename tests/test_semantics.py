@@ -202,3 +202,19 @@ def test_dead_row_probe_is_right_when_first_called_without_grad(context):
             assert sdpa.zeroes_dead_rows(SDPBackend.FLASH_ATTENTION, "cpu") is True
     finally:
         sdpa.zeroes_dead_rows.cache_clear()
+
+
+def test_learned_bias_under_no_grad_runs_where_explain_says(recwarn):
+    """A bias that is an nn.Parameter, at inference under torch.no_grad(): PyTorch's CPU flash kernel rejects
+    any mask with requires_grad=True, so the bias must reach it detached. explain names sdpa:flash, auto runs
+    it without a fallback warning, and pinned it runs too (before: "No available kernel")."""
+    q, k, v = make_qkv(b=2, h=4, g=2, i=9, j=11, d=16)
+    bias = torch.nn.Parameter(torch.randn(1, 4, 9, 11))
+    with torch.no_grad():
+        assert attend.explain(q, k, v, bias=bias).backend == "sdpa:flash"
+        auto = attention(q, k, v, bias=bias)
+        pinned = attention(q, k, v, bias=bias, backend="sdpa:flash")
+        ref = attention(q, k, v, bias=bias, backend="einsum")
+    assert not [w for w in recwarn if issubclass(w.category, attend.AttendFallbackWarning)]
+    torch.testing.assert_close(auto, ref)
+    torch.testing.assert_close(pinned, ref)

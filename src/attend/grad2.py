@@ -95,20 +95,23 @@ class TwiceDifferentiable(torch.autograd.Function):
             out = kernel(replace(inp, q=cast(Tensor, inner[0]), k=cast(Tensor, inner[1]), v=cast(Tensor, inner[2]),
                                  bias=inner[3]))
         ctx.inp = inp
-        ctx.inner = (out, inner)
-        ctx.save_for_backward(q, k, v, bias)
+        ctx.inner = inner
+        # the kernel's output (and through its grad_fn, the kernel's own graph) is saved like any tensor, so
+        # autograd frees it when it frees this node's saved tensors: right after this node's backward,
+        # unless the caller asked for retain_graph=True (then it stays for the next backward, as it should)
+        ctx.save_for_backward(q, k, v, bias, out)
         return out.detach()
 
     @staticmethod
     def backward(ctx, dout):
         wanted = tuple(ctx.needs_input_grad[2:6])
-        out, inner = ctx.inner
+        q, k, v, bias, out = ctx.saved_tensors
         if records_graph():
-            q, k, v, bias = ctx.saved_tensors
             grads = recompute_grads(replace(ctx.inp, q=q, k=k, v=v, bias=bias), dout, wanted)
             return (None, None, *grads)
+        inner = ctx.inner
         targets = [t for t, want in zip(inner, wanted) if want and t is not None]
-        found = iter(torch.autograd.grad(out, targets, dout, allow_unused=True))
+        found = iter(torch.autograd.grad(out, targets, dout, retain_graph=True, allow_unused=True))
         grads = []
         for t, want in zip(inner, wanted):
             grad = next(found) if want and t is not None else None
