@@ -144,4 +144,4 @@ def test_the_kernels_graph_is_freed_with_the_node_and_kept_with_retain_graph():
     out.sum().backward()  # the second backward through the kept graph
     torch.testing.assert_close(q.grad, 2 * first)
     with pytest.raises(RuntimeError, match="freed"):
-        out.grad_fn.saved_tensors
+        _ = out.grad_fn.saved_tensors
