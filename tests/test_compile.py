@@ -164,3 +164,62 @@ def test_flash_fallback_with_dropout_compiles():
     counter = _counter()
     out = torch.compile(lambda q: attn(q, q, q), fullgraph=True, backend=counter)(q)
     assert out.shape == q.shape and counter.frame_count == 1
+
+
+# changing sequence lengths (the issue: validation formatted symbolic sizes on every call)
+
+LENGTHS = (9, 13, 64, 257)
+
+
+def _entry(kind: str, training: bool):
+    """(callable on (q, k, v, pad), its eager twin). Causal + key padding: the bottom-right and padding paths."""
+    if kind == "Attend":
+        module = Attend(causal=True).train(training)
+        return (lambda q, k, v, pad: module(q, k, v, mask=pad)), module
+    if kind == "attention":
+        from attend import attention
+
+        return lambda q, k, v, pad: attention(q, k, v, mask=pad, causal=True), None
+    from attend import scaled_dot_product_attention as sdpa
+
+    # PyTorch's own semantics: upper-left causal, a key padding mask as a 4-D bool
+    return lambda q, k, v, pad: sdpa(q, k, v, attn_mask=pad[:, None, None, :], enable_gqa=True), None
+
+
+def _length_inputs(n: int, grad: bool):
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(2, 4, n, 8, generator=gen).requires_grad_(grad)
+    k, v = (torch.randn(2, 2, n, 8, generator=gen).requires_grad_(grad) for _ in range(2))
+    pad = torch.ones(2, n, dtype=torch.bool)
+    pad[1, n - n // 3 :] = False
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto-dynamic", "dynamic"])
+@pytest.mark.parametrize("kind", ["Attend", "attention", "sdpa-drop-in"])
+def test_changing_lengths_compile_once(kind, dynamic, training):
+    """Lengths 9, 13, 64, 257 under fullgraph=True: outputs and grads equal eager. dynamic=True compiles one
+    graph for every length; the default (automatic dynamic) specialises on the first length and then
+    compiles one dynamic graph. Dynamo may restart the first compile once (frame_count counts that too), so
+    the count is read after the first call and must not grow."""
+    fn, _ = _entry(kind, training)
+    counter = _counter()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=counter)
+    counts = []
+    for n in LENGTHS:
+        q, k, v, pad = _length_inputs(n, training)
+        out = compiled(q, k, v, pad)
+        ref_inputs = [t.detach().requires_grad_(training) for t in (q, k, v)]
+        ref = fn(*ref_inputs, pad)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        if training:
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            ref_grads = torch.autograd.grad(ref.square().sum(), ref_inputs)
+            for got, want in zip(grads, ref_grads):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        counts.append(counter.frame_count)
+    if dynamic:
+        assert counts == [counts[0]] * len(LENGTHS), counts  # no recompile for a new length
+    else:
+        assert len(set(counts[1:])) == 1, counts  # one recompile (to a dynamic graph), then none

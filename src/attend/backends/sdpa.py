@@ -193,6 +193,11 @@ class SdpaBackend(Backend):
                 return self._call(inp, q, k, v, kwargs, rows=None, cols=None)
             if self._native_lower_right(inp, kwargs):
                 return _sdpa(q, k, v, attn_mask=_lower_right_bias(inp.i, inp.j), **kwargs)
+            if inp.i <= self.query_block or torch.compiler.is_compiling():
+                # one block, every key: under torch.compile a loop over query blocks would specialise the
+                # graph on the sequence length (a recompile per length); the compiled kernel pays the
+                # masked upper triangle instead
+                return self._call(inp, q, k, v, kwargs, rows=None, cols=None, masked=True)
             # causal with a mask, or unaligned: each block of queries sees keys [0, last visible)
             outs = []
             for start in range(0, inp.i, self.query_block):
@@ -215,8 +220,10 @@ class SdpaBackend(Backend):
             and ("enable_gqa" not in kwargs or has_lower_right_gqa())
         )
 
-    def _call(self, inp: AttnInputs, q, k, v, kwargs, rows, cols) -> Tensor:
-        if not inp.causal or rows is not None:
+    def _call(self, inp: AttnInputs, q, k, v, kwargs, rows, cols, masked: bool = False) -> Tensor:
+        """One SDPA call. `rows`/`cols`: the query block and key prefix it covers (None: all). Causal goes in as
+        `is_causal=True` only for the whole, unmasked, aligned square; otherwise (a block, `masked`) as a mask."""
+        if not inp.causal or rows is not None or masked:
             caps = self.caps_for(inp.device)
             wide = caps is None or caps.bias_dtype == "accum"
             attn_mask = sdpa_attn_mask(inp, rows, cols, accum_dtype(inp.dtype) if wide else inp.dtype)
