@@ -122,7 +122,8 @@ ROWS: list[Row] = [
         "expected `bias` with at most 4 dims, broadcastable to (b, h, i, j) = (2, 4, 5, 6), got 5-D shape (1, 2, 4, 5, 6)"),
     Row("bias-dtype", "bias in another float dtype than q (float64 bias, float32 q)",
         call(bias=torch.randn(5, 6, dtype=torch.float64)), None,
-        "works: the bias is cast to q's dtype (sdpa:*) or to the softmax dtype (einsum)"),
+        "works: the bias is added at the softmax's precision (float32; float64 for float64 q) on every backend; "
+        "a kernel that takes it only in q's dtype gets it saturated to that dtype's range, +-inf kept"),
     Row("bias-requires-grad", "bias that requires grad (learned relative position bias, ALiBi slopes)",
         call(bias=torch.randn(4, 5, 6, requires_grad=True)), None,
         "works on every backend declaring `bias_grad` (gradient checked against the reference); "

@@ -145,3 +145,13 @@ def test_the_kernels_graph_is_freed_with_the_node_and_kept_with_retain_graph():
     torch.testing.assert_close(q.grad, 2 * first)
     with pytest.raises(RuntimeError, match="freed"):
         _ = out.grad_fn.saved_tensors
+
+
+def test_recorded_backward_through_an_unrecoverable_dropout_mask_says_what_to_do():
+    """A fused CUDA kernel's dropout mask cannot be read back: the recorded backward raises, naming the way out."""
+    from attend.grad2 import recompute_grads
+
+    q, k, v = (torch.randn(1, 2, 3, 4, requires_grad=True) for _ in range(3))
+    inp = validate(q, k, v, dropout_p=0.1)
+    with pytest.raises(RuntimeError, match="backend='chunked' or backend='sdpa:math'"):
+        recompute_grads(inp, torch.ones(1, 2, 3, 4), (True, True, True, False))
