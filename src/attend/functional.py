@@ -15,7 +15,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ._helpers import accum_dtype
 from .backends.base import Backend
 from .dispatch import AttendFallbackWarning, Report, explain_inputs, fallbacks, select
 from .inputs import AttnInputs, validate
@@ -94,48 +93,40 @@ def _failure(name: str, err: BaseException) -> str:
     return f"backend {name!r} failed with {type(err).__name__}: {first}"
 
 
-def _max_abs(t: Tensor) -> Tensor:
-    """max |t| as a float32/float64 scalar (NaN if t holds a NaN): one pass (aminmax)."""
-    low, high = torch.aminmax(t)
-    return torch.maximum(high, low.neg()).to(accum_dtype(t.dtype))
-
-
-def _all_finite_sum(t: Tensor) -> Tensor:
+def _finite_sum(t: Tensor) -> Tensor:
     # float32, bfloat16, float64 sums accumulate in float32 or wider and have its range; a float16 sum
     # would overflow 65504 on ordinary activations, but its mean (accumulated in float32) cannot
-    return t.mean().float() if t.dtype == torch.float16 else t.sum()
+    return t.mean() if t.dtype == torch.float16 else t.sum()
 
 
-def _needs_exact_path(inp: AttnInputs) -> bool:
-    """True when q, k or v may hold a NaN or inf, or values so large that a logit may overflow.
-
-    Cost: one pass per input (max |q| and max |k| by aminmax, a sum of v) and one host sync (free on CPU).
-    A logit is bounded by d * max|q| * max|k| * scale: when that can pass the largest finite value of the
-    kernels' logit dtype (float32; float64 for float64 inputs), a garbage key that every row masks out
-    could still turn into inf + (-inf) = NaN inside a kernel that adds its mask (SDPA's), so the exact
-    path runs. A false alarm (a sum of finite values that overflows) only costs the exact path.
-    Skipped (False) where a data-dependent branch cannot run: torch.compile and torch.export, CUDA graph
-    capture, torch.func.vmap, fake and meta tensors. `check_finite=False` (attention, Attend) skips it
-    too."""
+def _checkable(inp: AttnInputs) -> bool:
+    """Can Python read values here? Not while tracing (torch.compile, torch.export), capturing a CUDA graph,
+    or on meta tensors (vmap and fake tensors are found out when the read fails, `_all_finite`)."""
     if inp.device.type == "meta" or torch.compiler.is_compiling():
         return False
-    if inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
+    return not (inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _all_finite(inp: AttnInputs, out: Tensor) -> bool:
+    """False when q, k or v may hold a NaN or inf, or when the output of a call that has a mask or bias
+    holds one (a garbage key that every row masks out can overflow to inf inside a kernel that adds its
+    mask as -inf, SDPA's, and inf + -inf = NaN; so can a huge bias or visible logit, a false alarm).
+
+    Cost: one sum per input (and of the output when there is a mask or bias) and one host sync, after the
+    kernel ran (free on CPU). A false alarm (a sum of finite values that overflows) only costs the exact
+    path. True (no check) where values cannot be read: vmap and fake tensors."""
+    parts = [inp.q, inp.k, inp.v]
+    if inp.mask is not None or inp.bias is not None:
+        parts.append(out)
     with torch.no_grad():
-        if inp.i == 0 or inp.j == 0:
-            return False
-        stats = torch.stack(
-            [_max_abs(inp.q), _max_abs(inp.k), _all_finite_sum(inp.v).to(accum_dtype(inp.dtype))]
-        )
         try:
-            q_max, k_max, v_sum = stats.tolist()
+            if inp.device.type == "cpu":  # a read per sum is free on CPU, and cheaper than stacking them
+                return all(math.isfinite(_finite_sum(t).item()) for t in parts)
+            return bool(torch.stack([_finite_sum(t).float() for t in parts]).sum().isfinite())  # one sync
         except RuntimeError:
             if _no_data_branch(inp.q):  # vmap, fake tensors: skipped, as under compile
-                return False
+                return True
             raise
-    if not all(math.isfinite(x) for x in (q_max, k_max, v_sum)):
-        return True
-    return inp.d * q_max * k_max * inp.scale > torch.finfo(accum_dtype(inp.dtype)).max / 2
 
 
 def _no_data_branch(t: Tensor) -> bool:
@@ -176,12 +167,14 @@ def run_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool 
         zero = ((inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0).nan_to_num(0.0, 0.0, 0.0)
         return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
     chosen = select(inp, backend, fused_only=fused_only)
-    if inp.check_finite and _needs_exact_path(inp):
-        # run the finite part, then mark the rows that see a NaN/inf: no kernel's masking can leak it
-        clean, q_bad, kv_bad = _finite_part(inp)
-        out = _run(clean, chosen, backend)
-        return out.masked_fill(rows_that_see(inp, q_bad, kv_bad)[..., None], float("nan"))
-    return _run(inp, chosen, backend)
+    out = _run(inp, chosen, backend)
+    if not inp.check_finite or not _checkable(inp) or _all_finite(inp, out):
+        return out
+    # rare: run the finite part (non-finite entries and keys no query may attend set to 0), then mark the
+    # rows that see a NaN/inf: no kernel's masking can leak it
+    clean, q_bad, kv_bad = _finite_part(inp)
+    out = _run(clean, chosen, backend)
+    return out.masked_fill(rows_that_see(inp, q_bad, kv_bad)[..., None], float("nan"))
 
 
 def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
