@@ -1,5 +1,6 @@
 """The `chunked` backend beyond the shared grid: tile boundaries, causal skipping, gradcheck, dropout,
-fully masked rows and tiles, garbage in padding, every dtype, and the memory bound itself.
+fully masked rows and tiles, garbage in padding and behind a -inf bias, torch.func transforms (vmap, grad,
+vjp, jacrev, grad of grad), every dtype, and the memory bound itself. torch.compile: test_chunked_compile.py.
 
 Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
 d head dim (q and k), e value head dim.
@@ -210,6 +211,22 @@ def test_dropout_reproducible_and_only_when_asked():
     assert attention(q, k, v, dropout_p=0.2, backend="chunked").shape == (1, 2, 20, 8)
 
 
+@pytest.mark.parametrize("seed", [0, 1234, 2**31 - 1, 2**31, 2**32 - 1, -5, 2**40 + 7])
+def test_seed_as_a_tensor_gives_the_same_keep_mask(seed):
+    """Under torch.compile the drawn seed stays an int32 tensor (no host read): the tile hash computed with
+    tensor ops from it must equal the Python-int hash eager uses (and the backward regenerates), bit for bit.
+    Only seed mod 2**32 counts."""
+    from attend.backends.chunked import _dropout_keep
+
+    index = torch.arange(6 * 40 * 24, dtype=torch.int32)
+    as_tensor = torch.tensor(seed % 2**32, dtype=torch.int64).to(torch.int32)  # two's complement bits
+    for r0, c0, b0 in [(0, 0, 0), (256, 512, 3), (7, 1024, 1)]:
+        eager = _dropout_keep(index, (6, 40, 24), 0.3, seed, r0, c0, b0)
+        traced = _dropout_keep(index, (6, 40, 24), 0.3, as_tensor, r0, c0, b0)
+        assert torch.equal(eager, traced)
+        assert torch.equal(eager, _dropout_keep(index, (6, 40, 24), 0.3, seed + 2**32, r0, c0, b0))
+
+
 # contract items 2 and 3
 
 
@@ -253,6 +270,57 @@ def test_garbage_in_padding_never_leaks(garbage):
             torch.testing.assert_close(c, a)
 
 
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_neg_inf_bias_masks_like_the_reference(check_finite):
+    """A -inf bias entry is a mask (masked_fill, as in the einsum reference), not an add: a key whose logit
+    overflows to inf (3e38 in k) behind it never gives inf + -inf = NaN, forward or backward."""
+    q = torch.ones(1, 1, 2, 8)
+    k, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    bias = torch.tensor([0.0, 0.0, float("-inf")])
+    results = []
+    for garbage in (0.0, 3e38):
+        k_ = k.clone()
+        k_[:, :, 2] = garbage
+        leaves = [t.clone().requires_grad_() for t in (q, k_, v, bias)]
+        out = attention(*leaves[:3], bias=leaves[3], backend="chunked", check_finite=check_finite)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    clean, dirty = results
+    for name, a, c in zip(["out", "dq", "dk", "dv", "dbias"], clean, dirty):
+        assert torch.isfinite(c).all(), name
+        torch.testing.assert_close(c, a, msg=name)
+    assert (dirty[2][:, :, 2] == 0).all() and dirty[4][2] == 0  # nothing flows to or from the masked key
+
+
+def test_neg_inf_bias_with_garbage_keys_and_values_in_small_tiles():
+    """-inf bias entries scattered over many tiles (some tiles without any), with 1e30 in k and v behind
+    them: same outputs and gradients as with zeros there, all finite, and equal to the reference."""
+    q, k, v = make(b=2, h=4, g=2, i=11, j=14)
+    gen = torch.Generator().manual_seed(4)
+    bias = torch.randn(2, 4, 11, 14, generator=gen)
+    dead = torch.zeros(2, 14, dtype=torch.bool)
+    dead[0, [2, 9]] = True
+    dead[1, 12] = True
+    bias.masked_fill_(dead[:, None, None, :], float("-inf"))  # whole key columns ruled out by the bias
+    bias[0, 1, 3, 5] = float("-inf")  # and a single entry
+    k2, v2 = k.clone(), v.clone()
+    k2[dead[:, None, :, None].expand_as(k2)] = 1e30
+    v2[dead[:, None, :, None].expand_as(v2)] = -1e30
+    fn = lambda inp: chunked_attention(inp, q_tile=4, k_tile=5)  # noqa: E731
+    clean = run_with_grads(fn, q, k, v, torch.float32, bias=bias.requires_grad_(), causal=True)
+    dirty = run_with_grads(fn, q, k2, v2, torch.float32, bias=bias, causal=True)
+    keys = ~dead[:, None, :, None]
+    for name, a, c in zip(["out", "dq", "dk", "dv", "dbias"], clean, dirty):
+        assert torch.isfinite(c).all(), name
+        if name in ("dk", "dv"):
+            torch.testing.assert_close(c * keys, a * keys)
+            assert (c * ~keys == 0).all()
+        else:
+            torch.testing.assert_close(c, a)
+    check(q, k, v, q_tile=4, k_tile=5, bias=bias, causal=True)  # the clean case against the reference
+
+
 # dtypes
 
 
@@ -263,6 +331,135 @@ def test_every_dtype(dtype):
     pad[0, 11:] = False
     out = check(q, k, v, q_tile=8, k_tile=8, mask=pad, causal=True)[0]
     assert out.dtype == dtype
+
+
+# torch.func transforms
+
+
+def _vmap_inputs(n=3, b=2, h=4, g=2, i=6, j=9, d=8, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(n, b, h, i, d, generator=gen, dtype=dtype)
+    k = torch.randn(n, b, g, j, d, generator=gen, dtype=dtype)
+    v = torch.randn(n, b, g, j, d, generator=gen, dtype=dtype)
+    pad = torch.ones(n, b, j, dtype=torch.bool)
+    pad[1, 0, 5:] = False
+    pad[2, 1, :3] = False
+    bias = torch.randn(n, 1, h, i, j, generator=gen, dtype=dtype)
+    return q, k, v, pad, bias
+
+
+@pytest.mark.parametrize(
+    "in_dims",
+    [(0, 0, 0, 0, 0), (0, None, None, None, None), (None, 0, 0, None, 0), (0, 0, 0, None, None)],
+    ids=["all", "q-only", "kv-and-bias", "mask-and-bias-unbatched"],
+)
+@pytest.mark.parametrize("with_mask_bias", [True, False], ids=["mask+bias", "plain"])
+def test_vmap_matches_a_loop(in_dims, with_mask_bias):
+    """torch.func.vmap over a leading dim (grouped-query heads, causal, key padding, bias; each input batched
+    or not, mask and bias possibly absent) equals a Python loop over that dim: straight into the backend,
+    and through `attention` where q is batched (q unbatched: see test_vmap_attention_with_q_unbatched)."""
+    q, k, v, pad, bias = _vmap_inputs()
+
+    def direct(q, k, v, pad, bias):
+        if not with_mask_bias:
+            pad = bias = None
+        return chunked_attention(validate(q, k, v, mask=pad, bias=bias, causal=True), q_tile=4, k_tile=5)
+
+    def public(q, k, v, pad, bias):
+        if not with_mask_bias:
+            pad = bias = None
+        return attention(q, k, v, mask=pad, bias=bias, causal=True, backend="chunked")
+
+    args = [a if dim is not None else a[0] for a, dim in zip((q, k, v, pad, bias), in_dims)]
+    for fn in (direct, public) if in_dims[0] is not None else (direct,):
+        out = torch.func.vmap(fn, in_dims=in_dims)(*args)
+        loop = torch.stack([fn(*(a if dim is None else a[n] for a, dim in zip(args, in_dims))) for n in range(3)])
+        torch.testing.assert_close(out, loop)
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=False,
+    reason="functional._all_finite (the NaN/inf check) reads .item() of a vmapped sum and lets the error "
+    "through unless q itself is vmapped (_no_data_branch looks at q only); the backend vmaps fine "
+    "(test_vmap_matches_a_loop[...kv-and-bias]); check_finite=False works",
+)
+def test_vmap_attention_with_q_unbatched():
+    q, k, v, _, bias = _vmap_inputs()
+    out = torch.func.vmap(lambda k, v: attention(q[0], k, v, causal=True, backend="chunked"))(k, v)
+    torch.testing.assert_close(out, torch.stack([attention(q[0], k[n], v[n], causal=True) for n in range(3)]))
+    # a vmapped dim that is not the leading one, straight into the backend
+    moved = q.movedim(0, 2)  # (b, h, n, i, d)
+    out = torch.func.vmap(
+        lambda q: chunked_attention(validate(q, k[0], v[0], causal=True), q_tile=4, k_tile=5), in_dims=2, out_dims=1
+    )(moved)
+    loop = torch.stack([chunked_attention(validate(q[n], k[0], v[0], causal=True)) for n in range(3)], dim=1)
+    torch.testing.assert_close(out, loop)
+
+
+def test_func_grad_vjp_and_jacrev_match_autograd():
+    """torch.func.grad (every input, bias included), vjp and jacrev give autograd's gradients."""
+    q, k, v, pad, bias = (t[0] for t in _vmap_inputs())
+
+    def loss(q, k, v, bias):
+        return attention(q, k, v, mask=pad, bias=bias, causal=True, backend="chunked").square().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+    def fn(q):
+        return attention(q, k, v, mask=pad, bias=bias, causal=True, backend="chunked")
+
+    out, vjp_fn = torch.func.vjp(fn, q)
+    dout = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    leaf = q.clone().requires_grad_()
+    torch.testing.assert_close(vjp_fn(dout)[0], torch.autograd.grad(fn(leaf), leaf, dout)[0])
+    small = q[:1, :2, :3]  # jacrev: one vjp per output element, kept small
+    jac = torch.func.jacrev(lambda q: attention(q, k[:1, :1], v[:1, :1], backend="chunked"))(small)
+    ref = torch.autograd.functional.jacobian(lambda q: attention(q, k[:1, :1], v[:1, :1], backend="chunked"), small)
+    torch.testing.assert_close(jac, ref)
+
+
+def test_func_grad_of_grad_and_vmap_of_grad():
+    """Second order through torch.func (the backward is recorded, so it runs the differentiable recompute)
+    and vmap composed with grad."""
+    q, k, v, pad, bias = _vmap_inputs()
+
+    def loss(q, k, v):
+        return attention(q, k, v, bias=bias[0], causal=True, backend="chunked").square().sum()
+
+    gg = torch.func.grad(lambda q: torch.func.grad(loss)(q, k[0], v[0]).sum())(q[0])
+    leaf = q[0].clone().requires_grad_()
+    (g1,) = torch.autograd.grad(loss(leaf, k[0], v[0]), leaf, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), leaf)
+    torch.testing.assert_close(gg, g2)
+    per_example = torch.func.vmap(torch.func.grad(loss))(q, k, v)
+    loop = torch.stack([torch.func.grad(loss)(q[n], k[n], v[n]) for n in range(3)])
+    torch.testing.assert_close(per_example, loop)
+
+
+def test_vmap_with_dropout_follows_the_randomness_flag():
+    """randomness="same": every vmapped element gets the unvmapped call's mask (same generator state);
+    "different": each its own; "error" (vmap's default): dropout raises, as any random op does."""
+    q, k, v, _, _ = _vmap_inputs(dtype=torch.float32)
+    q = q[:1].expand(3, -1, -1, -1, -1)  # identical elements: only the masks can tell them apart
+
+    def fn(q):
+        return attention(q, k[0], v[0], dropout_p=0.4, backend="chunked")
+
+    torch.manual_seed(3)
+    same = torch.func.vmap(fn, randomness="same")(q)
+    torch.manual_seed(3)
+    single = fn(q[0])
+    for n in range(3):
+        torch.testing.assert_close(same[n], single)
+    different = torch.func.vmap(fn, randomness="different")(q)
+    assert torch.isfinite(different).all() and not torch.equal(different[0], different[1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(fn)(q)
 
 
 # the memory bound

@@ -35,13 +35,22 @@ masked at all::
 
 A row with no key it may attend keeps `l = 0`: its output is exactly 0 and its `lse` is +inf, so the
 backward's `p = exp(s - lse)` is 0 and its gradients are 0 (contract item 2). Masked logits are replaced,
-never added to, so garbage in masked keys never reaches the softmax (contract item 3).
+never added to, so garbage in masked keys never reaches the softmax (contract item 3); a -inf bias entry
+masks too, as in the reference (a key whose logit overflowed to inf must not give inf + -inf = NaN), and
+the backward zeroes ds wherever the forward masked.
 
 Dropout draws one seed per call from torch's default generator (so `torch.manual_seed` makes it
-reproducible). Each tile's keep-mask is a counter-based hash of (seed, tile origin, position in the tile),
-so the backward regenerates exactly the forward's mask without ever storing it; `dropout_keep_mask`
-rebuilds it densely for tests. The mask depends on the tile sizes: the same seed with other tiles gives
-another (equally valid) mask.
+reproducible). Each tile's keep-mask is a counter-based hash of (seed mod 2**32, tile origin, position in
+the tile), so the backward regenerates exactly the forward's mask without ever storing it;
+`dropout_keep_mask` rebuilds it densely for tests. The mask depends on the tile sizes: the same seed with
+other tiles gives another (equally valid) mask.
+
+torch.compile (fullgraph=True, static or dynamic shapes) traces the same algorithm without a branch on
+tensor values: the exact running max instead of the lazy reference, every key padding tile masked instead
+of all-padding tiles skipped, the drawn seed kept as an int32 tensor. The results equal eager (the same
+drawn seed and mask under aot_eager). With dynamic shapes a length guards only on its number of tiles, so
+lengths with the same tile counts share one graph. torch.func: `vmap` folds the vmapped dim into the batch
+(`_ChunkedFn.vmap`); `grad`, `vjp`, `jacrev` and higher orders run through the same backward.
 
 Example::
 
@@ -52,7 +61,9 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -83,25 +94,48 @@ _NEG_INF = float("-inf")
 _LAZY = (-60.0, 8.0)
 
 
-def _tile_seed(seed: int, r0: int, c0: int) -> int:
-    """A distinct, deterministic generator seed for the tile starting at query r0, key c0."""
-    return (seed * 0x9E3779B1 + r0 * 0x85EBCA77 + c0 * 0xC2B2AE3D + 1) % (2**63 - 1)
+_M32 = 0xFFFFFFFF
 
 
 def _i32(x: int) -> int:
     """An unsigned 32-bit constant as the signed int32 torch multiplies with (two's complement wrap)."""
-    x &= 0xFFFFFFFF
+    x &= _M32
     return x - 2**32 if x >= 2**31 else x
 
 
-def _dropout_keep(index: Tensor, shape, p: float, seed: int, r0: int, c0: int, b0: int) -> Tensor:
-    """Bool keep-mask of one tile, a pure function of (seed, tile origin, position in the tile).
+def _fmix32(x):
+    """murmur3's 32-bit finaliser of an int in [0, 2**32), or of an int32 tensor holding the same bits."""
+    if isinstance(x, Tensor):
+        # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
+        x = x ^ ((x >> 16) & 0xFFFF)
+        x = x * _i32(0x85EBCA6B)
+        x = x ^ ((x >> 13) & 0x7FFFF)
+        x = x * _i32(0xC2B2AE35)
+        return x ^ ((x >> 16) & 0xFFFF)
+    x ^= x >> 16
+    x = x * 0x85EBCA6B & _M32
+    x ^= x >> 13
+    x = x * 0xC2B2AE35 & _M32
+    return x ^ (x >> 16)
+
+
+def _tile_key(seed: int | Tensor, r0: int, c0: int, b0: int) -> int | Tensor:
+    """The 32-bit hash key of the tile at query r0, key c0, batch b0: a signed int32 Python int, or a 0-dim
+    int32 tensor with the same bits when the seed is a tensor (torch.compile: no host read of the seed)."""
+    salt = (r0 * 0x85EBCA77 + c0 * 0xC2B2AE3D + b0 * 0x27D4EB2F + 1) & _M32
+    if isinstance(seed, Tensor):
+        return _fmix32(seed * _i32(0x9E3779B1) + _i32(salt))  # int32 arithmetic wraps like `& _M32`
+    return _i32(_fmix32((seed * 0x9E3779B1 + salt) & _M32))
+
+
+def _dropout_keep(index: Tensor, shape, p: float, seed: int | Tensor, r0: int, c0: int, b0: int) -> Tensor:
+    """Bool keep-mask of one tile, a pure function of (seed mod 2**32, tile origin, position in the tile).
 
     A counter-based hash (murmur3's 32-bit finaliser over the element index, keyed by the tile) in int32
     tensor ops: about 6x cheaper on CPU than drawing `torch.rand` from a freshly seeded generator per tile,
     and the backward regenerates it exactly. The low 24 bits are uniform: keep iff they are >= p * 2**24.
     """
-    key = _i32(_tile_seed(seed, r0, c0) ^ (b0 * 0x27D4EB2F) ^ (_tile_seed(seed, r0, c0) >> 32))
+    key = _tile_key(seed, r0, c0, b0)
     x = index.mul(_i32(0x9E3779B1)).bitwise_xor_(key)  # index: arange(numel) in int32, cached per shape
     # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(0x85EBCA6B))
@@ -110,23 +144,96 @@ def _dropout_keep(index: Tensor, shape, p: float, seed: int, r0: int, c0: int, b
     return x.bitwise_and_(0xFFFFFF).ge(round(p * 2**24)).view(shape)
 
 
-def _add_bmm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, batched; a and b may be in a narrower matmul dtype than the accumulator (GPUs)."""
+def _draw_seed() -> int | Tensor:
+    """A dropout seed from torch's default generator: a Python int in eager; an int32 tensor where its value
+    cannot be read (while torch.compile traces: no host read, so no graph break; under torch.func.vmap with
+    randomness="different": one seed per vmapped element). All come from the same draw, so with the same
+    generator state (`torch.manual_seed`; aot_eager) eager and compiled calls drop the same entries."""
+    drawn = torch.randint(-(2**31), 2**31, (), dtype=torch.int64)
+    return int(drawn) if _values_readable(drawn) else drawn.to(torch.int32)
+
+
+def _wrapped(t: Tensor) -> bool:
+    """Is t a torch.func wrapper (vmap's batched tensor, grad's tracking tensor)?"""
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and functorch.is_functorch_wrapped_tensor(t)
+
+
+def _values_readable(t: Tensor) -> bool:
+    """Can Python read t's values here (a host branch)? Not while torch.compile traces, nor through a
+    torch.func wrapper (vmap's batched tensors), nor for fake and meta tensors."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or _wrapped(t):
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(t, FakeTensor)
+
+
+class _Facts(NamedTuple):
+    """What a call may skip, read from tensor values once per call (`_read_facts`) and shared by its forward
+    and backward. The defaults skip nothing: that is what runs where values cannot be read."""
+
+    pad_all: tuple[bool, ...] | None = None  # per key tile: the key padding mask is all True (not applied)
+    pad_none: tuple[bool, ...] | None = None  # per key tile: all padding for every batch element (skipped)
+    bias_inf: bool = True  # the bias may hold -inf: each tile masks those entries
+
+
+_NO_FACTS = _Facts()
+
+
+def _read_facts(mask: Tensor | None, bias: Tensor | None, j: int, k_tile: int) -> _Facts:
+    """The skips of one call. Key padding (b|1, 1, 1, j), per key tile: all True, or all False for every
+    batch element. Bias: does it hold a -inf at all (one min, and only on CPU, where the host read is free;
+    elsewhere every tile masks its -inf entries, one compare each)? Nothing is read while torch.compile
+    traces, through torch.func wrappers, or from fake tensors: the defaults give the same result."""
+    pad_all = pad_none = None
+    if (
+        mask is not None
+        and mask.shape[1] == 1
+        and mask.shape[2] == 1
+        and mask.shape[3] != 1
+        and _values_readable(mask)
+    ):
+        keys = mask.reshape(-1, j)
+        n_tiles = -(-j // k_tile)
+        padded = keys.new_ones(keys.shape[0], n_tiles * k_tile)
+        padded[:, :j] = keys
+        per_tile = padded.view(keys.shape[0], n_tiles, k_tile)
+        pad_all = tuple(per_tile.all(dim=2).all(dim=0).tolist())
+        padded[:, j:] = False
+        pad_none = tuple((~per_tile.any(dim=2)).all(dim=0).tolist())
+    bias_inf = bias is not None
+    if bias is not None and bias.device.type == "cpu" and bias.numel() > 0 and _values_readable(bias):
+        bias_inf = bool(bias.amin() == _NEG_INF)
+    return _Facts(pad_all, pad_none, bias_inf)
+
+
+def _add_bmm(acc: Tensor, a: Tensor, b: Tensor, fused: bool = True) -> None:
+    """acc += a @ b, batched; a and b may be in a narrower matmul dtype than the accumulator (GPUs).
+    `fused=False`: never `baddbmm_` (torch.func.vmap has no batching rule for it and loops, torch 2.13)."""
     # baddbmm_ into a strided slice (dk[:, c0:c1] with b*g > 1) falls back to one addmm_ per batch entry
     # (torch 2.13, CPU): b*g small matmuls instead of one; a bmm and an add are cheaper
-    if a.dtype == acc.dtype and acc.is_contiguous():
+    if fused and a.dtype == acc.dtype and acc.is_contiguous():
         acc.baddbmm_(a, b)
     else:
         acc.add_(torch.bmm(a, b))
 
 
-def _grouped(t: Tensor | None, g: int) -> Tensor | None:
+def _cuts(n: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) tiles of range(n), `step` long but the last. Under torch.compile with dynamic shapes n
+    is symbolic: the count guards on n's number of tiles, not on its value (no recompile per length), and
+    no min() enters the tile sizes (linear expressions keep the symbolic shape reasoning cheap)."""
+    count = (n + step - 1) // step
+    return [(t * step, n if t == count - 1 else (t + 1) * step) for t in range(count)]
+
+
+def _grouped(t: Tensor | None, g: int, r: int) -> Tensor | None:
     """(b|1, h|1, i|1, j|1) -> (b|1, g|1, r|1, i|1, j|1): lines masks and bias up with the folded heads."""
     if t is None:
         return None
     if t.shape[1] == 1:
         return t[:, :, None]
-    return t.unflatten(1, (g, t.shape[1] // g))
+    return t.unflatten(1, (g, r))
 
 
 def _tile_of(t5: Tensor, bs: slice, rows: slice, cols: slice) -> Tensor:
@@ -141,12 +248,26 @@ def _tile_of(t5: Tensor, bs: slice, rows: slice, cols: slice) -> Tensor:
 
 
 class _Plan:
-    """Everything the forward and the backward must agree on: tiles, skips, masks, seed."""
+    """Everything the forward and the backward must agree on: tiles, skips, masks, seed.
 
-    def __init__(self, q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile):
+    `facts` (`_read_facts`) is read once per call by the caller and shared by forward and backward. While
+    torch.compile traces, the plan takes no branch on tensor values (exact running max instead of the lazy
+    reference, every tile masked, the seed as a tensor) and keeps no per-shape caches (sizes are symbolic).
+    """
+
+    def __init__(self, q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts=_NO_FACTS):
         self.b, self.h, self.i, self.d = q.shape
         self.g, self.j, self.e = k.shape[1], k.shape[2], v.shape[3]
         self.r = self.h // self.g
+        self.tracing = torch.compiler.is_compiling()
+        if self.tracing:
+            # dynamic shapes: a symbolic h // g in every folded view made tracing about 3x slower (torch 2.13).
+            # Count r up instead: the guard h == g * r that ends the loop becomes the substitution h -> g * r,
+            # so every shape below is a product of symbols (r, the heads per kv head, recompiles if it changes)
+            r = 1
+            while r < self.h and self.h != self.g * r:
+                r += 1
+            self.r = r
         self.causal, self.scale, self.dropout_p, self.seed = causal, scale, dropout_p, seed
         self.q_tile, self.k_tile = q_tile, k_tile
         self.offset = self.j - self.i  # causal: query x sees key y iff y <= x + offset
@@ -155,56 +276,48 @@ class _Plan:
         # CPU matmuls in half precision are slow and round the logits: run them in float32. On GPUs the
         # tensor cores take the input dtype and accumulate in float32 themselves.
         self.mm = self.acc if q.device.type == "cpu" or q.dtype == torch.float64 else q.dtype
-        self.mask5 = _grouped(mask, self.g)
-        self.bias5 = _grouped(bias, self.g)
+        self.mask5 = _grouped(mask, self.g, self.r)
+        self.bias5 = _grouped(bias, self.g, self.r)
         # can a row's running max be -inf (nothing visible in a tile)? Only with a mask, causal or a bias
         self.may_be_empty = mask is not None or bias is not None or causal
-        self.lazy = self.mm == self.acc
-        per_batch = self.h * q_tile * k_tile * 4
-        self.batch_step = max(1, min(self.b, MAX_TILE_BYTES // max(per_batch, 1)))
+        # the lazy reference moves on a host branch (`bool(move.any())`): traced code keeps the exact max
+        self.lazy = self.mm == self.acc and not self.tracing
+        step = MAX_TILE_BYTES // (self.h * q_tile * k_tile * 4)
+        self.batch_step = self.b if step >= self.b else max(step, 1)
         self._causal_tiles: dict[tuple[int, int, int], Tensor] = {}
         self._index: dict[int, Tensor] = {}  # dropout: arange(numel) per tile size
-        # A key padding mask (b|1, 1, 1, j): decide once per key tile whether it is all True (no masking
-        # needed) or all False for every batch element (the tile is skipped).
-        self.pad_all = self.pad_none = None
-        if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] != 1:
-            keys = mask.reshape(-1, self.j)
-            n_tiles = -(-self.j // k_tile)
-            padded = keys.new_ones(keys.shape[0], n_tiles * k_tile)
-            padded[:, : self.j] = keys
-            per_tile = padded.view(keys.shape[0], n_tiles, k_tile)
-            self.pad_all = per_tile.all(dim=2).all(dim=0).tolist()
-            padded[:, self.j :] = False
-            self.pad_none = (~per_tile.any(dim=2)).all(dim=0).tolist()
+        self.pad_all, self.pad_none = facts.pad_all, facts.pad_none
+        self.bias_inf = facts.bias_inf and bias is not None
 
     def batches(self):
-        for b0 in range(0, self.b, self.batch_step):
-            yield slice(b0, min(b0 + self.batch_step, self.b))
+        for b0, b1 in _cuts(self.b, self.batch_step):
+            yield slice(b0, b1)
 
     def query_tiles(self):
-        for r0 in range(0, self.i, self.q_tile):
-            yield r0, min(r0 + self.q_tile, self.i)
+        yield from _cuts(self.i, self.q_tile)
 
     def key_tiles(self, r0: int, r1: int):
         """Key tiles the query rows [r0, r1) can see: (c0, c1, causal tile crosses the diagonal)."""
         hi = self.j
         if self.causal:
-            hi = max(0, min(self.j, r1 + self.offset))  # keys beyond the last row's diagonal: skipped
-        for c0 in range(0, hi, self.k_tile):
-            if self.pad_none is not None and self.pad_none[c0 // self.k_tile]:
+            hi = r1 + self.offset  # keys beyond the last row's diagonal: skipped
+            hi = self.j if hi > self.j else (0 if hi < 0 else hi)
+        for t, (c0, c1) in enumerate(_cuts(hi, self.k_tile)):
+            if self.pad_none is not None and self.pad_none[t]:
                 continue  # every key here is padding for every batch element
-            c1 = min(c0 + self.k_tile, hi)
-            crosses = self.causal and c1 - 1 > r0 + self.offset
+            # traced: mask every causal tile rather than branch on symbolic sizes (a guard each)
+            crosses = self.causal and (self.tracing or c1 - 1 > r0 + self.offset)
             yield c0, c1, crosses
 
     def causal_drop(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """Bool (tq, tk), True where causality forbids; shared by all tiles with the same geometry."""
         key = (r1 - r0, c1 - c0, r0 + self.offset - c0)
-        drop = self._causal_tiles.get(key)
+        drop = None if self.tracing else self._causal_tiles.get(key)
         if drop is None:
-            x = torch.arange(r1 - r0, device=self.device)[:, None]
-            y = torch.arange(c1 - c0, device=self.device)[None, :]
-            drop = self._causal_tiles[key] = y > x + key[2]
+            # key y is dropped for query x iff y > x + key[2]: the part above diagonal key[2] + 1
+            drop = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=self.device).triu_(key[2] + 1)
+            if not self.tracing:
+                self._causal_tiles[key] = drop
         return drop
 
     def scores(
@@ -228,9 +341,15 @@ class _Plan:
         nb = bs.stop - bs.start
         s5 = s.view(nb, self.g, self.r, r1 - r0, c1 - c0)
         rows, cols = slice(r0, r1), slice(c0, c1)
-        if self.bias5 is not None:
-            s5.add_(_tile_of(self.bias5, bs, rows, cols))
         drops = []
+        if self.bias5 is not None:
+            bias_t = _tile_of(self.bias5, bs, rows, cols)
+            s5.add_(bias_t)
+            if self.bias_inf:
+                # a -inf bias is a mask, as in the reference: a logit that overflowed to inf at such a key
+                # would otherwise give inf + -inf = NaN. One compare on the bias tile (often smaller than
+                # the scores); skipped on CPU when the bias holds no -inf at all (see `_read_facts`)
+                drops.append(bias_t == _NEG_INF)
         if self.mask5 is not None and not (self.pad_all is not None and self.pad_all[c0 // self.k_tile]):
             drops.append(~_tile_of(self.mask5, bs, rows, cols))
         if crosses:
@@ -241,10 +360,14 @@ class _Plan:
         return s, drops
 
     def keep(self, shape, bs: slice, r0: int, c0: int) -> Tensor:
-        n = math.prod(shape)
-        index = self._index.get(n)
+        n = 1
+        for size in shape:
+            n = n * size
+        index = None if self.tracing else self._index.get(n)
         if index is None:
-            index = self._index[n] = torch.arange(n, dtype=torch.int32, device=self.device)
+            index = torch.arange(n, dtype=torch.int32, device=self.device)
+            if not self.tracing:
+                self._index[n] = index
         return _dropout_keep(index, shape, self.dropout_p, self.seed, r0, c0, bs.start)
 
     def split(self, q: Tensor, k: Tensor, v: Tensor):
@@ -258,7 +381,8 @@ class _Plan:
         """(nb*g, r*tq, d): the scaled query tile (scale folded in once per tile, in the accumulation dtype)."""
         gs = slice(bs.start * self.g, bs.stop * self.g)
         qt = qg[gs, :, r0:r1].to(self.acc) * self.scale
-        return qt.to(self.mm).reshape(-1, self.r * (r1 - r0), self.d)
+        # explicit sizes, no -1: under dynamic shapes an inferred size is a symbolic division
+        return qt.to(self.mm).reshape((bs.stop - bs.start) * self.g, self.r * (r1 - r0), self.d)
 
 
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -274,14 +398,14 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     for bs in plan.batches():
         gs = slice(bs.start * g, bs.stop * g)
         kb, vb = kk[gs], vv[gs]
+        nbg = (bs.stop - bs.start) * g
         for r0, r1 in plan.query_tiles():
             qt = plan.q_tile_of(qg, bs, r0, r1)
             rows = qt.shape[1]
-            m = torch.full((qt.shape[0], rows), _NEG_INF, dtype=acc, device=q.device)
-            l = torch.zeros_like(m)
-            o = torch.zeros(qt.shape[0], rows, plan.e, dtype=acc, device=q.device)
+            # m, l, o are written by the first key tile (a row range that sees no key tile at all keeps l = 0)
+            m = l = o = torch.zeros(nbg, rows, dtype=acc, device=q.device)
             first = True
-            ref, shifted = torch.zeros_like(m), False  # lazy path: exp is taken against `ref`, see _LAZY
+            ref, shifted = m, False  # lazy path: exp is taken against `ref`, see _LAZY
             for c0, c1, crosses in plan.key_tiles(r0, r1):
                 if plan.lazy:
                     s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=ref[..., None] if shifted else None)
@@ -327,15 +451,18 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
                         p.mul_(keep)
                     _add_bmm(o, p.to(plan.mm), vb[:, c0:c1])
                 first = False
+            if first:  # no key tile visible to these rows (causal, i > j): output 0
+                o = torch.zeros(nbg, rows, plan.e, dtype=acc, device=q.device)
             alive = l > 0
-            o.div_(torch.where(alive, l, torch.ones_like(l))[..., None])
+            l_safe = torch.where(alive, l, 1.0)
+            o.div_(l_safe[..., None])
             if plan.dropout_p > 0:
                 o.mul_(1.0 / (1.0 - plan.dropout_p))
-            # p was exp(s - ref) with ref = the (lazy) reference or the running max: lse = ref + log(l)
-            base = ref.masked_fill(~alive, 0.0)
-            lse_t = torch.where(alive, base + torch.log(torch.where(alive, l, torch.ones_like(l))), math.inf)
-            out[gs, :, r0:r1] = o.view(-1, r, r1 - r0, plan.e)
-            lse[gs, :, r0:r1] = lse_t.view(-1, r, r1 - r0)
+            # p was exp(s - ref) with ref = the (lazy) reference or the running max, finite on every row
+            # (0 where nothing was visible): lse = ref + log(l), +inf on a row with no key
+            lse_t = torch.where(alive, ref + l_safe.log_(), math.inf)
+            out[gs, :, r0:r1] = o.view(nbg, r, r1 - r0, plan.e)
+            lse[gs, :, r0:r1] = lse_t.view(nbg, r, r1 - r0)
     return out, lse
 
 
@@ -345,23 +472,28 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
     qg, kk, vv = plan.split(q, k, v)
     g, r, acc = plan.g, plan.r, plan.acc
     dog = dout.reshape(plan.b * g, r, plan.i, plan.e)
+    lse = lse.reshape(plan.b * g, r, plan.i)
     # D = rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, dropout included
     delta = (dog.to(acc) * out.reshape(dog.shape).to(acc)).sum(dim=-1)
-    dq = torch.zeros(plan.b * g, r, plan.i, plan.d, dtype=acc, device=q.device)
-    dk = torch.zeros(plan.b * g, plan.j, plan.d, dtype=acc, device=q.device)
-    dv = torch.zeros(plan.b * g, plan.j, plan.e, dtype=acc, device=q.device)
-    dbias = torch.zeros(plan.bias5.shape, dtype=acc, device=q.device) if bias_grad else None
+    # accumulators from dout: under torch.func.vmap over the cotangent (jacrev) they are batched like it,
+    # so the in-place accumulation below stays legal (a plain zeros tensor cannot take a batched add)
+    dq = dout.new_zeros(plan.b * g, r, plan.i, plan.d, dtype=acc)
+    dk = dout.new_zeros(plan.b * g, plan.j, plan.d, dtype=acc)
+    dv = dout.new_zeros(plan.b * g, plan.j, plan.e, dtype=acc)
+    dbias = dout.new_zeros(plan.bias5.shape, dtype=acc) if bias_grad else None
+    fused = plan.tracing or not _wrapped(dout)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
     keep_scale = 1.0 / (1.0 - plan.dropout_p)
     for bs in plan.batches():
         gs = slice(bs.start * g, bs.stop * g)
         kb, vb, dkb, dvb = kk[gs], vv[gs], dk[gs], dv[gs]
+        nbg = (bs.stop - bs.start) * g
         for r0, r1 in plan.query_tiles():
             n = r1 - r0
             qt = plan.q_tile_of(qg, bs, r0, r1)
-            dot = dog[gs, :, r0:r1].to(plan.mm).reshape(-1, r * n, plan.e)
-            lse_t = lse[gs, :, r0:r1].reshape(-1, r * n, 1)
-            delta_t = delta[gs, :, r0:r1].reshape(-1, r * n, 1)
-            dqt = torch.zeros(qt.shape[0], r * n, plan.d, dtype=acc, device=q.device)
+            dot = dog[gs, :, r0:r1].to(plan.mm).reshape(nbg, r * n, plan.e)
+            lse_t = lse[gs, :, r0:r1].reshape(nbg, r * n, 1)
+            delta_t = delta[gs, :, r0:r1].reshape(nbg, r * n, 1)
+            dqt = dout.new_zeros(nbg, r * n, plan.d, dtype=acc)
             for c0, c1, crosses in plan.key_tiles(r0, r1):
                 s, drops = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
                 p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
@@ -377,18 +509,18 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
                 else:
                     dp = torch.bmm(dot, vt).to(acc).sub_(delta_t)
                     pd = p
-                _add_bmm(dvb[:, c0:c1], pd.transpose(1, 2).to(plan.mm), dot)
+                _add_bmm(dvb[:, c0:c1], pd.transpose(1, 2).to(plan.mm), dot, fused)
                 ds = dp.mul_(p)
-                ds5 = ds.view(-1, g, r, n, c1 - c0)
+                ds5 = ds.view(bs.stop - bs.start, g, r, n, c1 - c0)
                 for drop in drops:
                     # p is 0 there, but dp may hold inf from garbage in masked values: 0 * inf is NaN
                     ds5.masked_fill_(drop, 0.0)
                 if dbias is not None:
                     _accumulate_bias_grad(dbias, ds5, bs, r0, r1, c0, c1)
                 dsm = ds.to(plan.mm)
-                _add_bmm(dqt, dsm, kb[:, c0:c1])
-                _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt)  # qt carries the scale already
-            dq[gs, :, r0:r1] = dqt.view(-1, r, n, plan.d)
+                _add_bmm(dqt, dsm, kb[:, c0:c1], fused)
+                _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt, fused)  # qt carries the scale already
+            dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
     dq.mul_(plan.scale)
     return dq, dk, dv, dbias
 
@@ -400,32 +532,86 @@ def _accumulate_bias_grad(dbias: Tensor, ds5: Tensor, bs: slice, r0, r1, c0, c1)
     _tile_of(dbias, bs, slice(r0, r1), slice(c0, c1)).add_(part)
 
 
+def _fold_batch(t: Tensor | None, dim: int | None, size: int, b: int) -> Tensor | None:
+    """vmap: (physical tensor, its vmapped dim) -> (size * b, ...), the vmapped dim folded into the batch.
+
+    A mask or bias that broadcasts over the batch (size 1 in b) and is not vmapped stays as it is."""
+    if t is None:
+        return None
+    if dim is None:
+        if t.shape[0] == 1:
+            return t
+        t = t.unsqueeze(0).expand(size, *t.shape)
+    else:
+        t = t.movedim(dim, 0)
+    return t.expand(size, b, *t.shape[2:]).flatten(0, 1)
+
+
+def _differentiable(t: Tensor | None) -> bool:
+    """Can a graph recorded now reach t? Not for a torch.func wrapper whose transform has exited: vjp_fn
+    (torch.func.vjp, jacrev) runs the backward after vjp returned, and its saved inputs are such dead
+    wrappers (functorch's maybe_get_level gives -2 for them); they still say requires_grad."""
+    if t is None or not t.requires_grad:
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is None or torch.compiler.is_compiling() or functorch.maybe_get_level(t) != -2
+
+
+def _nth(t: Tensor | None, n: int, b: int) -> Tensor | None:
+    """The n-th vmapped element of a tensor folded by `_fold_batch` (a batch-broadcast one as it is)."""
+    if t is None or t.shape[0] == 1:
+        return t
+    return t[n * b : (n + 1) * b]
+
+
 class _ChunkedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile):
-        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile)
-        out_acc, lse = _forward(plan, q, k, v)
-        out_acc = out_acc.view(plan.b, plan.h, plan.i, plan.e)
-        ctx.plan = plan
-        # the accumulation-precision output for the backward's D (see `_forward`): for float16/bfloat16
-        # inputs it costs one (b, h, i, e) float32 tensor, the size of the output, not of the scores
-        ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse)
-        return out_acc.to(q.dtype)
+    """(q, k, v, bias, mask, ...) -> (out, lse[, out_acc]): out (b, h, i, e) in q's dtype; lse (b, h, i) and
+    out_acc (b, h, i, e, in the accumulation dtype, only where that is not q's dtype) are for the backward.
+    (No None output for out_acc: dynamo's traced backward calls `.contiguous()` on every output's grad.)
+
+    In the `setup_context` form, with a `vmap` rule, so torch.func transforms (vmap, grad, jacrev) work."""
 
     @staticmethod
-    def backward(ctx, dout):
-        q, k, v, bias, mask, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        if records_graph():
+    def forward(*inputs):
+        # (q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts), as one var-positional
+        # parameter: `Function.apply` binds it on every call (see `__signature__` below), 3x faster than 12
+        q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts = inputs
+        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        out_acc, lse = _forward(plan, q, k, v)
+        out_acc = out_acc.view(plan.b, plan.h, plan.i, plan.e)
+        lse = lse.view(plan.b, plan.h, plan.i)
+        if out_acc.dtype == q.dtype:
+            return out_acc, lse
+        # the accumulation-precision output for the backward's D (see `_forward`): for float16/bfloat16
+        # inputs it costs one (b, h, i, e) float32 tensor, the size of the output, not of the scores
+        return out_acc.to(q.dtype), lse, out_acc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts = inputs
+        out, lse, *extra = output
+        out_acc = extra[0] if extra else out
+        ctx.mark_non_differentiable(lse, *extra)
+        seed_t = seed if isinstance(seed, Tensor) else None
+        ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse, seed_t)
+        ctx.args = (causal, scale, dropout_p, None if seed_t is not None else seed, q_tile, k_tile, facts)
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        q, k, v, bias, mask, out, lse, seed_t = ctx.saved_tensors
+        causal, scale, dropout_p, seed, q_tile, k_tile, facts = ctx.args
+        seed = seed_t if seed_t is not None else seed
+        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        if records_graph() and any(_differentiable(t) for t in (q, k, v, bias)):
             # create_graph: the tile loop below is first-order only; recompute through the reference with
-            # this call's own dropout keep-mask, so the gradients are exact and differentiable again
+            # this call's own dropout keep-mask, so the gradients are exact and differentiable again.
+            # (Where no saved input can be differentiated again, as in torch.func.vjp's vjp_fn and jacrev,
+            # the tile loop runs: its result is still differentiable in dout.)
             inp = AttnInputs(q, k, v, mask=mask, bias=bias, causal=plan.causal, scale=plan.scale,
                              dropout_p=plan.dropout_p)
             keep = _dense_keep(plan) if plan.dropout_p > 0 else None
             grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep)
-            return (*grads, None, None, None, None, None, None, None)
-        # the plan holds views of mask and bias; rebind them to the saved tensors (same storage)
-        plan.mask5, plan.bias5 = _grouped(mask, plan.g), _grouped(bias, plan.g)
+            return (*grads, None, None, None, None, None, None, None, None)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _backward(plan, dout, q, k, v, out, lse, bias_grad)
         b, h, g = plan.b, plan.h, plan.g
@@ -434,7 +620,42 @@ class _ChunkedFn(torch.autograd.Function):
         dv = dv.view(b, g, plan.j, plan.e).to(v.dtype)
         if dbias is not None:
             dbias = dbias.reshape(bias.shape).to(bias.dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts):
+        """Attention is independent per batch element: fold the vmapped dim into b, run once, unfold.
+
+        (A tile then spans size * b batch entries; the memory bound per tile is unchanged, see `batches`.)"""
+        size = info.batch_size
+        bq, bk, bv, bb, bm = in_dims[:5]
+        b = q.shape[0] if bq is None else q.movedim(bq, 0).shape[1]
+        q, k, v = (_fold_batch(t, dim, size, b) for t, dim in ((q, bq), (k, bk), (v, bv)))
+        bias, mask = _fold_batch(bias, bb, size, b), _fold_batch(mask, bm, size, b)
+        if bm is not None:  # padding facts (if any) were read from one element's mask: not for the fold
+            facts = facts._replace(pad_all=None, pad_none=None)
+        args = (causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        seed_dim = in_dims[8]
+        if dropout_p > 0 and (info.randomness == "same" or seed_dim is not None):
+            # randomness="same": one keep-mask for every vmapped element; "different" with a seed drawn under
+            # vmap: one seed per element. Either way the elements run one by one, each with its own seed
+            seeds = [seed] * size if seed_dim is None else list(seed.movedim(seed_dim, 0).unbind(0))
+            each = [
+                _ChunkedFn.apply(*(_nth(t, n, b) for t in (q, k, v, bias, mask)), *args[:3], seeds[n], *args[4:])
+                for n in range(size)
+            ]
+            outs = tuple(torch.stack(ts) for ts in zip(*each))
+        else:
+            # otherwise each vmapped element is one more batch entry (with its own dropout mask, if any)
+            flat = _ChunkedFn.apply(q, k, v, bias, mask, *args)
+            outs = tuple(t.unflatten(0, (size, b)) for t in flat)
+        return outs, (0,) * len(outs)
+
+
+# `Function.apply` binds the forward's signature on every call in the setup_context form (torch 2.13,
+# autograd/function.py: `inspect.signature(cls.forward).bind(...)`, 20 us for 12 named parameters): a cached
+# `__signature__` and one var-positional parameter bring it to 2 us
+_ChunkedFn.forward.__signature__ = inspect.signature(_ChunkedFn.forward)  # type: ignore[attr-defined]
 
 
 # main functions
@@ -446,16 +667,23 @@ def chunked_attention(
     """Attention by tiles with an online softmax; differentiable with a tile-recomputing backward.
 
     q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) -> (b, h, i, e) in q's dtype. Never holds more than one
-    (batch slice, h, q_tile, k_tile) score tile. `seed` fixes the dropout mask (default: drawn from torch's
-    default generator); `dropout_keep_mask(inp, seed, ...)` rebuilds that mask densely, for tests.
+    (batch slice, h, q_tile, k_tile) score tile. `seed` fixes the dropout mask (only its value modulo 2**32
+    counts; default: drawn from torch's default generator); `dropout_keep_mask(inp, seed, ...)` rebuilds
+    that mask densely, for tests.
+
+    torch.compile (fullgraph, dynamic shapes) traces it: there it keeps the exact running max instead of the
+    lazy reference, masks every key padding tile instead of skipping all-padding ones, and keeps a drawn
+    seed on the device side (same results, no host branch). torch.func.vmap folds the vmapped dim into b.
     """
     default_q, default_k = TILES.get(inp.device.type, TILES["cpu"])
     q_tile, k_tile = q_tile or default_q, k_tile or default_k
-    if inp.dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    drawn: int | Tensor = 0
+    if inp.dropout_p > 0:
+        drawn = _draw_seed() if seed is None else seed
+    facts = _read_facts(inp.mask, inp.bias, inp.j, k_tile)
     return _ChunkedFn.apply(
-        inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, seed or 0, q_tile, k_tile
-    )
+        inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, q_tile, k_tile, facts
+    )[0]
 
 
 def dropout_keep_mask(inp: AttnInputs, seed: int, *, q_tile: int | None = None, k_tile: int | None = None) -> Tensor:
@@ -466,7 +694,10 @@ def dropout_keep_mask(inp: AttnInputs, seed: int, *, q_tile: int | None = None, 
     """
     default_q, default_k = TILES.get(inp.device.type, TILES["cpu"])
     q_tile, k_tile = q_tile or default_q, k_tile or default_k
-    plan = _Plan(inp.q, inp.k, inp.v, inp.mask, inp.bias, inp.causal, inp.scale, inp.dropout_p, seed, q_tile, k_tile)
+    facts = _read_facts(inp.mask, None, inp.j, k_tile)  # the keep-mask does not depend on the bias
+    plan = _Plan(
+        inp.q, inp.k, inp.v, inp.mask, inp.bias, inp.causal, inp.scale, inp.dropout_p, seed, q_tile, k_tile, facts
+    )
     return _dense_keep(plan)
 
 
