@@ -196,12 +196,12 @@ def test_dead_row_probe_is_right_when_first_called_without_grad(context):
 
     from attend.backends import sdpa
 
-    sdpa.zeroes_dead_rows.cache_clear()
+    sdpa._PROBED.pop(("dead_rows", SDPBackend.FLASH_ATTENTION.name, "cpu"))
     try:
         with context():
             assert sdpa.zeroes_dead_rows(SDPBackend.FLASH_ATTENTION, "cpu") is True
     finally:
-        sdpa.zeroes_dead_rows.cache_clear()
+        sdpa.clear_probes()
 
 
 def test_learned_bias_under_no_grad_runs_where_explain_says(recwarn):

@@ -23,9 +23,10 @@ Lowering, cheapest first:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,47 +53,27 @@ FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # helpers
 
 
-@contextlib.contextmanager
-def _not_traced():
-    """Suspend `torch.jit.trace` (and the ONNX exporter built on it) around a probe: a probe's backward
-    recorded by the tracer crashes the process (segfault, torch 2.13). The state functions are private,
-    so they are looked up by capability; where they are missing the probe runs as it is."""
-    get = getattr(torch._C, "_get_tracing_state", None)
-    put = getattr(torch._C, "_set_tracing_state", None)
-    state = get() if get is not None and put is not None else None
-    if state is None:
-        yield
-        return
-    put(None)
-    try:
-        yield
-    finally:
-        put(state)
+def _isolated(fn: Callable[[], bool]) -> bool:
+    """Run a probe in a fresh thread: grad mode, inference mode, autocast and `torch.jit.trace` are
+    per-thread, so whatever context the caller is in (no_grad, tracing, autocast) cannot touch it, and
+    torch.compile never traces into it. An exception inside the probe is re-raised here."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=work, name="attend-probe", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return bool(box["value"])
 
 
-def _probe(fn):
-    """`functools.lru_cache` for environment probes, made safe for torch.compile.
-
-    Dynamo ignores an lru_cache and traces the probe itself: a graph break (the probe makes tensors that
-    require grad and calls backward) and a UserWarning. `assume_constant_result` makes dynamo call the
-    cached probe eagerly while tracing and bake its answer into the graph as a constant instead.
-    Under `torch.jit.trace` the probe runs untraced (`_not_traced`).
-    """
-    cached = functools.lru_cache(maxsize=None)(fn)
-
-    @torch.compiler.assume_constant_result
-    @functools.wraps(fn)
-    def probe(*args):
-        with _not_traced():
-            return cached(*args)
-
-    probe.cache_clear = cached.cache_clear
-    return probe
-
-
-@_probe
-def has_enable_gqa() -> bool:
-    """Does this torch's SDPA take `enable_gqa` (torch >= 2.5)? Checked by calling it, not by version."""
+def _probe_enable_gqa() -> bool:
     q = torch.zeros(1, 2, 1, 8)
     kv = torch.zeros(1, 1, 1, 8)
     try:
@@ -102,27 +83,74 @@ def has_enable_gqa() -> bool:
     return True
 
 
-@_probe
+def _probe_dead_rows(variant: SDPBackend, device: str) -> bool:
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q = torch.ones(1, 1, 2, 8, dtype=dtype, device=device, requires_grad=True)
+    kv = torch.ones(1, 1, 2, 8, dtype=dtype, device=device)
+    keep = torch.tensor([[False, False], [True, True]], device=device)
+    try:
+        with sdpa_kernel([variant]):
+            out = _sdpa(q, kv, kv, attn_mask=keep)
+            out.sum().backward()
+    except RuntimeError:
+        return False
+    return bool((out[0, 0, 0] == 0).all()) and q.grad is not None and bool(torch.isfinite(q.grad).all())
+
+
+def _probe_lower_right_gqa() -> bool:
+    from torch.nn.attention.bias import CausalBias
+
+    return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
+# Capabilities of this torch, decided by trying them (not by version strings). The CPU answers are found at
+# import, each probe in its own thread (`_isolated`); another device's at its first eager call, the same way.
+# Nothing here runs inside the caller's context, and nothing needs torch._dynamo (import time).
+_PROBED: dict[tuple, bool] = {}
+
+
+def has_enable_gqa() -> bool:
+    """Does this torch's SDPA take `enable_gqa` (torch >= 2.5)? Found by calling it at import."""
+    return _PROBED[("enable_gqa",)]
+
+
+def has_lower_right_gqa() -> bool:
+    """Does torch's `CausalBias` (bottom-right causal on CUDA) take `enable_gqa`? Found at the first eager
+    CUDA call (its module imports torch._dynamo, too slow for `import attend`); False until then."""
+    key = ("lower_right_gqa",)
+    found = _PROBED.get(key)
+    if found is None:
+        if torch.compiler.is_compiling():
+            return False
+        found = _PROBED[key] = _isolated(_probe_lower_right_gqa)
+    return found
+
+
 def zeroes_dead_rows(variant: SDPBackend, device: str) -> bool:
     """Does this kernel give 0 output and finite gradients for a row with no key to attend?
 
-    PyTorch >= 2.5 does (pytorch#133882, `_safe_softmax`); older kernels give NaN. Probed once per
-    (variant, device); where it fails, `SdpaBackend.run` un-masks such rows and zeroes them after.
-    """
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    # the first call may come from inside `torch.no_grad()` or `inference_mode()`: the probe needs a
-    # backward either way, or it would wrongly cache False and send masked calls down the fix-up path
-    with torch.inference_mode(False), torch.enable_grad():
-        q = torch.ones(1, 1, 2, 8, dtype=dtype, device=device, requires_grad=True)
-        kv = torch.ones(1, 1, 2, 8, dtype=dtype, device=device)
-        keep = torch.tensor([[False, False], [True, True]], device=device)
-        try:
-            with sdpa_kernel([variant]):
-                out = _sdpa(q, kv, kv, attn_mask=keep)
-                out.sum().backward()
-        except RuntimeError:
+    PyTorch >= 2.5 does (pytorch#133882, `_safe_softmax`); older kernels give NaN. Found once per (variant,
+    device) by running it (CPU: at import); where it fails, `SdpaBackend._call` un-masks such rows and zeroes
+    them after. A device first met under torch.compile, before any eager call, takes that fix-up path, which is
+    right either way, and is probed at its first eager call."""
+    key = ("dead_rows", variant.name, device)  # plain strings: dynamo guards on this lookup
+    found = _PROBED.get(key)
+    if found is None:
+        if torch.compiler.is_compiling():
             return False
-        return bool((out[0, 0, 0] == 0).all()) and q.grad is not None and bool(torch.isfinite(q.grad).all())
+        found = _PROBED[key] = _isolated(functools.partial(_probe_dead_rows, variant, device))
+    return found
+
+
+def clear_probes() -> None:
+    """Forget the probed answers and find them again (tests; a changed environment)."""
+    _PROBED.clear()
+    _PROBED[("enable_gqa",)] = _isolated(_probe_enable_gqa)
+    for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        zeroes_dead_rows(variant, "cpu")
+
+
+clear_probes()
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,13 +159,6 @@ def _lower_right_bias(i: int, j: int):
     from torch.nn.attention.bias import causal_lower_right
 
     return causal_lower_right(i, j)
-
-
-@_probe
-def has_lower_right_gqa() -> bool:
-    from torch.nn.attention.bias import CausalBias
-
-    return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
 def _plain_eager(t: Tensor) -> bool:
