@@ -110,6 +110,28 @@ def test_causal_skips_tiles_above_the_diagonal():
     assert sum(1 for r0, r1 in full.query_tiles() for _ in full.key_tiles(r0, r1)) == 64
 
 
+@pytest.mark.parametrize("k_tile", [4, 5, 16, 64])
+def test_padding_tile_facts(k_tile):
+    """Per key tile, read once per call: all keys visible (no mask applied) / no key visible in any batch
+    element (tile skipped), the one-tile fast path and the general one alike; a bias's -inf is looked for."""
+    from attend.backends.chunked import _read_facts
+
+    pad = torch.ones(3, 16, dtype=torch.bool)
+    pad[:, 4:8] = False  # every batch element: keys 4-7 are padding
+    pad[1, 13:] = False
+    mask4 = pad[:, None, None, :]
+    facts = _read_facts(mask4, None, 16, k_tile)
+    tiles = [slice(c0, min(c0 + k_tile, 16)) for c0 in range(0, 16, k_tile)]
+    assert facts.pad_all == tuple(bool(pad[:, t].all()) for t in tiles)
+    assert facts.pad_none == tuple(not bool(pad[:, t].any()) for t in tiles)
+    assert not facts.bias_inf
+    bias = torch.zeros(1, 1, 1, 16)
+    assert not _read_facts(None, bias, 16, k_tile).bias_inf
+    bias[..., 3] = float("-inf")
+    assert _read_facts(None, bias, 16, k_tile).bias_inf
+    assert _read_facts(None, None, 16, k_tile) == (None, None, False)
+
+
 def test_gqa_does_not_copy_kv():
     """h/g = 4, multi-query: grads for k, v are summed over the r query heads that share them."""
     for g in (2, 1):

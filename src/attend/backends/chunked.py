@@ -195,13 +195,17 @@ def _read_facts(mask: Tensor | None, bias: Tensor | None, j: int, k_tile: int) -
         and _values_readable(mask)
     ):
         keys = mask.reshape(-1, j)
-        n_tiles = -(-j // k_tile)
-        padded = keys.new_ones(keys.shape[0], n_tiles * k_tile)
-        padded[:, :j] = keys
-        per_tile = padded.view(keys.shape[0], n_tiles, k_tile)
-        pad_all = tuple(per_tile.all(dim=2).all(dim=0).tolist())
-        padded[:, j:] = False
-        pad_none = tuple((~per_tile.any(dim=2)).all(dim=0).tolist())
+        if j <= k_tile:  # one key tile (short sequences, decoding): two reductions and one read
+            every, some = torch.stack((keys.all(), keys.any())).tolist()
+            pad_all, pad_none = (every,), (not some,)
+        else:
+            n_tiles = -(-j // k_tile)
+            padded = keys.new_ones(keys.shape[0], n_tiles * k_tile)
+            padded[:, :j] = keys
+            per_tile = padded.view(keys.shape[0], n_tiles, k_tile)
+            pad_all = tuple(per_tile.all(dim=2).all(dim=0).tolist())
+            padded[:, j:] = False
+            pad_none = tuple((~per_tile.any(dim=2)).all(dim=0).tolist())
     bias_inf = bias is not None
     if bias is not None and bias.device.type == "cpu" and bias.numel() > 0 and _values_readable(bias):
         bias_inf = bool(bias.amin() == _NEG_INF)
