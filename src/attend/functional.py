@@ -124,7 +124,8 @@ def _all_finite(inp: AttnInputs, out: Tensor) -> bool:
                 return all(math.isfinite(_finite_sum(t).item()) for t in parts)
             return bool(torch.stack([_finite_sum(t).float() for t in parts]).sum().isfinite())  # one sync
         except RuntimeError:
-            if _no_data_branch(inp.q):  # vmap, fake tensors: skipped, as under compile
+            # vmap (over any input: q, k, v, the mask, the bias) and fake tensors: skipped, as under compile
+            if any(_no_data_branch(t) for t in (*parts, inp.mask, inp.bias) if t is not None):
                 return True
             raise
 
