@@ -27,7 +27,6 @@ runs through `TwiceDifferentiable`, which keeps the kernel's own graph for the f
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import cast
 
@@ -81,39 +80,26 @@ def recompute_grads(
 
 
 class TwiceDifferentiable(torch.autograd.Function):
-    """Run `kernel(inp)` (a PyTorch kernel with its own first-order backward) so that its backward is
-    that kernel's own, and a recorded backward (create_graph) is the reference's (`recompute_grads`).
+    """A gate on the output of a PyTorch kernel that has only a first-order backward:
+    `TwiceDifferentiable.apply(out, inp, q, k, v, bias)` returns `out` (a view).
 
-    The kernel runs on detached copies of q, k, v, bias with grad enabled, so its graph is kept for the
-    first-order backward exactly as a direct call keeps it: no extra memory, no recompute.
+    Its backward hands the output gradient straight on to the kernel's own backward node (in the same pass of
+    the autograd engine: no nested backward, no recompute, nothing kept), unless autograd records the backward
+    (create_graph): then the kernel's node gets no gradient at all and dq, dk, dv, dbias come from the reference
+    (`recompute_grads`), differentiable again.
     """
 
     @staticmethod
-    def forward(ctx, kernel: Callable[[AttnInputs], Tensor], inp: AttnInputs, q, k, v, bias):
-        inner = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, bias)]
-        with torch.enable_grad():
-            out = kernel(replace(inp, q=cast(Tensor, inner[0]), k=cast(Tensor, inner[1]), v=cast(Tensor, inner[2]),
-                                 bias=inner[3]))
+    def forward(ctx, out: Tensor, inp: AttnInputs, q, k, v, bias):
         ctx.inp = inp
-        ctx.inner = inner
-        # the kernel's output (and through its grad_fn, the kernel's own graph) is saved like any tensor, so
-        # autograd frees it when it frees this node's saved tensors: right after this node's backward,
-        # unless the caller asked for retain_graph=True (then it stays for the next backward, as it should)
-        ctx.save_for_backward(q, k, v, bias, out)
-        return out.detach()
+        ctx.save_for_backward(q, k, v, bias)
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, dout):
-        wanted = tuple(ctx.needs_input_grad[2:6])
-        q, k, v, bias, out = ctx.saved_tensors
         if records_graph():
+            q, k, v, bias = ctx.saved_tensors
+            wanted = tuple(ctx.needs_input_grad[2:6])
             grads = recompute_grads(replace(ctx.inp, q=q, k=k, v=v, bias=bias), dout, wanted)
             return (None, None, *grads)
-        inner = ctx.inner
-        targets = [t for t, want in zip(inner, wanted) if want and t is not None]
-        found = iter(torch.autograd.grad(out, targets, dout, retain_graph=True, allow_unused=True))
-        grads = []
-        for t, want in zip(inner, wanted):
-            grad = next(found) if want and t is not None else None
-            grads.append(torch.zeros_like(t) if grad is None and want and t is not None else grad)
-        return (None, None, *grads)
+        return dout, None, None, None, None, None

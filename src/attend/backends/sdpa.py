@@ -196,7 +196,7 @@ class SdpaBackend(Backend):
         caps = self.caps_for(inp.device)
         if caps is not None and not caps.grad2 and inp.needs_grad and _plain_eager(inp.q):
             # a first-order kernel: its own backward for training, the reference's for create_graph
-            return TwiceDifferentiable.apply(self._kernel, inp, inp.q, inp.k, inp.v, inp.bias)
+            return TwiceDifferentiable.apply(self._kernel(inp), inp, inp.q, inp.k, inp.v, inp.bias)
         return self._kernel(inp)
 
     def _kernel(self, inp: AttnInputs) -> Tensor:
