@@ -7,7 +7,7 @@ d head dim (q and k), e value head dim.
     attend explain --shape B,H,I,D [--kv-heads G] [--kv-len J] [--v-dim E] [--dtype X] [--device Y]
                    [--causal] [--mask none|padding|bool|bias] [--grad] [--dropout P] [--backend NAME]
     attend check [--device] [--dtype a,b] [--backends a,b]
-    attend bench [--suite quick|cpu|gan|vit|llm|long|gpu] [--device] [--dtype] [--backends a,b]
+    attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu] [--device] [--dtype] [--backends a,b]
                  [--mode fwd|fwdbwd|both] [--json PATH] [--plot PATH] [--compare OLD.json [NEW.json]]
 
 A mistake on the command line (a bad shape string, an unknown backend, CUDA asked for where there is

@@ -90,6 +90,13 @@ SUITES: dict[str, list[BenchCase]] = {
         _c("G6", 32, 8, 78, 64, j=79, mask="padding", note="gigagan text self-attn, null KV"),
         _c("G7", 8, 8, 64, 64, note="gigagan upsampler mid 8x8"),
     ],
+    # small calls, where per-call overhead shows: the seed's own GAN workload (attention at 4x4-16x16 feature
+    # maps, many calls per training step); compare `attend` with `seed:sdpa` (a direct SDPA call) side by side
+    "small": [
+        _c("M1", 1, 8, 16, 64, modes=BOTH, note="4x4 map, one image: per-call overhead"),
+        _c("M2", 8, 8, 64, 64, modes=BOTH, note="8x8 maps"),
+        _c("M3", 4, 8, 256, 64, modes=BOTH, note="16x16 maps"),
+    ],
     # tier 4: the 2-vCPU development machine
     "cpu": [
         _c("C1-256", 1, 8, 256, 64, dtype=torch.float32, modes=BOTH),
