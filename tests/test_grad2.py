@@ -155,3 +155,36 @@ def test_recorded_backward_through_an_unrecoverable_dropout_mask_says_what_to_do
     inp = validate(q, k, v, dropout_p=0.1)
     with pytest.raises(RuntimeError, match="backend='chunked' or backend='sdpa:math'"):
         recompute_grads(inp, torch.ones(1, 2, 3, 4), (True, True, True, False))
+
+
+def test_r1_penalty_with_dropout_uses_the_forward_keep_mask():
+    """`Attend(dropout=0.1).train()` at (4, 8, 256, 32): auto picks `chunked` on CPU (dropout, large tiles).
+    The R1 penalty and its second-order gradients equal the float64 reference given chunked's own keep-mask
+    (rebuilt from the seed the call drew), within the float32 reference's earned budget."""
+    from attend.backends import chunked
+    from attend.backends.einsum import einsum_attention
+
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(4, 8, 256, 32, generator=gen) for _ in range(3)]
+    w = torch.randn(4, 8, 256, 32, generator=gen)
+    attn = Attend(dropout=0.1).train()
+    assert attn.explain(*(t.requires_grad_() for t in base)).backend == "chunked"
+
+    torch.manual_seed(7)
+    seed = chunked._draw_seed()  # the draw the call below makes from the same generator state
+    keep = chunked.dropout_keep_mask(validate(*base, dropout_p=0.1), seed)
+    assert 0.85 < keep.float().mean() < 0.95
+
+    def leaves(dtype):
+        return [t.detach().to(dtype).requires_grad_() for t in base]
+
+    torch.manual_seed(7)
+    cand = _r1(attn, *leaves(torch.float32), w)
+
+    def reference(q, k, v):
+        return einsum_attention(validate(q, k, v, dropout_p=0.1), dropout_keep=keep)
+
+    golden = _r1(reference, *leaves(torch.float64), w.double())
+    baseline = _r1(reference, *leaves(torch.float32), w)
+    for what, c, gd, bl in zip(["out", "penalty", "d2q", "d2k", "d2v"], cand, golden, baseline):
+        assert_matches_reference(c, gd, bl, name=what)
