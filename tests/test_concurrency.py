@@ -12,10 +12,9 @@ import torch
 
 from attend import Attend, attention, dispatch, get_backend
 from attend.inputs import validate
+from attend.testing import DTYPES, assert_matches_reference
 
 THREADS, CALLS = 8, 20
-TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 5e-3}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 # helpers
 
@@ -93,10 +92,10 @@ def test_many_threads_get_correct_results_and_a_consistent_cache():
             q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
         kw = dict(mask=case["mask"], bias=case["bias"], causal=case["causal"])
         out = Attend()(q, k, v, **kw) if case["module"] else attention(q, k, v, **kw)
-        ref = attention(*(x.detach().double() for x in (q, k, v)), backend="einsum",
-                        mask=kw["mask"], bias=None if kw["bias"] is None else kw["bias"].double(), causal=kw["causal"])  # fmt: skip
-        tol = TOL[q.dtype]
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        golden = attention(*(x.detach().double() for x in (q, k, v)), backend="einsum",
+                           mask=kw["mask"], bias=None if kw["bias"] is None else kw["bias"].double(), causal=kw["causal"])  # fmt: skip
+        baseline = attention(*(x.detach() for x in (q, k, v)), backend="einsum", **kw)
+        assert_matches_reference(out.detach(), golden, baseline)
         if case["grad"]:
             out.float().sum().backward()
             assert torch.isfinite(q.grad).all()
@@ -106,14 +105,11 @@ def test_many_threads_get_correct_results_and_a_consistent_cache():
     _run_threads(work)
     assert len(seen) == THREADS * CALLS
     # every cached choice equals a fresh uncached selection for the inputs it was cached for
-    checked = 0
-    for inp in seen:
-        cached = dispatch._cache.get(dispatch.cache_key(inp))
-        if cached is not None:
-            assert cached == _fresh_choice(inp), inp.describe()
-            checked += 1
-    assert checked >= len({dispatch.cache_key(inp) for inp in seen}) // 2
-    assert all(name in dispatch._registry for name in dispatch._cache.values())
+    entries = [cached.value for cached in list(dispatch._cache.values()) if cached.value.auto]
+    assert len(entries) >= len({inp.signature() for inp in seen}) // 2
+    for entry in entries:
+        assert entry.backend.name == _fresh_choice(entry.template), entry.template.describe()
+        assert entry.backend.name in dispatch._registry
 
 
 def test_cache_stays_consistent_while_another_thread_clears_it():
@@ -136,15 +132,15 @@ def test_cache_stays_consistent_while_another_thread_clears_it():
     finally:
         stop.set()
         bg.join()
-    for (_sig, fused_only, _budget), name in list(dispatch._cache.items()):
-        assert name in dispatch._registry and fused_only in (True, False)
+    for cached in list(dispatch._cache.values()):
+        assert cached.value.backend.name in dispatch._registry
 
 
 def test_a_choice_made_before_a_registry_change_is_not_cached(monkeypatch):
-    """select() computed under the old registry must not write its answer after a change (the generation
+    """A call that chose under the old registry must not cache its answer after a change (the generation
     counter): simulate the race by changing the registry from inside the eligibility check."""
+    dispatch.clear_cache()
     q = torch.randn(1, 2, 4, 8)
-    inp = validate(q, q, q)
     first = dispatch._priority("cpu")[0]
     backend = get_backend(first)
     original = backend.reasons_unsupported
@@ -154,8 +150,8 @@ def test_a_choice_made_before_a_registry_change_is_not_cached(monkeypatch):
         return original(inp)
 
     monkeypatch.setattr(backend, "reasons_unsupported", racing)
-    assert dispatch.select(inp).name == first
-    assert dispatch.cache_key(inp) not in dispatch._cache
+    attention(q, q, q)
+    assert dispatch._cache == {}
     monkeypatch.undo()
-    assert dispatch.select(inp).name == first
-    assert dispatch._cache[dispatch.cache_key(inp)] == first
+    attention(q, q, q)
+    assert [cached.value.backend.name for cached in dispatch._cache.values()] == [first]

@@ -1,6 +1,9 @@
-"""Faults lose nothing: a backend that fails at run time in auto mode is retried on the next eligible
-one with exactly one `AttendFallbackWarning`; out of memory lands on `chunked` when it is registered and
-eligible; a named backend re-raises with context. Failures are injected by monkeypatching `run`.
+"""Faults lose nothing, and hide nothing: a backend that cannot run the inputs after all (out of memory, "No
+available kernel") is retried in auto mode on the next eligible one with exactly one `AttendFallbackWarning`
+that points at the caller's line, and is not tried again for that signature (`explain` then names the one
+that runs); out of memory lands on a backend that holds no (i, j) intermediate (`chunked` on CPU); any other
+error propagates untouched; a named backend re-raises with context. Failures are injected by monkeypatching
+`run`.
 
 Registry-driven: which backend auto picks, and which one it falls back to, come from the dispatcher.
 """
@@ -8,6 +11,7 @@ Registry-driven: which backend auto picks, and which one it falls back to, come 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,10 +57,15 @@ def _fresh_cache():
     dispatch.clear_cache()
 
 
+def _no_kernel(name: str) -> RuntimeError:
+    return RuntimeError(f"{name}: No available kernel. Aborting execution.")
+
+
 class FakeChunked(EinsumBackend):
     """Stands in for the memory-bounded backend when it is not registered (or replaces it for the test)."""
 
     name = "chunked"
+    caps = {device: replace(c, dense_scores=False) for device, c in EinsumBackend.caps.items()}
     ran = 0
 
     def run(self, inp):
@@ -74,7 +83,7 @@ def test_auto_retries_on_next_eligible_with_one_warning(monkeypatch):
     rest = dispatch.fallbacks(inp, {first})
     if not rest:
         pytest.skip(f"only {first} can run this case here")
-    calls = _break(monkeypatch, first, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    calls = _break(monkeypatch, first, _no_kernel(first))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = attention(q, k, v, mask=mask, causal=True)
@@ -82,12 +91,20 @@ def test_auto_retries_on_next_eligible_with_one_warning(monkeypatch):
     fallback = [w for w in caught if issubclass(w.category, AttendFallbackWarning)]
     assert len(caught) == 1 and len(fallback) == 1
     text = str(fallback[0].message)
-    assert first in text and "illegal memory access" in text and f"retried on {rest[0].name!r}" in text
+    assert first in text and "No available kernel" in text and f"retried on {rest[0].name!r}" in text
+    assert fallback[0].filename == __file__  # the warning points at the caller's line
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
     out.sum().backward()  # the training step goes on: gradients from the fallback backend
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    # a fault may be transient (out of memory): the cached choice is kept
-    assert dispatch.select(inp).name == first
+    # remembered for this signature: not tried again, no second warning, and explain names what runs
+    assert dispatch.select(inp).name == rest[0].name
+    assert attend.explain(q, k, v, mask=mask, causal=True).backend == rest[0].name
+    reasons = attend.explain(q, k, v, mask=mask, causal=True).reasons[first]
+    assert any("failed at run time for these inputs" in r for r in reasons)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(q, k, v, mask=mask, causal=True)
+    assert calls == [first]
 
 
 def test_warning_category_is_a_runtime_warning():
@@ -120,14 +137,14 @@ def test_cpu_allocator_failure_counts_as_out_of_memory(monkeypatch):
 
 
 def test_kernel_error_follows_priority_not_chunked(monkeypatch):
-    """Only a memory failure jumps to `chunked`; any other failure takes the next backend in priority."""
+    """Only a memory failure jumps to `chunked`; a kernel that cannot run takes the next backend in priority."""
     q, k, v, mask = _inputs()
     monkeypatch.setitem(dispatch._registry, "chunked", FakeChunked())
     dispatch.clear_cache()
     inp = validate(q, k, v, mask=mask)
     first = dispatch.select(inp).name
     expected = dispatch.fallbacks(inp, {first})[0].name
-    _break(monkeypatch, first, RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    _break(monkeypatch, first, _no_kernel(first))
     with pytest.warns(AttendFallbackWarning, match=f"retried on {expected!r}"):
         attention(q, k, v, mask=mask)
 
@@ -139,13 +156,14 @@ def test_chained_failures_then_success_warn_once(monkeypatch):
     if len(order) < 3:
         pytest.skip("needs three eligible backends")
     for name in order[:2]:
-        _break(monkeypatch, name, RuntimeError(f"{name} exploded"))
+        _break(monkeypatch, name, _no_kernel(name))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = attention(q, k, v, mask=mask)
     assert len(caught) == 1
     text = str(caught[0].message)
-    assert f"{order[0]} exploded" in text and f"{order[1]} exploded" in text and f"retried on {order[2]!r}" in text
+    assert f"{order[0]}: No available" in text and f"{order[1]}: No available" in text
+    assert f"retried on {order[2]!r}" in text
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask, causal=False), atol=1e-5, rtol=1e-5)
 
 
@@ -154,17 +172,17 @@ def test_every_backend_fails(monkeypatch):
     inp = validate(q, k, v, mask=mask)
     names = [dispatch.select(inp).name] + [b.name for b in dispatch.fallbacks(inp, {dispatch.select(inp).name})]
     for name in names:
-        _break(monkeypatch, name, RuntimeError(f"{name} exploded"))
+        _break(monkeypatch, name, _no_kernel(name))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no success, so no fallback warning either
         with pytest.raises(RuntimeError) as info:
             attention(q, k, v, mask=mask)
     if len(names) > 1:
         assert str(info.value).startswith("attend: every eligible backend failed: ")
-        assert all(f"{n} exploded" in str(info.value) for n in names)
+        assert all(f"{n}: No available kernel" in str(info.value) for n in names)
         assert isinstance(info.value.__cause__, RuntimeError)
     else:
-        assert str(info.value) == f"{names[0]} exploded"
+        assert str(info.value) == str(_no_kernel(names[0]))
 
 
 def test_only_one_eligible_reraises_original(monkeypatch):
@@ -209,10 +227,57 @@ def test_module_auto_retries(monkeypatch):
     inp = validate(q, k, v, mask=mask, causal=True)
     if not dispatch.fallbacks(inp, {first}):
         pytest.skip("one eligible backend")
-    _break(monkeypatch, first, RuntimeError("boom"))
-    with pytest.warns(AttendFallbackWarning):
+    _break(monkeypatch, first, _no_kernel(first))
+    with pytest.warns(AttendFallbackWarning) as record:
         out = attn(q, k, v, mask=mask)
+    assert record[0].filename == __file__  # not torch/nn/modules/module.py
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "err",
+    [RuntimeError("CUDA error: an illegal memory access was encountered"), RuntimeError("shape '[2, 3]' is invalid")],
+    ids=["illegal-memory-access", "plain-bug"],
+)
+def test_other_runtime_errors_propagate_untouched(monkeypatch, err):
+    """A RuntimeError that is neither out of memory nor "cannot run these inputs" is a fault to see, not to
+    hide: auto mode re-raises it as it is, tries no other backend and remembers nothing."""
+    q, k, v, mask = _inputs()
+    inp = validate(q, k, v, mask=mask)
+    first = dispatch.select(inp).name
+    calls = _break(monkeypatch, first, err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError) as info:
+            attention(q, k, v, mask=mask)
+    assert info.value is err and calls == [first]
+    assert dispatch.select(inp).name == first
+
+
+def test_out_of_memory_falls_back_once_and_is_remembered(monkeypatch):
+    q, k, v, mask = _inputs()
+    monkeypatch.setitem(dispatch._registry, "chunked", FakeChunked())
+    dispatch.clear_cache()
+    first = dispatch.select(validate(q, k, v, mask=mask)).name
+    calls = _break(monkeypatch, first, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
+    FakeChunked.ran = 0
+    with pytest.warns(AttendFallbackWarning, match="retried on 'chunked'"):
+        attention(q, k, v, mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            attention(q, k, v, mask=mask)
+    assert calls == [first] and FakeChunked.ran == 4
+    assert attend.explain(q, k, v, mask=mask).backend == "chunked"
+
+
+def test_drop_in_fallback_warning_points_at_the_caller(monkeypatch):
+    q, k, v, mask = _inputs()
+    first = dispatch.select(validate(q, k, v, mask=mask[:, None, None, :])).name
+    _break(monkeypatch, first, _no_kernel(first))
+    with pytest.warns(AttendFallbackWarning) as record:
+        attend.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    assert record[0].filename == __file__
 
 
 def test_programming_errors_are_not_retried(monkeypatch):
@@ -233,11 +298,11 @@ def test_flash_true_falls_back_past_fused_kernels(monkeypatch):
     others = dispatch.fallbacks(inp, {fused.name})
     for other in others:
         if other.fused:
-            _break(monkeypatch, other.name, RuntimeError(f"{other.name} exploded"))
+            _break(monkeypatch, other.name, _no_kernel(other.name))
     landing = next((b for b in others if not b.fused), None)
     if landing is None:
         pytest.skip("no non-fused backend eligible")
-    _break(monkeypatch, fused.name, RuntimeError("fused kernel exploded"))
+    _break(monkeypatch, fused.name, _no_kernel(fused.name))
     with pytest.warns(AttendFallbackWarning, match=f"retried on {landing.name!r}"):
         out = Attend(flash=True)(q, k, v, mask=mask)
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask, causal=False), atol=1e-5, rtol=1e-5)

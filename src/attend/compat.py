@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from ._helpers import fmt_dtype, fmt_shape
-from .functional import autocast_inputs, run_inputs
-from .inputs import validate
+from .dispatch import call
+from .functional import autocast_inputs
 
 __all__ = ["scaled_dot_product_attention", "SdpaArgumentError"]
 
@@ -212,6 +212,5 @@ def scaled_dot_product_attention(
             # L > S: rows i >= S see every key; one shared (1, 1, L, S) bool tile, never (N, Hq, L, S)
             mask = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()[None, None]
 
-    inp = validate(q4, k4, v4, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
-    out = run_inputs(inp)
+    out = call(q4, k4, v4, mask, bias, causal=causal, scale=scale, dropout_p=dropout_p)
     return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

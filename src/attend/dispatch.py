@@ -11,17 +11,26 @@ runs. Set `attend.dispatch.MEMORY_BUDGET_BYTES` to change it. A named backend ig
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+import sys
 import threading
+import traceback
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from ._helpers import fmt_shape
 from .backends import REGISTERED
 from .backends.base import Backend
-from .inputs import AttnInputs
+from .inputs import AttnInputs, validate
+from .masks import dead_keys, rows_that_see
 
 __all__ = [
     "PRIORITY",
@@ -35,6 +44,9 @@ __all__ = [
     "fallbacks",
     "explain_inputs",
     "clear_cache",
+    "call",
+    "run",
+    "CACHE_SIZE",
     "MEMORY_BUDGET_BYTES",
 ]
 
@@ -76,8 +88,21 @@ MEMORY_BUDGET_BYTES: int = 2**30
 # Auto landing here on these devices means a slow path: logged once with the reasons.
 SLOW: dict[str, frozenset[str]] = {"cuda": frozenset({"einsum", "sdpa:math"})}
 
+# Signatures whose validation and choice are kept (`call`), and signatures with backends that failed at run
+# time (`_run`). Both bounded: a server decoding for days with a key length growing by one per step keeps at
+# most this many of each (the oldest goes first).
+CACHE_SIZE: int = 512
+
+
+class _Cached(NamedTuple):
+    value: Any  # _Entry
+    generation: int
+
+
 _registry: dict[str, Backend] = {b.name: b for b in REGISTERED}
-_cache: dict[tuple, str] = {}
+_cache: dict[tuple, _Cached] = {}
+# inp.signature() -> {backend name: (why it failed, out of memory?)}
+_failed: dict[tuple, dict[str, tuple[str, bool]]] = {}
 _logged: set[tuple] = set()
 _lock = threading.Lock()
 # bumped whenever the registry or the priority changes, so a choice computed before the change is never
@@ -229,11 +254,29 @@ def list_backends() -> list[str]:
 
 
 def clear_cache() -> None:
-    """Forget cached auto choices (after changing global torch flags, for instance)."""
+    """Forget cached choices and remembered run-time failures (after changing global torch flags, say)."""
     global _generation
     with _lock:
         _generation += 1
         _cache.clear()
+        _failed.clear()
+
+
+def _remember_failure(inp: AttnInputs, name: str, why: str, oom: bool) -> None:
+    """Auto mode: `name` failed at run time for these inputs; select() skips it for this signature from now
+    on (with the failure as its reason, which `explain` shows) and cached choices are dropped."""
+    global _generation
+    signature = inp.signature()
+    with _lock:
+        _generation += 1
+        _cache.clear()
+        _failed.setdefault(signature, {})[name] = (why, oom)
+        while len(_failed) > CACHE_SIZE:
+            _failed.pop(next(iter(_failed)))
+
+
+def _failure_reasons(inp: AttnInputs) -> dict[str, tuple[str, bool]]:
+    return _failed.get(inp.signature(), {}) if _failed else {}
 
 
 def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Backend:
@@ -257,15 +300,9 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
 
     # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the
     # inputs (shape, dtype, stride, requires_grad, grad mode, determinism) re-trace when it could change.
-    # So no cache (reading it would guard on the dict and recompile whenever eager code adds an entry;
-    # its lock is a context manager dynamo cannot enter) and no logging (a graph break) while compiling.
+    # No logging while compiling (a graph break). Eager calls cache the choice per call signature (`call`).
     compiling = torch.compiler.is_compiling()
-    key = cache_key(inp, fused_only)
-    generation = _generation
-    name = None if compiling else _cache.get(key)
-    if name is not None:
-        return _registry[name]
-
+    failed = {} if compiling else _failure_reasons(inp)
     rejected: dict[str, list[str]] = {}
 
     def eligible(name: str) -> bool:
@@ -274,11 +311,17 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
             rejected[name] = ["not a fused kernel (Attend(flash=True) asks for one)"]
             return False
         reasons = candidate.reasons_unsupported(inp) + _budget_reasons(candidate, inp)
+        if name in failed:
+            reasons.append(f"failed at run time for these inputs (remembered): {failed[name][0]}")
         if reasons:
             rejected[name] = reasons
         return not reasons
 
     order = _priority(inp.device.type)
+    if any(oom for _, oom in failed.values()):
+        # this signature ran out of memory once: backends holding no (i, j) intermediate go first from now on
+        lean = [b.name for b in fallbacks(inp, set(failed), oom=True) if b.intermediate_bytes(inp) == 0]
+        order = tuple(lean) + tuple(n for n in order if n not in lean)
     picked: str | None = None
     for name in order:
         # a shape-dependent PROMOTE rule is looked at only when the backend it overtakes is reached: its
@@ -295,9 +338,6 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
     if picked is None:
         raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
     if not compiling:
-        with _lock:
-            if generation == _generation:
-                _cache[key] = picked
         _log_slow(inp, picked, rejected)
     return _registry[picked]
 
@@ -305,17 +345,15 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
 def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[Backend]:
     """Auto mode, after backends in `failed` raised at run time: the eligible others, in priority order.
 
-    `oom`: the failure was out of memory, so the memory-bounded `chunked` backend (when registered and
-    eligible) goes first, even if this device's auto order does not list it.
+    `oom`: the failure was out of memory, so backends that hold no (i, j)-sized intermediate
+    (`Backend.intermediate_bytes(inp) == 0`, declared by `Caps.dense_scores`) go first: on CPU that is the
+    memory-bounded `chunked`; on CUDA the other fused kernels, then `chunked`.
     """
     names = [n for n in _auto_order(inp) if n not in failed]
-    if oom and "chunked" in _registry and "chunked" not in failed:
-        names = ["chunked"] + [n for n in names if n != "chunked"]
-    out = []
-    for name in names:
-        candidate = _registry[name]
-        if not candidate.reasons_unsupported(inp):
-            out.append(candidate)
+    remembered = _failure_reasons(inp)
+    out = [_registry[n] for n in names if n not in remembered and not _registry[n].reasons_unsupported(inp)]
+    if oom:
+        out.sort(key=lambda b: b.intermediate_bytes(inp) > 0)  # stable: priority order within each group
     return out
 
 
@@ -325,8 +363,11 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
     order = list(auto) + [n for n in _registry if n not in auto]
     reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
     if backend is None:
+        failed = _failure_reasons(inp)
         for n in auto:
             reasons[n] = reasons[n] + _budget_reasons(_registry[n], inp)
+            if n in failed:
+                reasons[n].append(f"failed at run time for these inputs (remembered): {failed[n][0]}")
     if fused_only:
         for n in order:
             if not _registry[n].fused:
@@ -354,3 +395,273 @@ def _log_slow(inp: AttnInputs, name: str, rejected: dict[str, list[str]]) -> Non
         _logged.add(key)
     why = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
     log.warning("attend: auto picked the slow `%s` backend on %s because %s", name, inp.device.type, why)
+
+
+# the run policy
+
+
+# torch >= 2.4 everywhere, but checked by capability: `torch.OutOfMemoryError` arrived after 2.4 (before,
+# only `torch.cuda.OutOfMemoryError`), and `torch.amp.is_autocast_available` may be missing
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    err
+    for err in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError)
+    if isinstance(err, type)
+)
+
+
+def _autocast_on(device_type: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    return available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _failure(name: str, err: BaseException) -> str:
+    first = (str(err).splitlines() or [""])[0]
+    return f"backend {name!r} failed with {type(err).__name__}: {first}"
+
+
+def _finite_sum(t: Tensor) -> Tensor:
+    # float32, bfloat16, float64 sums accumulate in float32 or wider and have its range; a float16 sum
+    # would overflow 65504 on ordinary activations, but its mean (accumulated in float32) cannot
+    return t.mean() if t.dtype == torch.float16 else t.sum()
+
+
+def _checkable(inp: AttnInputs) -> bool:
+    """Can Python read values here? Not while tracing (torch.compile, torch.export), capturing a CUDA graph,
+    or on meta tensors (vmap and fake tensors are found out when the read fails, `_all_finite`)."""
+    if inp.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _all_finite(inp: AttnInputs, out: Tensor) -> bool:
+    """False when q, k or v may hold a NaN or inf, or when the output of a call that has a mask or bias
+    holds one (a garbage key that every row masks out can overflow to inf inside a kernel that adds its
+    mask as -inf, SDPA's, and inf + -inf = NaN; so can a huge bias or visible logit, a false alarm).
+
+    Cost: one sum per input (and of the output when there is a mask or bias) and one host sync, after the
+    kernel ran (free on CPU). A false alarm (a sum of finite values that overflows) only costs the exact
+    path. True (no check) where values cannot be read: vmap and fake tensors."""
+    parts = [inp.q, inp.k, inp.v]
+    if inp.mask is not None or inp.bias is not None:
+        parts.append(out)
+    with torch.no_grad():
+        try:
+            if inp.device.type == "cpu":  # a read per sum is free on CPU, and cheaper than stacking them
+                return all(math.isfinite(_finite_sum(t).item()) for t in parts)
+            return bool(torch.stack([_finite_sum(t).float() for t in parts]).sum().isfinite())  # one sync
+        except RuntimeError:
+            # vmap (over any input: q, k, v, the mask, the bias) and fake tensors: skipped, as under compile
+            if any(_no_data_branch(t) for t in (*parts, inp.mask, inp.bias) if t is not None):
+                return True
+            raise
+
+
+def _no_data_branch(t: Tensor) -> bool:
+    """True for tensors whose values Python cannot read: functorch-wrapped (`torch.func.vmap`) or fake
+    (`FakeTensorMode`, shape propagation). Checked by capability: both helpers exist on torch >= 2.0."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.is_functorch_wrapped_tensor(t):
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _finite_part(inp: AttnInputs) -> tuple[AttnInputs, Tensor, Tensor]:
+    """The inputs with every non-finite entry of q, k, v set to 0 and the keys no query may attend
+    (`masks.dead_keys`) zeroed in k and v, and which rows (bool (b, h, i)) and keys (bool (b, g, j), k or
+    v) held a non-finite entry, so the output rows that see them can be set to NaN."""
+    finite = [torch.isfinite(t) for t in (inp.q, inp.k, inp.v)]
+    q_bad = ~finite[0].all(-1)
+    kv_bad = ~(finite[1].all(-1) & finite[2].all(-1))
+    q, k, v = (t.masked_fill(~ok, 0) for t, ok in zip((inp.q, inp.k, inp.v), finite))
+    dead = dead_keys(inp)
+    if dead is not None:
+        # whatever sits there (garbage up to the dtype's max) can reach no output, but in a kernel that
+        # adds its mask a huge logit would meet the mask's -inf; zeros reach nothing either
+        k, v = k.masked_fill(dead[:, None, :, None], 0), v.masked_fill(dead[:, None, :, None], 0)
+    return replace(inp, q=q, k=k, v=v), q_bad, kv_bad
+
+
+def _cannot_run(err: BaseException) -> tuple[bool, bool]:
+    """(retryable, out of memory) for a run-time failure. Retried: out of memory, and a kernel saying it
+    cannot run these inputs (PyTorch's "No available kernel", "not implemented for"/"not supported" errors).
+    Anything else (a plain bug, an illegal memory access, a shape error) is not a reason to try another
+    backend: it propagates untouched."""
+    text = str(err).lower()
+    oom = isinstance(err, _OOM_ERRORS) or any(sign in text for sign in _OOM_SIGNS)
+    return oom or any(sign in text for sign in _NO_KERNEL_SIGNS), oom
+
+
+_OOM_SIGNS = ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
+_NO_KERNEL_SIGNS = ("no available kernel", "not implemented for", "is not supported", "not supported on")
+
+
+def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
+    """Run `chosen` on `inp`; in auto mode a backend that cannot run the inputs after all is remembered for
+    this signature and the next eligible one runs (one AttendFallbackWarning, pointing at the caller)."""
+    # under autocast the inputs were cast by `autocast_inputs`; inside, the backend owns its precision
+    # (float32 softmax statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd` does
+    no_autocast = (
+        torch.autocast(inp.device.type, enabled=False) if _autocast_on(inp.device.type) else contextlib.nullcontext()
+    )
+    failures: list[str] = []
+    tried: set[str] = set()
+    while True:
+        try:
+            with no_autocast:
+                out = chosen.run(inp)
+        except (RuntimeError, MemoryError) as err:
+            if backend is not None:  # a named backend runs or raises: never a silent fallback
+                raise RuntimeError(f"backend {backend!r} failed: {type(err).__name__}: {err}") from err
+            retryable, oom = _cannot_run(err)
+            if not retryable or torch.compiler.is_compiling():
+                raise
+            if oom:
+                # the failed attempt's intermediates live on in its traceback's frames: free them first
+                traceback.clear_frames(err.__traceback__)
+            failures.append(_failure(chosen.name, err))
+            _remember_failure(inp, chosen.name, failures[-1], oom)
+            tried.add(chosen.name)
+            others = fallbacks(inp, tried, oom=oom)
+            if not others:
+                if len(failures) == 1:
+                    raise  # nothing else could run these inputs: the original error, untouched
+                raise RuntimeError(f"attend: every eligible backend failed: {'; '.join(failures)}") from err
+            chosen = others[0]
+            continue
+        if failures:
+            warnings.warn(
+                f"attend: {'; '.join(failures)}; retried on {chosen.name!r} (remembered for these inputs: "
+                "`explain` names it)",
+                AttendFallbackWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        return out
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning point at the first frame outside attend and torch (the user's
+    line calling `attention`, `Attend` or the drop-in, whatever the depth of the calls in between)."""
+    frame: Any = sys._getframe(1)  # the function calling warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
+    """The run policy for validated inputs: empty inputs, the choice (auto or named), the kernel, the
+    narrow fallback, and the NaN/inf exact path (contract items 2 and 3). `call` is the same with the
+    validation and the choice cached per call signature."""
+    if inp.i == 0 or inp.j == 0:
+        return _empty(inp, backend)
+    return _execute(inp, select(inp, backend, fused_only=fused_only), backend)
+
+
+def _empty(inp: AttnInputs, backend: str | None) -> Tensor:
+    # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
+    # The zero terms keep the graph connected so gradients are zeros, not None.
+    if backend is not None:
+        select(inp, backend)  # a named backend still has to exist and accept the inputs
+    # (nan_to_num: a NaN in q still has no key to reach, so the row stays 0)
+    zero = ((inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0).nan_to_num(0.0, 0.0, 0.0)
+    return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
+
+
+def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
+    out = _run(inp, chosen, backend)
+    if not inp.check_finite or not _checkable(inp) or _all_finite(inp, out):
+        return out
+    # rare: run the finite part (non-finite entries and keys no query may attend set to 0), then mark the
+    # rows that see a NaN/inf: no kernel's masking can leak it
+    clean, q_bad, kv_bad = _finite_part(inp)
+    out = _run(clean, chosen, backend)
+    return out.masked_fill(rows_that_see(inp, q_bad, kv_bad)[..., None], float("nan"))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What a call signature resolved to: the backend, and how to rebuild `AttnInputs` from new tensors of
+    the same signature without validating again."""
+
+    backend: Backend
+    template: AttnInputs  # the first call's inputs; only its non-tensor fields are reused
+    mask_2d: bool  # a 2-D key padding mask, viewed as (b, 1, 1, j)
+    auto: bool  # chosen by auto (not a named backend, not restricted to fused kernels)
+
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> AttnInputs:
+        t = self.template
+        if mask is not None:
+            mask = mask[:, None, None, :] if self.mask_2d else mask.reshape(t.mask.shape)  # type: ignore[union-attr]
+        if bias is not None:
+            bias = bias.reshape(t.bias.shape)  # type: ignore[union-attr]
+        return AttnInputs(
+            q, k, v, mask, bias, t.causal, t.scale, t.dropout_p, t.deterministic, t.mask_kind, t.check_finite
+        )  # fmt: skip
+
+
+def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
+    """Everything validation and eligibility read from a call, or None when the call takes the slow path
+    (torch.compile tracing; a non-tensor, sparse or nested input; a last dim that is not contiguous, which
+    validation copies; autocast, which casts)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _autocast_on(q.device.type):
+            return None
+        return (
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            q.requires_grad, k.requires_grad, v.requires_grad,
+            None if mask is None else (mask.shape, mask.dtype, mask.device, mask.layout),
+            None if bias is None else (bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
+            q.layout, k.layout, v.layout, options,
+            torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(), MEMORY_BUDGET_BYTES,
+        )  # fmt: skip
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def call(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any,
+    bias: Any,
+    *,
+    causal: Any = False,
+    scale: Any = None,
+    dropout_p: Any = 0.0,
+    deterministic: Any = False,
+    check_finite: Any = True,
+    backend: str | None = None,
+    fused_only: bool = False,
+) -> Tensor:
+    """Validate, choose and run: what `attention` and `Attend` do per call. The first call of a signature
+    (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
+    from the cached entry and run (`CACHE_SIZE` signatures are kept, least recently used first out)."""
+    options = (causal, scale, dropout_p, deterministic, check_finite, backend, fused_only)
+    generation = _generation  # read first: a registry change during this call must not be cached after it
+    key = _call_key(q, k, v, mask, bias, options)
+    entry = None if key is None else _cache.get(key)
+    if entry is not None and entry.generation == generation:
+        return _execute(entry.value.inputs(q, k, v, mask, bias), entry.value.backend, backend)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
+        deterministic=deterministic, check_finite=check_finite,
+    )  # fmt: skip
+    if inp.i == 0 or inp.j == 0:
+        return _empty(inp, backend)
+    chosen = select(inp, backend, fused_only=fused_only)
+    if key is not None:
+        value = _Entry(chosen, inp, mask is not None and mask.dim() == 2, backend is None and not fused_only)
+        with _lock:
+            if generation == _generation:
+                _cache[key] = _Cached(value, generation)
+                while len(_cache) > CACHE_SIZE:
+                    _cache.pop(next(iter(_cache)))
+    return _execute(inp, chosen, backend)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._helpers import default, exists
-from .dispatch import NoBackendError, Report, explain_inputs
-from .functional import _DOC_SEMANTICS, autocast_inputs, run_inputs
+from .dispatch import NoBackendError, Report, call, explain_inputs
+from .functional import _DOC_SEMANTICS, autocast_inputs
 from .inputs import validate
 
 __all__ = ["Attend"]
@@ -89,14 +90,22 @@ class Attend(nn.Module):
         bias: Tensor | None = None,
         causal: bool | None = None,
     ) -> Tensor:
-        inp = self._inputs(q, k, v, mask, bias, causal)
+        q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
+        options: dict[str, Any] = dict(
+            causal=default(causal, self.causal),
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            deterministic=self.deterministic,
+            check_finite=self.check_finite,
+        )
         if self.flash is True and self.backend is None:
             try:
-                return run_inputs(inp, fused_only=True)
+                return call(q, k, v, mask, bias, fused_only=True, **options)
             except NoBackendError:
                 # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
-                _log_once(f"Attend(flash=True): no fused kernel can run {inp.cli_hint()!r}; using auto")
-        return run_inputs(inp, self.backend)
+                hint = self._inputs(q, k, v, mask, bias, causal).cli_hint()
+                _log_once(f"Attend(flash=True): no fused kernel can run {hint!r}; using auto")
+        return call(q, k, v, mask, bias, backend=self.backend, **options)
 
     def explain(
         self,
