@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attend
 from attend import NoBackendError, attention, dispatch, explain, list_backends
 from attend.inputs import validate
 
@@ -133,3 +134,32 @@ def test_slow_path_is_logged_once(caplog):
             dispatch.SLOW = old
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "slow `sdpa:math`" in msgs[0] and "sdpa:flash: dropout_p=0.1" in msgs[0]
+
+
+def test_explain_takes_every_option_attention_takes():
+    """One vocabulary: explain(...) accepts exactly attention(...)'s keywords, with the same defaults."""
+    import inspect
+
+    def params(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+
+    assert params(attend.explain) == params(attend.attention)
+
+
+def test_cache_is_bounded_while_decoding():
+    """10,000 decode steps with the key length growing by one: the per-signature state stays within
+    CACHE_SIZE entries (a server decoding for days does not grow without bound)."""
+    dispatch.clear_cache()
+    steps = 10_000
+    q = torch.randn(1, 2, 1, 8)
+    cache = torch.randn(2, 1, 2, steps, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: one thread, so a busy machine does not slow each step 30x
+    try:
+        for j in range(1, steps + 1):
+            attend.attention(q, cache[0, :, :, :j], cache[1, :, :, :j], causal=True)
+            assert len(dispatch._cache) <= dispatch.CACHE_SIZE
+    finally:
+        torch.set_num_threads(threads)
+    assert len(dispatch._cache) == dispatch.CACHE_SIZE
+    assert len(dispatch._failed) == 0

@@ -138,11 +138,13 @@ def explain(
     dropout_p: float = 0.0,
     backend: str | None = None,
     deterministic: bool = False,
+    check_finite: bool = True,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     inp = validate(
-        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic
-    )
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
+        deterministic=deterministic, check_finite=check_finite,
+    )  # fmt: skip
     return explain_inputs(inp, backend)
 
 
