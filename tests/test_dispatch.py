@@ -163,3 +163,32 @@ def test_cache_is_bounded_while_decoding():
         torch.set_num_threads(threads)
     assert len(dispatch._cache) == dispatch.CACHE_SIZE
     assert len(dispatch._failed) == 0
+
+
+def test_nan_check_default_is_on_where_it_costs_no_host_sync():
+    """check_finite=None (the default) resolves by device: on for CPU, off elsewhere (a CUDA host sync per
+    call would stall the GPU pipeline); True and False are kept as given."""
+    q = torch.randn(1, 2, 3, 8)
+    assert validate(q, q, q).checks_finite is True
+    meta = q.to("meta")
+    assert validate(meta, meta, meta).checks_finite is False
+    assert validate(meta, meta, meta, check_finite=True).checks_finite is True
+    assert validate(q, q, q, check_finite=False).checks_finite is False
+
+
+@pytest.mark.gpu
+def test_default_cuda_call_makes_no_host_sync():
+    """Under torch.cuda.set_sync_debug_mode("error") a synchronising call raises: the default path (auto
+    choice, masks, the cached fast path) has none; check_finite=True has its documented one."""
+    q, k, v = (torch.randn(2, 4, 64, 32, device="cuda", dtype=torch.float16) for _ in range(3))
+    pad = torch.ones(2, 64, dtype=torch.bool, device="cuda")
+    pad[1, 40:] = False
+    attention(q, k, v, mask=pad, causal=True)  # first call of the signature: probes, choice
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention(q, k, v, mask=pad, causal=True)
+        attention(q, k, v)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            attention(q, k, v, check_finite=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -21,6 +21,7 @@ import torch
 import attend
 from attend import Attend, NoBackendError, attention, get_backend, list_backends
 from attend.inputs import validate
+from attend.testing import tolerance
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -177,7 +178,7 @@ ROWS: list[Row] = [
     Row("deterministic-type", "deterministic not a bool", call(deterministic=None), TypeError,
         "expected `deterministic` to be a bool, got NoneType None"),
     Row("check-finite-type", "check_finite not a bool", call(check_finite="no"), TypeError,
-        "expected `check_finite` to be a bool, got str 'no'"),
+        "expected `check_finite` to be a bool or None, got str 'no'"),
     # --- empty sequences ----------------------------------------------------------------------------
     Row("i-zero", "no queries (i = 0)", call(q=q_(2, 4, 0, 8)), None, "works: an empty (b, h, 0, e) output"),
     Row("j-zero", "no keys (j = 0)", call(k=kv_(2, 2, 0, 8), v=kv_(2, 2, 0, 8)), None,
@@ -206,7 +207,7 @@ ROWS: list[Row] = [
     Row("module-deterministic", "Attend(deterministic=...) not a bool", lambda: Attend(deterministic=1), TypeError,
         "expected `deterministic` to be True or False, got 1"),
     Row("module-check-finite", "Attend(check_finite=...) not a bool", lambda: Attend(check_finite=0), TypeError,
-        "expected `check_finite` to be True or False, got 0"),
+        "expected `check_finite` to be True, False or None, got 0"),
 ]  # fmt: skip
 
 def _expected(row: Row) -> str:
@@ -313,7 +314,7 @@ def test_views_work_on_every_backend(name, causal):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = attention(*leaves, mask=mask, causal=causal, backend=name)
     ref = attention(*(t.double() for t in (q, k, v)), mask=mask, causal=causal, backend="einsum")
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, **tolerance(out.dtype))
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 

@@ -575,7 +575,7 @@ def _empty(inp: AttnInputs, backend: str | None) -> Tensor:
 
 def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
     out = _run(inp, chosen, backend)
-    if not inp.check_finite or not _checkable(inp) or _all_finite(inp, out):
+    if not inp.checks_finite or not _checkable(inp) or _all_finite(inp, out):
         return out
     # rare: run the finite part (non-finite entries and keys no query may attend set to 0), then mark the
     # rows that see a NaN/inf: no kernel's masking can leak it
@@ -637,7 +637,7 @@ def call(
     scale: Any = None,
     dropout_p: Any = 0.0,
     deterministic: Any = False,
-    check_finite: Any = True,
+    check_finite: Any = None,
     backend: str | None = None,
     fused_only: bool = False,
 ) -> Tensor:

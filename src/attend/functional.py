@@ -31,7 +31,7 @@ _DOC_SEMANTICS = """
     whose own query is non-finite, or that may attend a key whose k or v is non-finite. Nothing in a
     position a row may not attend reaches that row, on every backend (SDPA's kernels alone would spread
     it through their additive masks). Such rows pass no gradient, and non-finite entries get gradient 0.
-    This costs one sum per input per call (`check_finite=False` skips it); under torch.compile,
+    This costs one sum per input per call, on CPU by default (`check_finite`); under torch.compile,
     torch.export, torch.func.vmap and CUDA graph capture it is skipped too, and the kernel's own
     behaviour applies (docs/reliability.md).
 
@@ -78,7 +78,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str | None = None,
     deterministic: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> Tensor:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     return call(
@@ -101,9 +101,11 @@ attention.__doc__ = (
         deterministic: only backends declared deterministic may run (bitwise-identical outputs and
             gradients run to run); also implied by `torch.use_deterministic_algorithms(True)`.
         check_finite: make NaN/inf in q, k, v reach exactly the output rows that see them (below).
-            It costs one extra read of q, k, v per call (8-16 % on ~1 ms CPU calls, nothing measurable
-            at 4096 tokens; a host sync on CUDA); False skips it where the inputs are known finite, and then
-            each kernel's own NaN behaviour applies (docs/reliability.md).
+            None (default): on where it costs no host sync, i.e. on CPU; off on CUDA, where reading the
+            check's result would stall the GPU pipeline once per call. True: on everywhere (on CUDA one host
+            sync per call). False: off; each kernel's own NaN behaviour applies (docs/reliability.md).
+            On CPU it costs one extra read of q, k, v per call (8-16 % on ~1 ms calls, nothing measurable
+            at 4096 tokens).
 
     Faults: in auto mode, a backend that fails at run time (RuntimeError, including out of memory) is
     retried on the next eligible backend (`chunked` first for out of memory) with one
@@ -138,7 +140,7 @@ def explain(
     dropout_p: float = 0.0,
     backend: str | None = None,
     deterministic: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     inp = validate(

@@ -92,7 +92,16 @@ class AttnInputs:
     dropout_p: float = 0.0
     deterministic: bool = False
     mask_kind: str = "none"  # "none" | "key_padding" | "bool"
-    check_finite: bool = True  # NaN/inf in q, k, v reach exactly the rows that see them (functional.py)
+    # NaN/inf in q, k, v reach exactly the rows that see them (dispatch's exact path). None = where it costs no
+    # host sync: on CPU, not on CUDA (or other accelerators); True forces it there too, False turns it off
+    check_finite: bool | None = None
+
+    @property
+    def checks_finite(self) -> bool:
+        """Does this call run the NaN/inf check (`check_finite`, None resolved by device)?"""
+        if self.check_finite is None:
+            return self.device.type == "cpu"
+        return self.check_finite
 
     # derived, so backends never re-derive them differently
 
@@ -217,7 +226,7 @@ def validate(
     scale: Any = None,
     dropout_p: Any = 0.0,
     deterministic: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> AttnInputs:
     """Check user inputs and return a normalised `AttnInputs`.
 
@@ -343,9 +352,10 @@ def validate(
         raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
-    for flag, value in (("deterministic", deterministic), ("check_finite", check_finite)):
-        if not isinstance(value, bool):
-            raise TypeError(f"expected `{flag}` to be a bool, got {_describe(value)}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(deterministic)}")
+    if check_finite is not None and not isinstance(check_finite, bool):
+        raise TypeError(f"expected `check_finite` to be a bool or None, got {_describe(check_finite)}")
 
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so

@@ -33,7 +33,7 @@ class Attend(nn.Module):
         scale: float | None = None,
         backend: str | None = None,
         deterministic: bool = False,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
     ):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -45,9 +45,10 @@ class Attend(nn.Module):
                 f"expected either flash=False (the einsum backend) or backend=..., got flash=False and "
                 f"backend={backend!r}; hint: drop `flash` when you name a backend"
             )
-        for flag, value in (("deterministic", deterministic), ("check_finite", check_finite)):
-            if not isinstance(value, bool):
-                raise TypeError(f"expected `{flag}` to be True or False, got {value!r}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"expected `deterministic` to be True or False, got {deterministic!r}")
+        if check_finite is not None and not isinstance(check_finite, bool):
+            raise TypeError(f"expected `check_finite` to be True, False or None, got {check_finite!r}")
         if backend is not None:
             from .dispatch import get_backend
 
@@ -141,8 +142,9 @@ Attend.__doc__ = (
         deterministic: only backends declared deterministic may run this module, so two runs give
             bitwise-identical outputs and gradients (what `torch.use_deterministic_algorithms(True)`
             does for every module); `explain` names the backends it excludes.
-        check_finite: NaN/inf in q, k, v reach exactly the output rows that see them (default); False
-            skips that check (one extra read of q, k, v per call) where inputs are known finite.
+        check_finite: NaN/inf in q, k, v reach exactly the output rows that see them. None (default): on
+            CPU, off on CUDA (no host sync per call); True: everywhere; False: off (one extra read of q, k,
+            v per call saved where inputs are known finite). `attention`'s docstring has the details.
 
     forward(q, k, v, mask=None, bias=None, causal=None) -> out
 """
