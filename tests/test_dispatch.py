@@ -192,3 +192,12 @@ def test_default_cuda_call_makes_no_host_sync():
             attention(q, k, v, check_finite=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_every_reason_is_listed():
+    """A backend lists every reason it cannot run the inputs, not only the first kind: CPU flash with a
+    half-precision backward and dropout names both (the dropout one used to hide the other)."""
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    reasons = explain(q, q, q, dropout_p=0.1).reasons["sdpa:flash"]
+    assert any("dropout_p=0.1" in r for r in reasons)
+    assert any("backward in torch.bfloat16 on CPU is inexact" in r for r in reasons)

@@ -327,14 +327,12 @@ class SdpaFlash(SdpaBackend):
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
         reasons = super().reasons_unsupported(inp)
-        if not reasons and inp.device.type == "cpu" and inp.needs_grad and inp.dtype in HALF:
+        if inp.device.type == "cpu" and inp.needs_grad and inp.dtype in HALF:
             # PyTorch's CPU flash backward in float16/bfloat16 misses the contract's budget: the property runs
             # measured dq, dk up to 81x the same-dtype reference's error (26% relative; docs/reliability.md,
             # torch 2.13). Its forward is fine; training in half precision on CPU goes to math or chunked.
             reasons.append(f"backward in {inp.dtype} on CPU is inexact (PyTorch's CPU flash kernel)")
-        if reasons or inp.device.type != "cuda":
-            return reasons
-        if inp.causal and inp.i != inp.j and inp.gqa and not has_lower_right_gqa():
+        if inp.device.type == "cuda" and inp.causal and inp.i != inp.j and inp.gqa and not has_lower_right_gqa():
             reasons.append("causal with i != j and grouped-query heads needs torch's CausalBias with enable_gqa")
         return reasons
 
@@ -383,7 +381,7 @@ class SdpaCudnn(SdpaBackend):
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
         reasons = super().reasons_unsupported(inp)
-        if not reasons and inp.j == 1:
+        if inp.j == 1:
             reasons.append("key length j=1 (cuDNN needs j > 1)")
         return reasons
 
