@@ -410,8 +410,10 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 
 def _autocast_on(device_type: str) -> bool:
-    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
-    return available(device_type) and torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+_autocast_available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
 
 
 def _failure(name: str, err: BaseException) -> str:

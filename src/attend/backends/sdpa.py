@@ -161,13 +161,22 @@ def _lower_right_bias(i: int, j: int):
     return causal_lower_right(i, j)
 
 
-# the global SDPA kernel switches, as PyTorch's public getters and setters
+# The global SDPA kernel switches. PyTorch's public getters and setters (torch.backends.cuda.*_sdp_enabled,
+# enable_*_sdp) are one-line wrappers of these torch._C functions; the functions themselves are used where
+# they exist (found by name, so a torch without them falls back to the public wrappers).
+def _switch(name: str, public_get: Callable[[], bool], public_set: Callable[[bool], None]):
+    get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
+    put = getattr(torch._C, f"_set_sdp_use_{name}", None)
+    return (get, put) if get is not None and put is not None else (public_get, public_set)
+
+
+_cuda = torch.backends.cuda
 _SWITCHES = (
-    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
-    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled,
-     torch.backends.cuda.enable_mem_efficient_sdp),
-    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
-    (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+    (SDPBackend.FLASH_ATTENTION, *_switch("flash", _cuda.flash_sdp_enabled, _cuda.enable_flash_sdp)),
+    (SDPBackend.EFFICIENT_ATTENTION, *_switch("mem_efficient", _cuda.mem_efficient_sdp_enabled,
+                                              _cuda.enable_mem_efficient_sdp)),
+    (SDPBackend.MATH, *_switch("math", _cuda.math_sdp_enabled, _cuda.enable_math_sdp)),
+    (SDPBackend.CUDNN_ATTENTION, *_switch("cudnn", _cuda.cudnn_sdp_enabled, _cuda.enable_cudnn_sdp)),
 )  # fmt: skip
 
 
