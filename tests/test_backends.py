@@ -8,9 +8,8 @@ import torch
 
 from attend import get_backend, list_backends
 from attend.inputs import validate
-from attend.testing import check_backend
+from attend.testing import check_backend, checkable, grid
 
-from .cases import grid
 from .conftest import DEVICES
 
 PARAMS = [
@@ -25,16 +24,8 @@ PARAMS = [
 def test_backend_matches_reference(name, case):
     """Forward and backward; where the backend declares it cannot run the backward of a case it can run
     forward (CPU flash in half precision), the forward alone, so inference stays covered."""
-    q, k, v, mask, bias = case.tensors()
-    inp = validate(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask=mask, bias=bias, causal=case.causal)
-    backend = get_backend(name)
-    reasons = backend.reasons_unsupported(inp)
-    grad = not reasons
-    if reasons and (bias is None or not bias.requires_grad):
-        with torch.no_grad():
-            grad = False
-            if not backend.reasons_unsupported(validate(q, k, v, mask=mask, bias=bias, causal=case.causal)):
-                reasons = []
+    q, k, v, mask, bias = case.inputs()
+    grad, reasons = checkable(name, q, k, v, mask=mask, bias=bias, causal=case.causal)
     if reasons:
         pytest.skip(f"{name}: {'; '.join(reasons)}")
     checks = check_backend(name, q, k, v, mask=mask, bias=bias, causal=case.causal, grad=grad)
@@ -52,7 +43,7 @@ def test_grid_is_not_all_skipped():
             continue
         runnable = 0
         for case in cases:
-            q, k, v, mask, bias = case.tensors()
+            q, k, v, mask, bias = case.inputs()
             inp = validate(q.requires_grad_(), k, v, mask=mask, bias=bias, causal=case.causal)
             runnable += not backend.reasons_unsupported(inp)
         assert runnable >= len(cases) // 3, f"{name} runs only {runnable} of {len(cases)} cases"

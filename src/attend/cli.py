@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -258,87 +259,66 @@ def cmd_explain(args) -> int:
 # attend check
 
 
-def _check_tensors(case, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(case.b, case.h, case.i, case.d, generator=gen)
-    k = torch.randn(case.b, case.g, case.j, case.d, generator=gen)
-    v = torch.randn(case.b, case.g, case.j, case.e, generator=gen)
-    mask = bias = None
-    if case.mask == "padding":
-        mask = torch.ones(case.b, case.j, dtype=torch.bool)
-        mask[-1, max(1, case.j // 2) :] = False  # the last batch element: half its keys are padding
-    elif case.mask == "bool":
-        mask = torch.rand(case.b, 1, case.i, case.j, generator=gen) > 0.3
-        mask[..., 0, :] = False  # a fully masked query row, on purpose
-    elif case.mask == "bias":
-        bias = torch.randn(1, case.h, case.i, case.j, generator=gen).to(device, dtype)
-    q, k, v = (t.to(device, dtype) for t in (q, k, v))
-    return q, k, v, None if mask is None else mask.to(device), bias
-
-
 def cmd_check(args) -> int:
     """Every eligible backend against the float64 reference, forward and backward, on a grid of awkward
     cases; a pass/fail table; exit 1 when anything fails."""
     from rich.markup import escape
     from rich.table import Table
 
-    from .bench.cases import CHECK_GRID, CHECK_GRID_SMOKE
-    from .testing import check_backend
+    from .testing import DTYPES, SMOKE_GRID, check_backend, checkable, grid
 
     device = parse_device(args.device)
     if args.dtype:
         dtypes = [parse_dtype(t) for t in args.dtype.split(",") if t.strip()]
-    else:
-        dtypes = (
-            [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
-        )
+    else:  # float64 is the reference itself
+        dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [t for t in DTYPES if t != torch.float64]
     names = parse_backends(args.backends) or list_backends()
-    grid = CHECK_GRID_SMOKE if args.grid == "smoke" else CHECK_GRID
+    cases = SMOKE_GRID if args.grid == "smoke" else grid(dtypes=[torch.float32])
 
     console = _console()
     cells: dict[tuple, str] = {}
     failures: list[str] = []
-    counts = {"pass": 0, "fail": 0, "skip": 0}
+    counts = {"pass": 0, "fwd": 0, "fail": 0, "skip": 0}
     start = time.perf_counter()
     with _progress("check") as progress:
-        task = progress.add_task("", total=len(dtypes) * len(grid) * len(names))
+        task = progress.add_task("", total=len(dtypes) * len(cases) * len(names))
         for dtype in dtypes:
-            for ci, case in enumerate(grid):
-                q, k, v, mask, bias = _check_tensors(case, dtype, device, seed=ci)
+            for ci, case in enumerate(cases):
+                q, k, v, mask, bias = replace(case, dtype=dtype, device=str(device)).inputs()
+                kw = dict(mask=mask, bias=bias, causal=case.causal)
                 for name in names:
                     progress.update(task, description=f"{fmt_dtype(dtype)} {case.label()} {name}")
                     try:
-                        with torch.enable_grad():
-                            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-                            reasons = get_backend(name).reasons_unsupported(
-                                validate(*leaves, mask=mask, bias=bias, causal=case.causal)
-                            )
-                        if reasons:
-                            cells[(dtype, ci, name)] = "skip"
-                            counts["skip"] += 1
-                        else:
-                            check_backend(name, q, k, v, mask=mask, bias=bias, causal=case.causal, grad=True)
-                            cells[(dtype, ci, name)] = "pass"
-                            counts["pass"] += 1
+                        grad, reasons = checkable(name, q, k, v, **kw)
+                        cell = "skip" if reasons else "pass" if grad else "fwd"
+                        if not reasons:
+                            check_backend(name, q, k, v, **kw, grad=grad)
                     except (AssertionError, RuntimeError, ValueError) as exc:
-                        cells[(dtype, ci, name)] = "FAIL"
-                        counts["fail"] += 1
+                        cell = "FAIL"
                         failures.append(f"{name} {fmt_dtype(dtype)} {case.label()}:\n{exc}")
+                    cells[(dtype, ci, name)] = cell
+                    counts[cell.lower()] += 1
                     progress.advance(task)
 
-    style = {"pass": "[green]ok[/green]", "FAIL": "[bold red]FAIL[/bold red]", "skip": "[dim]—[/dim]"}
+    style = {
+        "pass": "[green]ok[/green]",
+        "fwd": "[green]ok[/green] fwd",
+        "FAIL": "[bold red]FAIL[/bold red]",
+        "skip": "[dim]—[/dim]",
+    }
     for dtype in dtypes:
         table = Table(title=f"attend check: {device} {fmt_dtype(dtype)}, forward and backward vs the float64 reference")
         table.add_column("case (b h g i j d \\[e] flags)")
         for n in names:
             table.add_column(n, justify="center")
-        for ci, case in enumerate(grid):
+        for ci, case in enumerate(cases):
             table.add_row(case.label(), *(style[cells[(dtype, ci, n)]] for n in names))
         console.print(table)
     for f in failures:
         console.print(f"[red]FAIL[/red] {escape(f)}")
     console.print(
-        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} not eligible (—), "
+        f"{counts['pass']} passed, {counts['fwd']} passed forward only (fwd: no backward declared), "
+        f"{counts['fail']} failed, {counts['skip']} not eligible (—), "
         f"torch {torch.__version__}, {time.perf_counter() - start:.1f} s"
     )
     return 1 if counts["fail"] else 0

@@ -9,7 +9,12 @@ d head dim (q and k), e value head dim.
 
 A candidate passes if ``max|cand - golden| <= max(FLOOR[dtype] * max(1, max|golden|), FUDGE[dtype] *
 max|baseline - golden|)``,
-for the output and for each of dq, dk, dv (and dbias when the bias requires grad).
+for the output and for each of dq, dk, dv (and dbias when the bias requires grad). Where no golden and
+baseline are at hand (two paths that must agree, a known exact value), `tolerance(dtype)` turns the same
+table into `torch.testing.assert_close` arguments.
+
+The case grid (`Case`, `grid()`) and its input factory (`Case.inputs`) are the ones the test suite,
+`attend check` and `attend bench` all use: awkward sizes on purpose.
 """
 
 from __future__ import annotations
@@ -22,9 +27,27 @@ from torch import Tensor
 from ._helpers import fmt_dtype
 from .backends.einsum import einsum_attention
 from .dispatch import get_backend
-from .inputs import AttnInputs, validate
+from .inputs import FLOAT_DTYPES, AttnInputs, validate
 
-__all__ = ["FUDGE", "GRAD_FUDGE", "FLOOR", "Check", "assert_matches_reference", "check_backend"]
+__all__ = [
+    "FUDGE",
+    "GRAD_FUDGE",
+    "FLOOR",
+    "TOLERANCE",
+    "tolerance",
+    "Check",
+    "assert_matches_reference",
+    "check_backend",
+    "checkable",
+    "Case",
+    "case_flags",
+    "SHAPES",
+    "MASKS",
+    "MASK_KINDS",
+    "DTYPES",
+    "grid",
+    "SMOKE_GRID",
+]
 
 # How far a candidate may stray from the golden, relative to the baseline's own error.
 FUDGE: dict[torch.dtype, float] = {
@@ -49,6 +72,43 @@ FLOOR: dict[torch.dtype, float] = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
+# Named bounds for the few comparisons the floor does not fit, each with its reason:
+# (kind, dtype) -> (atol, rtol), read by `tolerance(dtype, kind)`.
+TOLERANCE: dict[tuple[str, torch.dtype], tuple[float, float]] = {
+    # torch.autograd.gradcheck's finite differences (eps=1e-6) in float64: their own error (about
+    # eps**2 times the third derivative, plus ulp / eps: ~1e-10) sits far below; atol is 10x tighter than
+    # gradcheck's default (1e-5), rtol is its default
+    ("gradcheck", torch.float64): (1e-6, 1e-3),
+    # one kernel run twice on the same values a row may attend, with other values where it may not (garbage
+    # in masked keys): at most its sums run in another order, a few float32 ulps, relative; compared in
+    # float32 whatever the input dtype, so half-precision outputs must be equal
+    ("reordered", torch.float32): (0.0, 1e-6),
+}
+
+
+def tolerance(dtype: torch.dtype, kind: str | None = None) -> dict[str, float]:
+    """`atol` and `rtol` for `torch.testing.assert_close` (or `allclose`, `gradcheck`) where a golden and
+    a baseline are not at hand: a result in `dtype` against the float64 reference or a known exact value,
+    or two paths that must agree to the dtype's rounding (two backends, PyTorch's SDPA and ours, eager and
+    compiled, one batch element alone and padded).
+
+    Default: `atol = rtol = FLOOR[dtype] / 2`, so `atol + rtol * |expected| <= FLOOR[dtype] *
+    max(1, |expected|)`: never more than the floor `assert_matches_reference` grants a candidate whose
+    baseline is (nearly) exact. `kind` names an entry of `TOLERANCE` instead, for a comparison that needs
+    its own bound (the table says why). Raises KeyError for a (kind, dtype) the table lacks.
+
+        torch.testing.assert_close(out, ref, **tolerance(out.dtype))
+    """
+    if kind is None:
+        return {"atol": FLOOR[dtype] / 2, "rtol": FLOOR[dtype] / 2}
+    try:
+        atol, rtol = TOLERANCE[(kind, dtype)]
+    except KeyError:
+        have = ", ".join(f"{k} {fmt_dtype(t)}" for k, t in TOLERANCE)
+        raise KeyError(
+            f"expected a (kind, dtype) in attend.testing.TOLERANCE ({have}), got {kind} {fmt_dtype(dtype)}"
+        ) from None
+    return {"atol": atol, "rtol": rtol}
 
 
 @dataclass(frozen=True)
@@ -195,3 +255,146 @@ def check_backend(
         head = f"{backend} on {fmt_dtype(dtype)} {inp.cli_hint()!r} does not match the float64 reference:"
         raise AssertionError("\n".join([head] + [f"  {c}" for c in checks]))
     return checks
+
+
+def checkable(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[bool, list[str]]:
+    """Whether `check_backend` can check `backend` on these inputs with gradients, and why not.
+
+    Returns (True, []) when it runs forward and backward; (False, []) when it runs the forward only (the
+    backend declares no backward for inputs it runs forward, as PyTorch's CPU flash kernel in half
+    precision, and no bias requires grad): check with `grad=False` so inference stays covered; (False,
+    reasons) when it cannot run them at all. `kwargs`: mask, bias, causal, scale as in `check_backend`.
+    """
+    impl = get_backend(backend)
+    bias = kwargs.get("bias")
+    with torch.enable_grad():
+        leaves = (t.detach().requires_grad_(True) for t in (q, k, v))
+        reasons = impl.reasons_unsupported(validate(*leaves, **kwargs))
+    if not reasons:
+        return True, []
+    if bias is not None and bias.requires_grad:
+        return False, reasons
+    with torch.no_grad():
+        if not impl.reasons_unsupported(validate(q.detach(), k.detach(), v.detach(), **kwargs)):
+            return False, []
+    return False, reasons
+
+
+# the case grid: awkward sizes on purpose (tests, `attend check` and `attend bench` build inputs here)
+
+# mask kinds of the grid: bias is a random (1, h, i, j) float bias; padding a (b, j) key padding mask;
+# bool a random (b, 1, i, j) mask with a fully masked query row; bias-grad a bias that requires grad
+MASKS = ("none", "padding", "bool", "bias", "bias+padding", "bias-grad")
+# benchmarks also use key-bias: gigagan's L2-distance attention, a per-key (b, 1, 1, j) bias -|k|^2 / sqrt(d)
+MASK_KINDS = MASKS + ("key-bias",)
+SHAPES = [
+    # b, h, g, i, j, d, e
+    (2, 8, 2, 129, 257, 64, 64),  # GQA h/g = 4, i < j (KV cache), ragged lengths
+    (2, 4, 4, 129, 64, 40, 40),  # i > j: causal leaves rows with no key; odd head dim
+    (1, 4, 1, 1, 7, 72, 72),  # single query (decoding), MQA
+    (2, 2, 2, 7, 1, 80, 80),  # single key
+    (1, 4, 2, 64, 64, 64, 32),  # e != d
+    (1, 2, 2, 129, 129, 16, 16),  # square, i == j: is_causal path
+]
+DTYPES = tuple(sorted(FLOAT_DTYPES, key=str))  # bfloat16, float16, float32, float64
+
+
+def case_flags(causal: bool, mask: str) -> str:
+    """A case's flags as tables show them: `causal`, the mask kind, both (`causal+padding`) or ''."""
+    return "+".join(f for f, on in (("causal", causal), (mask, mask != "none")) if on)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: sizes (b, h, g, i, j, d, e), dtype, causality, a mask kind (`MASK_KINDS`), device, and
+    `pad`: the fraction of its keys the last batch element loses to padding (the others proportionally
+    less). `inputs()` builds its tensors, `id(backend)` names a test, `label()` a table row."""
+
+    b: int
+    h: int
+    g: int
+    i: int
+    j: int
+    d: int
+    e: int
+    dtype: torch.dtype = torch.float32
+    causal: bool = False
+    mask: str = "none"
+    device: str = "cpu"
+    pad: float = 0.5
+
+    def __post_init__(self):
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"expected a mask kind among {', '.join(MASK_KINDS)}, got {self.mask!r}")
+
+    @property
+    def flags(self) -> str:
+        return case_flags(self.causal, self.mask)
+
+    def id(self, backend: str) -> str:
+        """A readable test id: `sdpa:efficient-cpu-bf16-b2h8g2-i129j257-d64-causal`."""
+        e = f"e{self.e}" if self.e != self.d else ""
+        parts = [
+            backend,
+            self.device,
+            fmt_dtype(self.dtype).replace("float", "f"),
+            f"b{self.b}h{self.h}g{self.g}",
+            f"i{self.i}j{self.j}",
+            f"d{self.d}{e}",
+        ]
+        if self.causal:
+            parts.append("causal")
+        if self.mask != "none":
+            parts.append(self.mask)
+        return "-".join(parts)
+
+    def label(self) -> str:
+        """Sizes and flags for a table row: `b2 h8 g2 i129 j257 d64 causal+padding`."""
+        e = f" e={self.e}" if self.e != self.d else ""
+        return f"b{self.b} h{self.h} g{self.g} i{self.i} j{self.j} d{self.d}{e} {self.flags}".rstrip()
+
+    def inputs(self, seed: int = 0, *, grad: bool = False):
+        """q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) and the case's mask and bias, drawn on the CPU
+        from `seed` (the same values on every device), in the case's dtype on its device. `grad`: q, k, v
+        require grad; a `bias-grad` bias always does. Returns q, k, v, mask, bias."""
+        b, h, g, i, j, d, e = self.b, self.h, self.g, self.i, self.j, self.d, self.e
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(b, h, i, d, generator=gen)
+        k = torch.randn(b, g, j, d, generator=gen)
+        v = torch.randn(b, g, j, e, generator=gen)
+        mask = bias = None
+        if "padding" in self.mask:
+            # batch element n keeps max(1, j * (1 - pad * (n + 1) / b)) keys: the last loses `pad` of them
+            lost = self.pad * torch.arange(1, b + 1, dtype=torch.float64) / b
+            keep = (j * (1 - lost)).floor().clamp(min=1)
+            mask = torch.arange(j, dtype=torch.float64) < keep[:, None]
+        if self.mask == "bool":
+            mask = torch.rand(b, 1, i, j, generator=gen) > 0.3
+            mask[..., 0, :] = False  # a fully masked query row, on purpose
+        if self.mask in ("bias", "bias+padding", "bias-grad"):
+            bias = torch.randn(1, h, i, j, generator=gen)
+        if self.mask == "key-bias":
+            bias = -k.pow(2).sum(-1).mean(1)[:, None, None, :] * d**-0.5
+        q, k, v = (t.to(self.device, self.dtype).requires_grad_(grad) for t in (q, k, v))
+        mask = None if mask is None else mask.to(self.device)
+        if bias is not None:
+            bias = bias.to(self.device, self.dtype).requires_grad_(self.mask == "bias-grad")
+        return q, k, v, mask, bias
+
+
+def grid(device: str = "cpu", dtypes=DTYPES) -> list[Case]:
+    """Every shape x mask kind x causal x dtype of the grid, on `device`."""
+    return [
+        Case(*shape, dtype=dtype, causal=causal, mask=mask, device=device)
+        for shape in SHAPES
+        for mask in MASKS
+        for causal in (False, True)
+        for dtype in dtypes
+    ]
+
+
+# two tiny cases for a quick run (`attend check --grid smoke`, used by the CLI's tests)
+SMOKE_GRID = [
+    Case(1, 2, 1, 7, 9, 16, 16, mask="padding", causal=True),
+    Case(1, 2, 2, 9, 7, 16, 16, mask="bool"),
+]

@@ -7,6 +7,7 @@ Suites follow `shared/research/anchors-performance.md` section 3: tier 0 (GPU pa
 tier 1 (GAN shapes from gigagan-pytorch), tier 2 (ViT / diffusion), tier 3 (LLM: grouped-query heads,
 causal, decoding), tier 4 (the CPU development machine). `quick` is the default suite: the README's
 headline shapes, sized to finish in under a minute on 2 CPU cores. `smoke` is tiny, for tests.
+Inputs come from the one factory the tests and `attend check` use (`attend.testing.Case.inputs`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES", "CHECK_GRID", "CHECK_GRID_SMOKE", "make_inputs"]
+from ..testing import Case, case_flags
 
-MASKS = ("none", "padding", "bool", "bias")
+__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES"]
 
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One benchmark shape. `mask`: none | padding | bool | bias; `pad`: the fraction of keys the last
-    batch element loses to padding (the others lose proportionally less); `dtype`: None = the run's
-    dtype; `modes`: the passes the suite runs by default ("fwd", "fwdbwd")."""
+    """One benchmark shape. `mask`: a kind of `attend.testing.MASK_KINDS` (key-bias: gigagan's per-key
+    L2 bias); `pad`: the fraction of keys the last batch element loses to padding (the others lose
+    proportionally less); `dtype`: None = the run's dtype; `modes`: the passes the suite runs by default
+    ("fwd", "fwdbwd")."""
 
     name: str
     b: int
@@ -54,6 +56,10 @@ class BenchCase:
             "e": self.e or self.d,
         }
 
+    def case(self, dtype: torch.dtype, device: torch.device | str) -> Case:
+        """The case record whose `inputs()` this benchmark times."""
+        return Case(**self.shape, dtype=dtype, causal=self.causal, mask=self.mask, device=str(device), pad=self.pad)
+
     def label(self) -> str:
         """Readable shape and flags: `(1, 8, 4096, 64) causal+padding`, with g, j, e where they differ."""
         s = self.shape
@@ -65,8 +71,8 @@ class BenchCase:
             extra.append(f"j={s['j']}")
         if s["e"] != s["d"]:
             extra.append(f"e={s['e']}")
-        flags = [f for f, on in (("causal", self.causal), (self.mask, self.mask != "none")) if on]
-        return " ".join([dims] + extra + (["+".join(flags)] if flags else []))
+        flags = case_flags(self.causal, self.mask)
+        return " ".join([dims] + extra + ([flags] if flags else []))
 
 
 def _c(name, b, h, i, d, **kw) -> BenchCase:
@@ -113,7 +119,7 @@ SUITES: dict[str, list[BenchCase]] = {
     "gan": [
         _c("G1", 8, 8, 1024, 64, j=1025, modes=BOTH, note="gen self-attn 32x32, null KV"),
         _c("G2", 32, 8, 256, 64, j=257, modes=BOTH, note="gen self-attn 16x16, null KV"),
-        _c("G3", 8, 8, 1024, 64, j=1025, mask="bias", modes=BOTH, note="disc L2 attn: per-key bias"),
+        _c("G3", 8, 8, 1024, 64, j=1025, mask="key-bias", modes=BOTH, note="disc L2 attn: per-key bias"),
         _c("G4", 8, 8, 1024, 64, j=77, mask="padding", pad=0.5, modes=BOTH, note="cross-attn 32x32 -> text"),
         _c("G5", 32, 8, 256, 64, j=77, mask="padding", pad=0.5, modes=BOTH, note="cross-attn 16x16 -> text"),
         _c("G6", 32, 8, 78, 64, j=79, mask="padding", modes=BOTH, note="text self-attn, null KV"),
@@ -162,80 +168,3 @@ SUITES: dict[str, list[BenchCase]] = {
     ],
 }
 HIDDEN_SUITES = frozenset({"smoke"})
-
-
-# the `attend check` grid: awkward sizes on purpose (ragged, i != j, odd head dims, h/g = 4, e != d)
-@dataclass(frozen=True)
-class CheckCase:
-    """One `attend check` case: sizes (b, h, g, i, j, d, e), a mask kind and causality."""
-
-    b: int
-    h: int
-    g: int
-    i: int
-    j: int
-    d: int
-    e: int
-    mask: str = "none"
-    causal: bool = False
-
-    def label(self) -> str:
-        e = f" e={self.e}" if self.e != self.d else ""
-        flags = "+".join(f for f, on in (("causal", self.causal), (self.mask, self.mask != "none")) if on)
-        return f"b{self.b} h{self.h} g{self.g} i{self.i} j{self.j} d{self.d}{e} {flags}".rstrip()
-
-
-_CHECK_SHAPES = [
-    # b, h, g, i, j, d, e
-    (2, 8, 2, 129, 257, 64, 64),  # GQA h/g = 4, i < j (KV cache), ragged lengths
-    (2, 4, 4, 129, 64, 40, 40),  # i > j: causal leaves rows with no key; odd head dim
-    (1, 4, 1, 1, 7, 72, 72),  # single query (decoding), MQA
-    (1, 4, 2, 64, 64, 64, 32),  # e != d
-    (1, 2, 2, 129, 129, 80, 80),  # square: the is_causal path
-]
-CHECK_GRID: list[CheckCase] = [
-    CheckCase(*s, mask=m, causal=c) for s in _CHECK_SHAPES for m in MASKS for c in (False, True)
-]
-CHECK_GRID_SMOKE: list[CheckCase] = [
-    CheckCase(1, 2, 1, 7, 9, 16, 16, mask="padding", causal=True),
-    CheckCase(1, 2, 2, 9, 7, 16, 16, mask="bool"),
-]
-
-
-def make_inputs(
-    shape: dict[str, int],
-    mask: str,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    pad: float = 0.25,
-    grad: bool = False,
-    seed: int = 0,
-):
-    """Random q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) and the mask or bias the kind asks for.
-
-    padding: a (b, j) key padding mask, the last batch element losing `pad` of its keys;
-    bool: a random (b, 1, i, j) mask with one fully masked query row; bias: a per-key (b, 1, 1, j) bias
-    (gigagan's L2-distance attention, -scale * |k|^2). Returns q, k, v, mask, bias.
-    """
-    b, h, g, i, j, d, e = (shape[x] for x in "bhgijde")
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, i, d, generator=gen)
-    k = torch.randn(b, g, j, d, generator=gen)
-    v = torch.randn(b, g, j, e, generator=gen)
-    m = bias = None
-    if mask == "padding":
-        m = torch.ones(b, j, dtype=torch.bool)
-        for bi in range(b):
-            lost = min(j - 1, round(pad * j * (bi + 1) / b))
-            if lost:
-                m[bi, j - lost :] = False
-    elif mask == "bool":
-        m = torch.rand(b, 1, i, j, generator=gen) > 0.3
-        m[..., 0, :] = False
-    elif mask == "bias":
-        bias = -(k.float().pow(2).sum(-1).mean(1)[:, None, None, :]) * d**-0.5
-    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (q, k, v))
-    m = None if m is None else m.to(device)
-    bias = None if bias is None else bias.to(device=device, dtype=dtype)
-    return q, k, v, m, bias

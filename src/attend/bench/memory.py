@@ -102,7 +102,7 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
 
 
 def _child() -> None:
-    from .cases import make_inputs
+    from ..testing import Case
     from .impls import make_call
 
     spec = json.loads(sys.stdin.read())
@@ -112,7 +112,8 @@ def _child() -> None:
     shape = spec["shape"]
 
     def calls(sh):
-        tensors = make_inputs(sh, spec["mask"], dtype=dtype, device="cpu", pad=spec["pad"], grad=grad)
+        case = Case(**sh, dtype=dtype, causal=spec["causal"], mask=spec["mask"], pad=spec["pad"])
+        tensors = case.inputs(grad=grad)
         go = torch.randn(sh["b"], sh["h"], sh["i"], sh["e"], dtype=dtype) if grad else None
         return {n: make_call(n, tensors, spec["causal"], spec["mode"], go) for n in spec["impls"]}
 

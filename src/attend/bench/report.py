@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from ..testing import case_flags
+
 __all__ = [
     "REQUIRED_KEYS",
     "ROW_KEYS",
@@ -190,9 +192,8 @@ def save_plot(doc: dict, path: str | Path) -> None:
     panels: list[tuple[str, list[dict], bool]] = []
     for rs in sweeps[:6]:
         r0, s = rs[0], rs[0]["shape"]
-        title = f"{_mode(r0)} {r0['dtype']} (b={s['b']}, h={s['h']}, d={s['d']}) " + " ".join(
-            f for f, on in (("causal", r0["causal"]), (r0["mask"], r0["mask"] != "none")) if on
-        )
+        flags = case_flags(r0["causal"], r0["mask"])
+        title = f"{_mode(r0)} {r0['dtype']} (b={s['b']}, h={s['h']}, d={s['d']}) {flags}"
         panels.append((title, sorted(rs, key=lambda r: r["shape"]["j"]), True))
     if not panels:
         for mode in dict.fromkeys(r["mode"] for r in doc["rows"]):

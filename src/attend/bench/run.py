@@ -20,7 +20,8 @@ from .. import __version__
 from .._helpers import fmt_dtype
 from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
-from .cases import SUITES, BenchCase, make_inputs
+from ..testing import Case
+from .cases import SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
 from .impls import DENSE, SEEDS, UNCHECKED, dense_bytes, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
@@ -149,7 +150,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     dtype = cfg.dtype or case.dtype or _default_dtype(device)
     shape = case.shape
     grad = mode != "fwd"
-    tensors = make_inputs(shape, case.mask, dtype=dtype, device=device, pad=case.pad, grad=grad)
+    tensors = case.case(dtype, device).inputs(grad=grad)
     q, k, v, mask, bias = tensors
     with torch.set_grad_enabled(grad):
         inp = validate(q, k, v, mask=mask, bias=bias, causal=case.causal)
@@ -244,9 +245,10 @@ def _warm_up(cfg: BenchConfig) -> None:
     """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
     selection, lazy CUDA init) lands in no row's warm-up budget."""
     device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
-    shape = {"b": 1, "h": 2, "g": 2, "i": 16, "j": 16, "d": 16, "e": 16}
+    case = Case(1, 2, 2, 16, 16, 16, 16, dtype=dtype, mask="padding", device=str(device), pad=0.25)
+    shape = {x: getattr(case, x) for x in "bhgijde"}
     for mode in ("fwd", "fwdbwd"):
-        tensors = make_inputs(shape, "padding", dtype=dtype, device=device, grad=mode != "fwd")
+        tensors = case.inputs(grad=mode != "fwd")
         go = torch.randn(1, 2, 16, 16, device=device, dtype=dtype) if mode != "fwd" else None
         for name in ["attend", *SEEDS, *(cfg.backends or [])]:
             try:
