@@ -35,6 +35,7 @@ import torch
 from attend import Attend, attention
 from attend.backends.chunked import chunked_attention, dropout_keep_mask
 from attend.inputs import validate
+from attend.testing import tolerance
 
 # torch._dynamo.testing imports a deprecated torch.jit helper; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -93,7 +94,7 @@ def _run(fn, inputs, training: bool):
 def _assert_same(got, want):
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], got, want):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a, b, **tolerance(a.dtype), msg=name)
 
 
 def _sweep(fn, compiled, counter, training: bool) -> list[int]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import attend
 from attend import scaled_dot_product_attention as sdpa
 from attend.compat import SdpaArgumentError
+from attend.testing import tolerance
 
 # (N, Hq, H, L, S, E, Ev, enable_gqa)
 SHAPES = [
@@ -28,7 +29,6 @@ SHAPES = [
     (2, 2, 2, 7, 7, 16, 24, False),  # Ev != E
 ]
 MASKS = ["none", "causal", "bool-2d", "bool-4d", "float", "float-inf", "float-finfo-min-row"]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 def _id(shape) -> str:
@@ -78,7 +78,7 @@ def test_matches_torch_forward(shape, kind, dtype):
     out = sdpa(*ours, **kwargs)
     ref = F.scaled_dot_product_attention(*theirs, **kwargs)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("kind", ["none", "causal", "bool-4d", "float", "float-inf"])
@@ -91,7 +91,7 @@ def test_matches_torch_backward(shape, kind):
     out.backward(d_out)
     ref.backward(d_out)
     for a, b, name in zip(ours, theirs, "qkv"):
-        torch.testing.assert_close(a.grad, b.grad, atol=5e-5, rtol=5e-5, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(a.grad, b.grad, **tolerance(a.dtype), msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_float_mask_gradient_matches_torch():
@@ -100,7 +100,7 @@ def test_float_mask_gradient_matches_torch():
     b1, b2 = bias.clone().requires_grad_(), bias.clone().requires_grad_()
     sdpa(q, k, v, attn_mask=b1).sum().backward()
     F.scaled_dot_product_attention(q, k, v, attn_mask=b2).sum().backward()
-    torch.testing.assert_close(b1.grad, b2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b1.grad, b2.grad, **tolerance(b1.dtype))
 
 
 def test_upper_left_causal_differs_from_bottom_right():
@@ -135,7 +135,7 @@ def test_dead_rows_zero_and_finite_grads_like_torch():
     keep[0, 0, 3] = False
     out = sdpa(*ours, attn_mask=keep)
     ref = F.scaled_dot_product_attention(*theirs, attn_mask=keep)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, ref, **tolerance(out.dtype))
     assert (out[0, :, 3] == 0).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in ours)
@@ -166,7 +166,7 @@ def test_layouts(q_shape, kv_shape, causal):
     out = sdpa(q, k, v, is_causal=causal)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, ref, **tolerance(out.dtype))
 
 
 def test_layout_5d_with_mask():
@@ -197,7 +197,7 @@ def test_autocast_like_torch():
         out = sdpa(q, k.bfloat16(), v, is_causal=True)
         ref = F.scaled_dot_product_attention(q, k.bfloat16(), v, is_causal=True)
     assert out.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tolerance(out.dtype))
 
 
 # errors: same arguments PyTorch rejects, rejected before any kernel runs

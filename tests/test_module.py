@@ -9,6 +9,7 @@ import torch
 from torch import einsum, nn
 
 from attend import Attend, explain, get_backend
+from attend.testing import tolerance
 
 from .helpers import make_qkv
 
@@ -32,8 +33,7 @@ def test_same_outputs_as_the_seed(flash, dtype):
     q, k, v = make_qkv(b=2, h=8, g=8, i=64, j=64, d=64, dtype=dtype)
     ours = Attend(flash=flash)(q, k, v)
     seed = SeedAttend()(q.double(), k.double(), v.double())
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(ours.double(), seed, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours.double(), seed, **tolerance(dtype))
     assert ours.dtype == dtype
 
 
