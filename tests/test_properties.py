@@ -33,11 +33,10 @@ from hypothesis import strategies as st
 
 from attend import attention, get_backend, list_backends
 from attend.inputs import validate
-from attend.testing import check_backend
+from attend.testing import DTYPES, check_backend
 
 from .conftest import DEVICES
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33]  # 1s, primes, around a power of two
 HEAD_DIMS = [1, 2, 3, 4, 5, 8, 16, 40]
 

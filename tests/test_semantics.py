@@ -9,7 +9,7 @@ import torch
 import attend
 from attend import attention, get_backend, list_backends
 from attend.backends.einsum import einsum_attention
-from attend.inputs import validate
+from attend.inputs import FLOAT_DTYPES, validate
 from attend.testing import tolerance
 
 from .helpers import make_qkv, spy_sdpa
@@ -185,7 +185,7 @@ def test_value_head_dim_differs():
 
 
 def test_output_dtype_is_query_dtype():
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for dtype in FLOAT_DTYPES:
         q, k, v = make_qkv(dtype=dtype)
         assert attend.attention(q, k, v).dtype == dtype
 
