@@ -27,14 +27,14 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..backends.einsum import einsum_attention
+from ..dispatch import get_backend, list_backends
 from ..functional import attention
-from ..inputs import validate
+from ..inputs import AttnInputs, validate
 
-__all__ = ["SEEDS", "UNCHECKED", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes"]
+__all__ = ["SEEDS", "UNCHECKED", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes", "holds_scores"]
 
 SEEDS = ("seed:einsum", "seed:sdpa")
 UNCHECKED = "attend:unchecked"
-DENSE = frozenset({"einsum", "seed:einsum", "sdpa:math"})  # hold (b, h, i, j) logits in memory
 
 # helpers
 
@@ -76,6 +76,16 @@ def user_mask(q: Tensor, k: Tensor, mask: Tensor | None, bias: Tensor | None, ca
 def _expand(t: Tensor, h: int) -> Tensor:
     """(b, g, j, x) -> (b, h, j, x): the seed's users repeat k/v heads for grouped-query attention."""
     return t.repeat_interleave(h // t.shape[1], dim=1) if t.shape[1] != h else t
+
+
+def holds_scores(name: str, inp: AttnInputs) -> bool:
+    """Whether candidate `name` holds the (b, h, i, j) logits in memory for `inp`: the seed's einsum does;
+    a registered backend as its capabilities declare (`intermediate_bytes`, from `Caps.dense_scores`);
+    `attend` is bounded by auto's own memory budget, and SDPA under the seed's or PyTorch's flags picks
+    fused kernels."""
+    if name == "seed:einsum":
+        return True
+    return name in list_backends() and get_backend(name).intermediate_bytes(inp) > 0
 
 
 def dense_bytes(shape: dict[str, int], mode: str) -> int:

@@ -23,7 +23,7 @@ from ..inputs import validate
 from ..testing import Case
 from .cases import SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
-from .impls import DENSE, SEEDS, UNCHECKED, dense_bytes, make_call
+from .impls import SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
@@ -163,7 +163,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     # anything that holds (b, h, i, j) logits and would not fit is left out, not run into the OOM killer
     room = _available_bytes(device) * 0.6
     for n in list(names):
-        if n in DENSE and dense_bytes(shape, mode) > room:
+        if holds_scores(n, inp) and dense_bytes(shape, mode) > room:
             names.remove(n)
             skipped[n] = f"needs ~{dense_bytes(shape, mode) / 2**30:.1f} GiB for (b, h, i, j) logits"
 
