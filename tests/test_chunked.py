@@ -18,7 +18,7 @@ from attend import attention
 from attend.backends.chunked import ChunkedBackend, chunked_attention, dropout_keep_mask
 from attend.backends.einsum import einsum_attention
 from attend.inputs import validate
-from attend.testing import assert_matches_reference, tolerance
+from attend.testing import DTYPES, assert_matches_reference, tolerance
 
 # helpers
 
@@ -346,7 +346,7 @@ def test_neg_inf_bias_with_garbage_keys_and_values_in_small_tiles():
 # dtypes
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype(dtype):
     q, k, v = make(b=2, h=4, g=2, i=21, j=18, d=16, dtype=dtype)
     pad = torch.ones(2, 18, dtype=torch.bool)
