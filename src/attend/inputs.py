@@ -215,28 +215,15 @@ class AttnInputs:
         return " ".join(parts)
 
 
-def validate(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    mask: Any = None,
-    bias: Any = None,
-    causal: bool = False,
-    scale: Any = None,
-    dropout_p: Any = 0.0,
-    deterministic: bool = False,
-    check_finite: bool | None = None,
-) -> AttnInputs:
-    """Check user inputs and return a normalised `AttnInputs`.
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    # formatted only when an error is raised: under torch.compile with dynamic shapes the sizes are
+    # symbolic, and formatting them on every call cannot be traced
+    return f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
 
-    Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
-    (b, j) key padding; bias float broadcastable to (b, h, i, j).
 
-    Raises:
-        TypeError: a non-tensor, sparse or nested tensor, or a wrong dtype (integer, complex, float mask).
-        ValueError: any shape, device or value mismatch, as "expected X, got Y" with every shape involved.
-    """
+def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int, int]:
+    """q, k, v: dense float tensors of one dtype and device with shapes (b, h, i, d), (b, g, j, d),
+    (b, g, j, e) and h % g == 0. Returns (b, h, i, d, g, j, e)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     for name, t, want in (("q", q, "(b, h, i, d)"), ("k", k, "(b, g, j, d)"), ("v", v, "(b, g, j, e)")):
@@ -272,30 +259,31 @@ def validate(
     b, h, i, d = q.shape
     bk, g, j, dk = k.shape
     bv, gv, jv, e = v.shape
-    # formatted only when an error is raised: under torch.compile with dynamic shapes the sizes are
-    # symbolic, and formatting them on every call cannot be traced
-    def shapes() -> str:
-        return f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
-
     if not (b == bk == bv):
-        raise ValueError(f"expected one batch size `b` for q, k, v, got {b}, {bk}, {bv} ({shapes()})")
+        raise ValueError(f"expected one batch size `b` for q, k, v, got {b}, {bk}, {bv} ({_shapes(q, k, v)})")
     if g != gv:
         raise ValueError(
-            f"expected k and v with the same number of heads `g`, got {g} and {gv} ({shapes()})"
+            f"expected k and v with the same number of heads `g`, got {g} and {gv} ({_shapes(q, k, v)})"
         )
     if j != jv:
-        raise ValueError(f"expected k and v with the same length `j`, got {j} and {jv} ({shapes()})")
+        raise ValueError(f"expected k and v with the same length `j`, got {j} and {jv} ({_shapes(q, k, v)})")
     if dk != d:
-        raise ValueError(f"expected q and k with the same head dim `d`, got {d} and {dk} ({shapes()})")
+        raise ValueError(f"expected q and k with the same head dim `d`, got {d} and {dk} ({_shapes(q, k, v)})")
     if g == 0 or h % g != 0:
         raise ValueError(
             f"expected query heads `h` to be a multiple of key/value heads `g` (h % g == 0), "
-            f"got h={h}, g={g} ({shapes()}); hint: grouped-query attention needs h = g * r"
+            f"got h={h}, g={g} ({_shapes(q, k, v)}); hint: grouped-query attention needs h = g * r"
         )
     if min(b, h, d, e) == 0:
-        raise ValueError(f"expected non-zero b, h, d and e, got {shapes()}")
+        raise ValueError(f"expected non-zero b, h, d and e, got {_shapes(q, k, v)}")
 
-    target = (b, h, i, j)
+    return b, h, i, d, g, j, e
+
+
+def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, int, int, int]):
+    """mask: None, a bool (b, j) key padding mask, or bool broadcastable to (b, h, i, j). Returns the 4-D view
+    and its kind ("none", "key_padding", "bool")."""
+    b, h, i, j = target
     mask4, kind = None, "none"
     if exists(mask):
         _check_tensor("mask", mask)
@@ -314,13 +302,18 @@ def validate(
             if tuple(mask.shape) != (b, j):
                 raise ValueError(
                     f"expected a 2-D `mask` to be a key padding mask (b, j) = {fmt_shape((b, j))}, got shape "
-                    f"{fmt_shape(mask.shape)} ({shapes()}); hint: for an (i, j) mask pass `mask[None, None]`"
+                    f"{fmt_shape(mask.shape)} ({_shapes(q, k, v)}); hint: for an (i, j) mask pass `mask[None, None]`"
                 )
             mask4, kind = mask[:, None, None, :], "key_padding"
         else:
             mask4 = _broadcast_4d("mask", mask, target, "hint: True = may attend, one entry per (b, h, i, j)")
             kind = "key_padding" if mask4.shape[1] == 1 and mask4.shape[2] == 1 else "bool"
 
+    return mask4, kind
+
+
+def _check_bias(bias: Any, q: Tensor, target: tuple[int, int, int, int]) -> Tensor | None:
+    """bias: None or a float tensor on q's device broadcastable to (b, h, i, j). Returns the 4-D view."""
     bias4 = None
     if exists(bias):
         _check_tensor("bias", bias)
@@ -333,6 +326,14 @@ def validate(
             raise ValueError(f"expected `bias` on {q.device} like q, got {bias.device}")
         bias4 = _broadcast_4d("bias", bias, target, "hint: one additive logit per (b, h, i, j)")
 
+    return bias4
+
+
+def _check_options(
+    causal: Any, scale: Any, dropout_p: Any, deterministic: Any, check_finite: Any, d: int
+) -> tuple[float, float]:
+    """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), deterministic a bool,
+    check_finite a bool or None. Returns (scale, dropout_p) as floats."""
     # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
     if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
         raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
@@ -357,6 +358,35 @@ def validate(
     if check_finite is not None and not isinstance(check_finite, bool):
         raise TypeError(f"expected `check_finite` to be a bool or None, got {_describe(check_finite)}")
 
+    return scale_f, float(dropout_p)
+
+
+def validate(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool = False,
+    scale: Any = None,
+    dropout_p: Any = 0.0,
+    deterministic: bool = False,
+    check_finite: bool | None = None,
+) -> AttnInputs:
+    """Check user inputs and return a normalised `AttnInputs`.
+
+    Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
+    (b, j) key padding; bias float broadcastable to (b, h, i, j).
+
+    Raises:
+        TypeError: a non-tensor, sparse or nested tensor, or a wrong dtype (integer, complex, float mask).
+        ValueError: any shape, device or value mismatch, as "expected X, got Y" with every shape involved.
+    """
+    b, h, i, d, g, j, e = _check_qkv(q, k, v)
+    mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
+    bias4 = _check_bias(bias, q, (b, h, i, j))
+    scale_f, dropout_f = _check_options(causal, scale, dropout_p, deterministic, check_finite, d)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
     # a transposed view is copied here, once, instead of failing inside the kernel. Expanded (stride-0)
@@ -372,7 +402,7 @@ def validate(
         bias=bias4,
         causal=bool(causal),
         scale=scale_f,
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_f,
         deterministic=bool(deterministic),
         mask_kind=kind,
         check_finite=check_finite,
