@@ -27,7 +27,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 def _maybe_nonfinite(inp) -> bool:
     """The guard's verdict on the inputs alone (a finite output of the kernel): does the exact path run?"""
-    from attend.functional import _all_finite, _checkable
+    from attend.dispatch import _all_finite, _checkable
 
     return _checkable(inp) and not _all_finite(inp, torch.zeros(()))
 
