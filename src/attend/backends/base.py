@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 
 from .._helpers import accum_dtype, cuda_capability, fmt_dtypes
-from ..inputs import AttnInputs
+from ..inputs import FLOAT_DTYPES, AttnInputs
 
 __all__ = ["Caps", "Backend"]
 
-ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+ALL_FLOATS = FLOAT_DTYPES
+# every float dtype but float64 (MPS has none; CUDA's memory-efficient kernel takes none)
+NO_FLOAT64 = FLOAT_DTYPES - {torch.float64}
 
 
 @dataclass(frozen=True)

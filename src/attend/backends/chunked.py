@@ -71,7 +71,7 @@ from torch import Tensor
 from .._helpers import accum_dtype
 from ..grad2 import recompute_grads, records_graph
 from ..inputs import AttnInputs
-from .base import Backend, Caps
+from .base import NO_FLOAT64, Backend, Caps
 
 __all__ = ["ChunkedBackend", "chunked_attention", "dropout_keep_mask", "TILES"]
 
@@ -737,7 +737,7 @@ class ChunkedBackend(Backend):
     caps = {
         "cpu": Caps(dense_scores=False),
         "cuda": Caps(dense_scores=False),
-        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), dense_scores=False),
+        "mps": Caps(dtypes=NO_FLOAT64, dense_scores=False),
     }
 
     def __init__(self, q_tile: int | None = None, k_tile: int | None = None, *, name: str | None = None):

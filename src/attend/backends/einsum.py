@@ -16,7 +16,7 @@ from torch import Tensor
 from .._helpers import accum_dtype
 from ..inputs import AttnInputs
 from ..masks import combined_keep
-from .base import Backend, Caps
+from .base import NO_FLOAT64, Backend, Caps
 
 __all__ = ["EinsumBackend", "einsum_attention"]
 
@@ -87,7 +87,7 @@ class EinsumBackend(Backend):
     caps = {
         "cpu": Caps(),
         "cuda": Caps(),
-        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
+        "mps": Caps(dtypes=NO_FLOAT64),
     }
 
     def run(self, inp: AttnInputs) -> Tensor:

@@ -38,7 +38,7 @@ from .._helpers import accum_dtype
 from ..grad2 import TwiceDifferentiable
 from ..inputs import AttnInputs
 from ..masks import dead_rows, sdpa_attn_mask
-from .base import Backend, Caps
+from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
 
 __all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
 
@@ -48,7 +48,7 @@ __all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
 _sdpa = F.scaled_dot_product_attention
 
 HALF = frozenset({torch.float16, torch.bfloat16})
-FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+FLOATS = ALL_FLOATS
 
 # helpers
 
@@ -355,7 +355,7 @@ class SdpaEfficient(SdpaBackend):
         # sdp_utils.cpp: sm50+, bf16 needs sm80, d and e aligned (8 for half types, 4 for float32);
         # GQA only on recent torch main (pytorch#191085), so k/v are expanded
         "cuda": Caps(
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            dtypes=NO_FLOAT64,
             min_capability=(5, 0),
             min_capability_for={torch.bfloat16: (8, 0)},
             head_dim_multiple={torch.float16: 8, torch.bfloat16: 8, torch.float32: 4},
@@ -404,5 +404,5 @@ class SdpaMath(SdpaBackend):
     caps = {
         "cpu": Caps(),
         "cuda": Caps(),
-        "mps": Caps(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32})),
+        "mps": Caps(dtypes=NO_FLOAT64),
     }
