@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +60,19 @@ def spy_sdpa(monkeypatch):
 
     monkeypatch.setattr(sdpa, "_sdpa", spy)
     yield calls
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compile tests build new functions and modules: reset dynamo around each one, so its per-code recompile
+    limit never trips and one test's graphs never serve another's."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compile_counter():
+    """A torch.compile backend that counts the graphs dynamo hands over and runs them with aot_eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend("aot_eager")

@@ -37,8 +37,13 @@ from attend.backends.chunked import chunked_attention, dropout_keep_mask
 from attend.inputs import validate
 from attend.testing import tolerance
 
+from .helpers import compile_counter, fresh_dynamo  # noqa: F401 (fresh_dynamo: a fixture, used by name)
+
 # torch._dynamo.testing imports a deprecated torch.jit helper; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),  # reset dynamo around every test
+]
 
 LENGTHS = (9, 13, 64, 257)
 TILES = (256, 512)  # the default CPU tiles (attend.backends.chunked.TILES["cpu"])
@@ -47,19 +52,7 @@ TILES = (256, 512)  # the default CPU tiles (attend.backends.chunked.TILES["cpu"
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Every test compiles new functions: reset so dynamo's per-code recompile limit never trips."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _counter():
-    """A torch.compile backend that counts the graphs dynamo hands over and runs them with aot_eager."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    return CompileCounterWithBackend("aot_eager")
+_counter = compile_counter
 
 
 def _tile_counts(n: int) -> tuple[int, int]:

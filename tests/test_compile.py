@@ -16,8 +16,13 @@ from torch import nn
 from attend import Attend, dispatch
 from attend.testing import tolerance
 
+from .helpers import compile_counter, fresh_dynamo  # noqa: F401 (fresh_dynamo: a fixture, used by name)
+
 # torch._dynamo.testing imports a deprecated torch.jit helper; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),  # reset dynamo around every test
+]
 
 
 class Block(nn.Module):
@@ -39,19 +44,7 @@ class Block(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles new modules of one class: reset so dynamo's per-code recompile limit never trips."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _counter():
-    """A torch.compile backend that counts the graphs dynamo hands over and runs them with aot_eager."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    return CompileCounterWithBackend("aot_eager")
+_counter = compile_counter
 
 
 def _inputs(kind: str):
