@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import attend
 from attend import explain
 from attend.bench.flops import attended_pairs, attention_flops
 from attend.bench.report import REQUIRED_KEYS, RESULT_KEYS, ROW_KEYS
@@ -265,3 +266,29 @@ def test_cuda_check_and_bench(capsys, tmp_path):
     doc = json.loads((tmp_path / "g.json").read_text())
     assert doc["device"] == "cuda" and "capability" in doc
     assert all("torch:sdpa" in r["results"] for r in doc["rows"])
+
+
+def test_explain_with_a_named_backend_that_cannot_run_fails(capsys):
+    """The report shows the named backend's reasons; the command says the named backend cannot run and exits 1."""
+    rc, out, err = run(capsys, "explain", "--shape", "2,8,16,64", "--backend", "sdpa:efficient")
+    assert rc == 1
+    assert "device=cpu (supported: cuda)" in out
+    assert "the named backend 'sdpa:efficient' cannot run these inputs" in out
+    assert "backend 'sdpa:efficient' cannot run these inputs" in err
+
+
+def test_python_error_hint_for_a_named_backend_reproduces_it(capsys):
+    """The `Hint: attend explain ...` of a pinned backend's ValueError includes --backend, so it reproduces."""
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError) as info:
+        attend.attention(q, q, q, dropout_p=0.1, backend="sdpa:flash")
+    hint = str(info.value).rsplit("Hint: `", 1)[1].rstrip("`")
+    assert "--backend sdpa:flash" in hint
+    rc, out, _ = run(capsys, *hint.split()[1:])
+    assert rc == 1 and "dropout_p=0.1 > 0" in out
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bench_rejects_a_negative_threshold(capsys, value):
+    rc, _, err = run(capsys, "bench", "--suite", "smoke", "--threshold", value)
+    assert rc == 2 and "--threshold" in err

@@ -204,6 +204,14 @@ ROWS: list[Row] = [
     Row("module-dropout", "Attend(dropout=1.0)", lambda: Attend(dropout=1.0), ValueError, "expected `dropout` in [0, 1), got 1.0"),
     Row("module-flash", "Attend(flash=...) not a bool or None", lambda: Attend(flash="yes"), TypeError,
         "expected `flash` to be True, False or None, got 'yes'"),
+    Row("module-flash-false-backend", "Attend(flash=False) with another backend than einsum",
+        lambda: Attend(flash=False, backend="sdpa:flash"), ValueError,
+        "expected either flash=False (the einsum backend) or backend=..., got flash=False and backend='sdpa:flash'; "
+        "hint: drop `flash` when you name a backend"),
+    Row("module-flash-true-backend", "Attend(flash=True) with a backend that is not a fused kernel",
+        lambda: Attend(flash=True, backend="einsum"), ValueError,
+        "expected a fused backend with flash=True, got backend='einsum' (not a fused kernel); "
+        "hint: drop `flash` when you name a backend"),
     Row("module-deterministic", "Attend(deterministic=...) not a bool", lambda: Attend(deterministic=1), TypeError,
         "expected `deterministic` to be True or False, got 1"),
     Row("module-check-finite", "Attend(check_finite=...) not a bool", lambda: Attend(check_finite=0), TypeError,

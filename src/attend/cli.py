@@ -253,6 +253,13 @@ def cmd_explain(args) -> int:
         raise CliError(_one_line(exc)) from None
     report = explain_inputs(inp, args.backend)
     sys.stdout.write(str(report) + "\n")
+    if report.backend is None:
+        # a named backend that cannot run, or nothing at all: say so on stderr and fail, like the Python call
+        what = "no backend can run these inputs"
+        if args.backend:
+            what = f"backend {args.backend!r} cannot run these inputs"
+        sys.stderr.write(f"attend explain: {what}\n")
+        return 1
     return 0
 
 
@@ -343,6 +350,8 @@ def cmd_bench(args) -> int:
 
     console = _console()
     compare = args.compare or []
+    if not args.threshold >= 0:  # also NaN
+        raise CliError(f"expected --threshold to be a relative change >= 0 (0.10 = 10 %), got {args.threshold}")
     if len(compare) > 2:
         raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
 

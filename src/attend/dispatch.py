@@ -132,6 +132,7 @@ class Report:
     inputs: str = ""
     hint: str = ""
     candidates: tuple[str, ...] = field(default_factory=tuple)
+    requested: str | None = None  # the backend the caller named, if any
 
     def __str__(self) -> str:
         width = max([len(n) for n in self.reasons] + [7])
@@ -150,7 +151,10 @@ class Report:
                 lines.append(f"{'':<{width}}      {extra}")
         if self.backend is None:
             lines.append("")
-            lines.append("no backend can run these inputs")
+            if self.requested is not None:
+                lines.append(f"the named backend {self.requested!r} cannot run these inputs (its reasons are above)")
+            else:
+                lines.append("no backend can run these inputs")
         return "\n".join(lines)
 
 
@@ -209,12 +213,12 @@ def _budget_reasons(backend: Backend, inp: AttnInputs) -> list[str]:
     ]
 
 
-def _format_failure(inp: AttnInputs, blocks: dict[str, list[str]], head: str) -> str:
+def _format_failure(inp: AttnInputs, blocks: dict[str, list[str]], head: str, backend: str | None = None) -> str:
     lines = [head, inp.describe()]
     for name, reasons in blocks.items():
         lines.append(f"`{name}` cannot run because:")
         lines.extend(f"    {r}" for r in reasons)
-    lines.append(f"Hint: `{inp.cli_hint()}`")
+    lines.append(f"Hint: `{inp.cli_hint(backend)}`")
     return "\n".join(lines)
 
 
@@ -295,7 +299,7 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         reasons = chosen.reasons_unsupported(inp)
         if reasons:
             head = f"backend={backend!r} cannot run these inputs:"
-            raise ValueError(_format_failure(inp, {chosen.name: reasons}, head))
+            raise ValueError(_format_failure(inp, {chosen.name: reasons}, head, backend))
         return chosen
 
     # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the
@@ -380,8 +384,9 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
         backend=chosen,
         reasons=reasons,
         inputs=inp.describe(),
-        hint=inp.cli_hint(),
+        hint=inp.cli_hint(backend),
         candidates=auto,
+        requested=backend,
     )
 
 

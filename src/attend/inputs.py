@@ -192,8 +192,8 @@ class AttnInputs:
             f"  scale  : {self.scale:.6g}   dropout_p: {self.dropout_p}   grad: {self.needs_grad}"
         )
 
-    def cli_hint(self) -> str:
-        """The `attend explain ...` command that reproduces these inputs."""
+    def cli_hint(self, backend: str | None = None) -> str:
+        """The `attend explain ...` command that reproduces these inputs (and the named `backend`, if any)."""
         parts = [f"attend explain --shape {self.b},{self.h},{self.i},{self.d}"]
         if self.gqa:
             parts.append(f"--kv-heads {self.g}")
@@ -212,6 +212,8 @@ class AttnInputs:
             parts.append("--grad")
         if self.dropout_p > 0:
             parts.append(f"--dropout {self.dropout_p}")
+        if backend is not None:
+            parts.append(f"--backend {backend}")
         return " ".join(parts)
 
 

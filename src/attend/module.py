@@ -40,11 +40,21 @@ class Attend(nn.Module):
             raise ValueError(f"expected `dropout` in [0, 1), got {dropout!r}")
         if flash is not None and not isinstance(flash, bool):
             raise TypeError(f"expected `flash` to be True, False or None, got {flash!r}")
+        # one rule both ways: a named backend must agree with `flash` (False = the einsum reference, True = a
+        # fused kernel); to name any backend, leave `flash` at None
         if flash is False and exists(backend) and backend != "einsum":
             raise ValueError(
                 f"expected either flash=False (the einsum backend) or backend=..., got flash=False and "
                 f"backend={backend!r}; hint: drop `flash` when you name a backend"
             )
+        if flash is True and backend is not None:
+            from .dispatch import get_backend
+
+            if not get_backend(backend).fused:
+                raise ValueError(
+                    f"expected a fused backend with flash=True, got backend={backend!r} (not a fused kernel); "
+                    "hint: drop `flash` when you name a backend"
+                )
         if not isinstance(deterministic, bool):
             raise TypeError(f"expected `deterministic` to be True or False, got {deterministic!r}")
         if check_finite is not None and not isinstance(check_finite, bool):
@@ -135,7 +145,8 @@ Attend.__doc__ = (
         dropout: dropout on the attention probabilities, applied only in training mode.
         flash: the seed's switch. False runs the `einsum` reference; True runs auto among the fused
             kernels (falling back to auto, logged once, when none can run the inputs, as the seed fell
-            back to SDPA's math kernel); None (default) is auto among all backends.
+            back to SDPA's math kernel); None (default) is auto among all backends. With `backend`, flash
+            must agree or stay None: False only with "einsum", True only with a fused kernel.
         causal: default for `forward(causal=None)`; bottom-right aligned.
         scale: logit scale, default d ** -0.5.
         backend: pin a backend by name (`attend.list_backends()`); it runs or raises ValueError.
