@@ -41,6 +41,11 @@ def test_info(capsys):
     assert torch.__version__ in out
     for name in ("einsum", "sdpa:flash", "sdpa:math"):
         assert name in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 5}
+    assert "runs here on cpu" in rows["einsum"]
+    if not torch.cuda.is_available():  # a CUDA-only kernel on a CPU-only machine is not "available"
+        assert "not on this machine (needs cuda)" in rows["sdpa:efficient"]
+        assert "available" not in rows["sdpa:efficient"]
 
 
 def test_explain_matches_python(capsys):

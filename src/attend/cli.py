@@ -202,11 +202,20 @@ def cmd_info(args) -> int:
     table = Table(title="backends (auto tries them in each device's priority order)")
     for col in ("backend", "devices", "fused", "status", "auto order"):
         table.add_column(col)
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        present.append("mps")
     for name in list_backends():
         b = get_backend(name)
         why = b.unavailable_reason()
         order = [f"{dev} #{PRIORITY[dev].index(name) + 1}" for dev in PRIORITY if name in PRIORITY[dev]]
-        status = "[green]available[/green]" if why is None else f"[red]unavailable[/red]: {why}"
+        here = [dev for dev in present if dev in b.caps]
+        if why is not None:
+            status = f"[red]unavailable[/red]: {why}"
+        elif here:
+            status = f"[green]runs here[/green] on {', '.join(here)}"
+        else:  # e.g. a CUDA-only kernel on a CPU-only machine: explain would say device=cpu
+            status = f"[yellow]not on this machine[/yellow] (needs {', '.join(sorted(b.caps))})"
         table.add_row(name, ", ".join(sorted(b.caps)), "yes" if b.fused else "no", status, ", ".join(order) or "—")
     console.print(table)
     return 0
