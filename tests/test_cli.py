@@ -297,3 +297,16 @@ def test_python_error_hint_for_a_named_backend_reproduces_it(capsys):
 def test_bench_rejects_a_negative_threshold(capsys, value):
     rc, _, err = run(capsys, "bench", "--suite", "smoke", "--threshold", value)
     assert rc == 2 and "--threshold" in err
+
+
+def test_plot_without_memory_measurements_writes_a_png(capsys, tmp_path):
+    """--no-memory --plot used to run the whole suite and then crash in matplotlib ("Data cannot be log-scaled")."""
+    png = tmp_path / "out.png"
+    rc, _, err = run(capsys, "bench", "--suite", "smoke", "--no-memory", "--min-time", "0.01", "--plot", str(png))
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_two_saved_runs_rejects_output_files_before_any_work(capsys, tmp_path):
+    rc, _, err = run(capsys, "bench", "--compare", "a.json", "b.json", "--plot", str(tmp_path / "x.png"))
+    assert rc == 2 and "--plot" in err and not (tmp_path / "x.png").exists()

@@ -363,6 +363,13 @@ def cmd_bench(args) -> int:
         raise CliError(f"expected --threshold to be a relative change >= 0 (0.10 = 10 %), got {args.threshold}")
     if len(compare) > 2:
         raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
+    if len(compare) == 2 and (args.plot or args.json or args.markdown):
+        outputs = (("--plot", args.plot), ("--json", args.json), ("--markdown", args.markdown))
+        given = ", ".join(flag for flag, on in outputs if on)
+        raise CliError(
+            f"expected no output files with --compare OLD.json NEW.json (it compares two saved runs and runs nothing), "
+            f"got {given}; hint: to plot a saved run, rerun it with --plot"
+        )
 
     def load(path):
         try:

@@ -225,7 +225,10 @@ def save_plot(doc: dict, path: str | Path) -> None:
             else:
                 ax.set_xticks(xs)
                 ax.set_xticklabels([r["case"] for r in rs], rotation=30, fontsize=8)
-        ax_m.set_yscale("log", nonpositive="mask")
+        if any(r["results"].get(n, {}).get("peak_mb") for r in rs for n in r["results"]):
+            ax_m.set_yscale("log", nonpositive="mask")
+        else:  # --no-memory: nothing measured, nothing to put on a log scale
+            ax_m.text(0.5, 0.5, "memory not measured (--no-memory)", ha="center", va="center", transform=ax_m.transAxes)
         ax_t.legend(fontsize=7)
     fig.suptitle(
         f"attend bench --suite {doc['suite']}: {doc['device_name']}, torch {doc['torch']}, "
