@@ -310,3 +310,12 @@ def test_plot_without_memory_measurements_writes_a_png(capsys, tmp_path):
 def test_compare_two_saved_runs_rejects_output_files_before_any_work(capsys, tmp_path):
     rc, _, err = run(capsys, "bench", "--compare", "a.json", "b.json", "--plot", str(tmp_path / "x.png"))
     assert rc == 2 and "--plot" in err and not (tmp_path / "x.png").exists()
+
+
+def test_check_says_once_why_a_backend_cannot_run_and_fails_when_nothing_was_checked(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("sdpa:efficient runs on this machine")
+    rc, out, _ = run(capsys, "check", "--backends", "sdpa:efficient", "--grid", "smoke")
+    assert rc == 1
+    assert out.count("device=cpu (supported: cuda)") == 1
+    assert "nothing checked for sdpa:efficient on cpu" in out

@@ -295,6 +295,7 @@ def cmd_check(args) -> int:
     cells: dict[tuple, str] = {}
     failures: list[str] = []
     counts = {"pass": 0, "fwd": 0, "fail": 0, "skip": 0}
+    why_not: dict[str, dict[str, None]] = {n: {} for n in names}  # backend -> its distinct reasons, in order
     start = time.perf_counter()
     with _progress("check") as progress:
         task = progress.add_task("", total=len(dtypes) * len(cases) * len(names))
@@ -307,6 +308,7 @@ def cmd_check(args) -> int:
                     try:
                         grad, reasons = checkable(name, q, k, v, **kw)
                         cell = "skip" if reasons else "pass" if grad else "fwd"
+                        why_not[name].update(dict.fromkeys(reasons))
                         if not reasons:
                             check_backend(name, q, k, v, **kw, grad=grad)
                     except (AssertionError, RuntimeError, ValueError) as exc:
@@ -332,11 +334,21 @@ def cmd_check(args) -> int:
         console.print(table)
     for f in failures:
         console.print(f"[red]FAIL[/red] {escape(f)}")
+    never = [n for n in names if all(cells[(t, ci, n)] == "skip" for t in dtypes for ci in range(len(cases)))]
+    for n, reasons in why_not.items():
+        if reasons:  # once per backend, not once per cell
+            shown = list(reasons)[:3]
+            more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+            head = "not eligible for any case here" if n in never else "not eligible for some cases"
+            console.print(f"{n}: {head}: {'; '.join(shown)}{more}", markup=False)
     console.print(
         f"{counts['pass']} passed, {counts['fwd']} passed forward only (fwd: no backward declared), "
         f"{counts['fail']} failed, {counts['skip']} not eligible (—), "
         f"torch {torch.__version__}, {time.perf_counter() - start:.1f} s"
     )
+    if args.backends and never:  # the user asked for these and nothing was checked: that is not a pass
+        console.print(f"attend check: nothing checked for {', '.join(never)} on {device}", markup=False)
+        return 1
     return 1 if counts["fail"] else 0
 
 
