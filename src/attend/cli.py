@@ -335,10 +335,10 @@ def cmd_check(args) -> int:
     for f in failures:
         console.print(f"[red]FAIL[/red] {escape(f)}")
     never = [n for n in names if all(cells[(t, ci, n)] == "skip" for t in dtypes for ci in range(len(cases)))]
-    for n, reasons in why_not.items():
-        if reasons:  # once per backend, not once per cell
-            shown = list(reasons)[:3]
-            more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    for n, distinct in why_not.items():
+        if distinct:  # once per backend, not once per cell
+            shown = list(distinct)[:3]
+            more = f" (and {len(distinct) - 3} more)" if len(distinct) > 3 else ""
             head = "not eligible for any case here" if n in never else "not eligible for some cases"
             console.print(f"{n}: {head}: {'; '.join(shown)}{more}", markup=False)
     console.print(
