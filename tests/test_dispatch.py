@@ -201,3 +201,19 @@ def test_every_reason_is_listed():
     reasons = explain(q, q, q, dropout_p=0.1).reasons["sdpa:flash"]
     assert any("dropout_p=0.1" in r for r in reasons)
     assert any("backward in torch.bfloat16 on CPU is inexact" in r for r in reasons)
+
+
+def test_the_cache_keeps_no_tensor_alive():
+    """A cached signature must not hold the first call's activations (512 entries of them would be a leak)."""
+    import gc
+    import weakref
+
+    dispatch.clear_cache()
+    q = torch.randn(1, 2, 16, 8)
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    refs = [weakref.ref(t) for t in (q, mask)]
+    attention(q, q, q, mask=mask)
+    assert len(dispatch._cache) == 1
+    del q, mask
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -591,22 +591,29 @@ def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
 @dataclass(frozen=True)
 class _Entry:
     """What a call signature resolved to: the backend, and how to rebuild `AttnInputs` from new tensors of
-    the same signature without validating again."""
+    the same signature without validating again. Holds no tensor (a cache entry must not keep the first
+    call's activations alive)."""
 
     backend: Backend
-    template: AttnInputs  # the first call's inputs; only its non-tensor fields are reused
-    mask_2d: bool  # a 2-D key padding mask, viewed as (b, 1, 1, j)
     auto: bool  # chosen by auto (not a named backend, not restricted to fused kernels)
+    mask_2d: bool  # a 2-D key padding mask, viewed as (b, 1, 1, j)
+    mask_shape: tuple[int, ...] | None  # the 4-D views' shapes
+    bias_shape: tuple[int, ...] | None
+    options: tuple  # AttnInputs' non-tensor fields, resolved: causal, scale, dropout_p, deterministic, ...
+
+    @classmethod
+    def of(cls, backend: Backend, inp: AttnInputs, auto: bool, mask_2d: bool) -> _Entry:
+        mask_shape = None if inp.mask is None else tuple(inp.mask.shape)
+        bias_shape = None if inp.bias is None else tuple(inp.bias.shape)
+        options = (inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite)
+        return cls(backend, auto, mask_2d, mask_shape, bias_shape, options)
 
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> AttnInputs:
-        t = self.template
         if mask is not None:
-            mask = mask[:, None, None, :] if self.mask_2d else mask.reshape(t.mask.shape)  # type: ignore[union-attr]
+            mask = mask[:, None, None, :] if self.mask_2d else mask.reshape(self.mask_shape)  # type: ignore[arg-type]
         if bias is not None:
-            bias = bias.reshape(t.bias.shape)  # type: ignore[union-attr]
-        return AttnInputs(
-            q, k, v, mask, bias, t.causal, t.scale, t.dropout_p, t.deterministic, t.mask_kind, t.check_finite
-        )  # fmt: skip
+            bias = bias.reshape(self.bias_shape)  # type: ignore[arg-type]
+        return AttnInputs(q, k, v, mask, bias, *self.options)
 
 
 def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
@@ -662,7 +669,7 @@ def call(
         return _empty(inp, backend)
     chosen = select(inp, backend, fused_only=fused_only)
     if key is not None:
-        value = _Entry(chosen, inp, mask is not None and mask.dim() == 2, backend is None and not fused_only)
+        value = _Entry.of(chosen, inp, backend is None and not fused_only, mask is not None and mask.dim() == 2)
         with _lock:
             if generation == _generation:
                 _cache[key] = _Cached(value, generation)
