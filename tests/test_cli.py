@@ -319,3 +319,14 @@ def test_check_says_once_why_a_backend_cannot_run_and_fails_when_nothing_was_che
     assert rc == 1
     assert out.count("device=cpu (supported: cuda)") == 1
     assert "nothing checked for sdpa:efficient on cpu" in out
+
+
+def test_bench_memory_for_attend_alone(capsys, tmp_path):
+    """--memory attend (the quick suite's default) measures attend's peak only: the table's column, at a
+    fraction of the cost of rerunning every candidate in the memory child."""
+    out = tmp_path / "m.json"
+    rc, _, err = run(capsys, "bench", "--suite", "smoke", "--memory", "attend", "--min-time", "0.01", "--json", str(out))
+    assert rc == 0, err
+    for row in json.loads(out.read_text())["rows"]:
+        measured = {name for name, res in row["results"].items() if res["peak_mb"] is not None}
+        assert measured <= {"attend"} and "attend" in measured
