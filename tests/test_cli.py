@@ -330,3 +330,11 @@ def test_bench_memory_for_attend_alone(capsys, tmp_path):
     for row in json.loads(out.read_text())["rows"]:
         measured = {name for name, res in row["results"].items() if res["peak_mb"] is not None}
         assert measured <= {"attend"} and "attend" in measured
+
+
+def test_bench_table_explains_the_matmul_column(bench_run):
+    """The "% matmul" column is named in the caption: what the ceiling is and why it can be exceeded."""
+    _, out, tmp = bench_run
+    markdown = (tmp / "new.md").read_text()
+    for text in (out, markdown):
+        assert "% matmul: attend's GFLOP/s" in " ".join(text.split())
