@@ -338,3 +338,23 @@ def test_bench_table_explains_the_matmul_column(bench_run):
     markdown = (tmp / "new.md").read_text()
     for text in (out, markdown):
         assert "% matmul: attend's GFLOP/s" in " ".join(text.split())
+
+
+def test_compare_can_fail_on_regression_and_warns_about_a_busy_machine(capsys, bench_run):
+    """Two saved runs, the newer one 3x slower on one row: REGRESSED, exit 0 by default, exit 1 with
+    --fail-on-regression (for CI); a run made at load average >= 1.5 is flagged as noisy."""
+    _, _, tmp = bench_run
+    new = json.loads((tmp / "new.json").read_text())
+    old = copy.deepcopy(new)
+    old["load_average"] = 2.5
+    for res in old["rows"][0]["results"].values():
+        if res["median_ms"] is not None:
+            res["median_ms"] /= 3
+    (tmp / "fast.json").write_text(json.dumps(old))
+    argv = ["bench", "--compare", str(tmp / "fast.json"), str(tmp / "new.json")]
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and "REGRESSED" in out and "busy machine" in out
+    rc, out, _ = run(capsys, *argv, "--fail-on-regression")
+    assert rc == 1 and "regressed by more than 10%" in out
+    rc, _, err = run(capsys, "bench", "--suite", "smoke", "--fail-on-regression")
+    assert rc == 2 and "--compare" in err

@@ -360,7 +360,6 @@ def cmd_bench(args) -> int:
 
     from .bench.cases import HIDDEN_SUITES, SUITES
     from .bench.report import (
-        compare_lines,
         load_json,
         markdown_table,
         rich_table,
@@ -375,6 +374,8 @@ def cmd_bench(args) -> int:
         raise CliError(f"expected --threshold to be a relative change >= 0 (0.10 = 10 %), got {args.threshold}")
     if len(compare) > 2:
         raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
+    if args.fail_on_regression and not compare:
+        raise CliError("expected --compare OLD.json [NEW.json] with --fail-on-regression, got no --compare")
     if len(compare) == 2 and (args.plot or args.json or args.markdown):
         outputs = (("--plot", args.plot), ("--json", args.json), ("--markdown", args.markdown))
         given = ", ".join(flag for flag, on in outputs if on)
@@ -391,9 +392,7 @@ def cmd_bench(args) -> int:
 
     old = load(compare[0]) if compare else None
     if len(compare) == 2:  # two saved files: compare them, run nothing
-        for line in compare_lines(load(compare[0]), load(compare[1]), args.threshold):
-            console.print(line, markup=False)
-        return 0
+        return _report_comparison(console, load(compare[0]), load(compare[1]), args)
 
     if args.suite not in SUITES:
         visible = ", ".join(s for s in SUITES if s not in HIDDEN_SUITES)
@@ -440,8 +439,21 @@ def cmd_bench(args) -> int:
         save_plot(doc, args.plot)
         console.print(f"wrote {args.plot}", markup=False)
     if old is not None:
-        for line in compare_lines(old, doc, args.threshold):
-            console.print(line, markup=False)
+        return _report_comparison(console, old, doc, args)
+    return 0
+
+
+def _report_comparison(console, old: dict, new: dict, args) -> int:
+    """Print the comparison; 1 when a row regressed and --fail-on-regression asks for it (CI), else 0."""
+    from .bench.report import compare_lines
+
+    regressed = 0
+    for line in compare_lines(old, new, args.threshold):
+        regressed += line.startswith("REGRESSED")
+        console.print(line, markup=False)
+    if regressed and args.fail_on_regression:
+        console.print(f"attend bench: {regressed} row(s) regressed by more than {args.threshold:.0%}", markup=False)
+        return 1
     return 0
 
 
@@ -516,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-time", type=float, default=0.3, metavar="S", help="seconds of samples per candidate (default 0.3)"
+    )
+    p.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="with --compare: exit 1 when a row regressed by more than --threshold (for CI)",
     )
     p.add_argument(
         "--memory",

@@ -276,9 +276,13 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, st
 
 def compare_lines(old: dict, new: dict, threshold: float = 0.10) -> Iterable[str]:
     """`compare` as printable lines, with a warning first when the two runs are not like for like."""
-    for field in ("device_name", "torch", "threads"):
+    for field in ("device_name", "torch", "threads", "cpu_count"):
         if old.get(field) != new.get(field):
             yield f"warning: {field} differs: {old.get(field)} -> {new.get(field)} (not like for like)"
+    loads = [doc.get("load_average") for doc in (old, new)]
+    if any(x is not None and x >= 1.5 for x in loads):
+        shown = " -> ".join("unknown" if x is None else f"{x:.2f}" for x in loads)
+        yield f"warning: a busy machine (1-minute load average {shown}): expect noise beyond --threshold"
     for verdict, rid, t_old, t_new in compare(old, new, threshold):
         if t_old is not None and t_new is not None:
             yield f"{verdict:<9} {rid}: attend {t_old:.3f} ms -> {t_new:.3f} ms ({t_old / t_new:.2f}x)"

@@ -92,6 +92,8 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        # the 1-minute load average when the run started: a busy machine makes every figure noisier
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
