@@ -358,3 +358,28 @@ def test_compare_can_fail_on_regression_and_warns_about_a_busy_machine(capsys, b
     assert rc == 1 and "regressed by more than 10%" in out
     rc, _, err = run(capsys, "bench", "--suite", "smoke", "--fail-on-regression")
     assert rc == 2 and "--compare" in err
+
+
+def test_plot_of_unrelated_cases_draws_grouped_bars(tmp_path):
+    """Cases that are no sweep are drawn as grouped bars (attend, direct SDPA, the seed), not joined by lines."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from attend.bench.report import save_plot
+
+    row = {"mode": "fwd", "dtype": "float32", "causal": False, "mask": "none",
+           "shape": {"b": 1, "h": 2, "g": 2, "i": 8, "j": 8, "d": 8, "e": 8}}
+    results = {n: {"gflops": g, "peak_mb": 1.0} for n, g in (("attend", 3.0), ("seed:sdpa", 2.0), ("seed:einsum", 1.0))}
+    doc = {"suite": "x", "device_name": "cpu", "torch": "t", "threads": 2, "date": "d",
+           "rows": [dict(row, case="A", results=results), dict(row, case="B", mask="padding", results=results)]}
+    drawn = []
+    real = plt.Axes.bar
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Axes, "bar", lambda self, *a, **kw: drawn.append(kw.get("label")) or real(self, *a, **kw))
+        mp.setattr(plt.Axes, "plot", lambda self, *a, **kw: pytest.fail("unrelated cases joined by a line"))
+        save_plot(doc, tmp_path / "bars.png")
+    assert set(drawn) == {"attend", "seed:sdpa", "seed:einsum"}
+    assert (tmp_path / "bars.png").read_bytes()[:8] == PNG_MAGIC

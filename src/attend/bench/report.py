@@ -174,6 +174,62 @@ def load_json(path: str | Path) -> dict:
     return doc
 
 
+# the candidates a per-case bar chart compares: attend, a direct SDPA call, the seed's einsum path
+BAR_CANDIDATES = ("attend", "seed:sdpa", "seed:einsum")
+
+
+def _sweep_panels(ax_t, ax_m, title: str, rs: list[dict]) -> None:
+    """One family of cases that differ only in key length: a line per candidate against j."""
+    xs = [r["shape"]["j"] for r in rs]
+    for n in dict.fromkeys(n for r in rs for n in r["results"]):
+        dashed = {"linestyle": "--" if n.startswith("seed") else "-"}
+        style = {"linewidth": 2.5, "color": "black"} if n == "attend" else dashed
+        for ax, metric in ((ax_t, "gflops"), (ax_m, "peak_mb")):
+            ys = [float("nan") if (y := r["results"].get(n, {}).get(metric)) is None else y for r in rs]
+            ax.plot(xs, ys, marker="o", label=n, **style)
+    for ax, ylabel in ((ax_t, "GFLOP/s (FA convention)"), (ax_m, "peak memory above inputs (MB)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("key length j")
+    _memory_scale(ax_m, rs)
+    ax_t.legend(fontsize=7)
+
+
+def _case_bars(ax_t, ax_m, title: str, rs: list[dict]) -> None:
+    """Unrelated cases side by side: grouped bars per case (attend, direct SDPA, the seed), no lines joining
+    cases that have nothing to do with each other."""
+    names = [n for n in BAR_CANDIDATES if any(n in r["results"] for r in rs)]
+    width = 0.8 / max(1, len(names))
+    labels = [f"{r['case']}\n{case_flags(r['causal'], r['mask']) or 'plain'}" for r in rs]
+    for k, n in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(rs))]
+        for ax, metric in ((ax_t, "gflops"), (ax_m, "peak_mb")):
+            ys = [0.0 if (y := r["results"].get(n, {}).get(metric)) is None else y for r in rs]
+            ax.bar(xs, ys, width=width, label=n, color={"attend": "black"}.get(n))
+    for ax, ylabel in ((ax_t, "GFLOP/s (FA convention)"), (ax_m, "peak memory above inputs (MB)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_xticks(range(len(rs)), labels, fontsize=8)
+    if not any(res.get("peak_mb") for r in rs for res in r["results"].values()):
+        _no_memory(ax_m)  # bars stay on a linear scale: a log scale hides bars that start at 0
+    ax_t.legend(fontsize=7)
+
+
+def _memory_scale(ax_m, rs: list[dict]) -> None:
+    if any(res.get("peak_mb") for r in rs for res in r["results"].values()):
+        ax_m.set_yscale("log", nonpositive="mask")
+    else:  # --no-memory: nothing measured, nothing to put on a log scale
+        _no_memory(ax_m)
+
+
+def _no_memory(ax_m) -> None:
+    ax_m.text(0.5, 0.5, "memory not measured (--memory none)", ha="center", va="center", transform=ax_m.transAxes)
+
+
 def save_plot(doc: dict, path: str | Path) -> None:
     """PNG: throughput (GFLOP/s) and peak memory (MB) against key length j, one line per candidate.
 
@@ -204,38 +260,15 @@ def save_plot(doc: dict, path: str | Path) -> None:
     if not panels:
         for mode in dict.fromkeys(r["mode"] for r in doc["rows"]):
             rs = [r for r in doc["rows"] if r["mode"] == mode]
-            panels.append((f"{_mode(rs[0])}: every case", rs, False))
+            title = f"{_mode(rs[0])}, {rs[0]['dtype']}: attend vs a direct SDPA call vs the seed, per case"
+            panels.append((title, rs, False))
 
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.6 * len(panels)), squeeze=False)
     for (title, rs, sweep), (ax_t, ax_m) in zip(panels, axes):
-        xs = [r["shape"]["j"] for r in rs] if sweep else list(range(len(rs)))
-        names = list(dict.fromkeys(n for r in rs for n in r["results"]))
-        for n in names:
-            for ax, metric in ((ax_t, "gflops"), (ax_m, "peak_mb")):
-                raw = [r["results"].get(n, {}).get(metric) for r in rs]
-                ys = [float("nan") if y is None else y for y in raw]
-                style = (
-                    {"linewidth": 2.5, "color": "black"}
-                    if n == "attend"
-                    else {"linestyle": "--" if n.startswith("seed") else "-"}
-                )
-                ax.plot(xs, ys, marker="o", label=n, **style)
-        for ax, ylabel in ((ax_t, "GFLOP/s (FA convention)"), (ax_m, "peak memory above inputs (MB)")):
-            ax.set_title(title, fontsize=9)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
-            if sweep:
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(xs, [str(x) for x in xs])
-                ax.set_xlabel("key length j")
-            else:
-                ax.set_xticks(xs)
-                ax.set_xticklabels([r["case"] for r in rs], rotation=30, fontsize=8)
-        if any(r["results"].get(n, {}).get("peak_mb") for r in rs for n in r["results"]):
-            ax_m.set_yscale("log", nonpositive="mask")
-        else:  # --no-memory: nothing measured, nothing to put on a log scale
-            ax_m.text(0.5, 0.5, "memory not measured (--no-memory)", ha="center", va="center", transform=ax_m.transAxes)
-        ax_t.legend(fontsize=7)
+        if sweep:
+            _sweep_panels(ax_t, ax_m, title, rs)
+        else:
+            _case_bars(ax_t, ax_m, title, rs)
     fig.suptitle(
         f"attend bench --suite {doc['suite']}: {doc['device_name']}, torch {doc['torch']}, "
         f"{doc['threads']} threads, {doc['date']}",
