@@ -374,6 +374,9 @@ def cmd_bench(args) -> int:
         raise CliError(f"expected --threshold to be a relative change >= 0 (0.10 = 10 %), got {args.threshold}")
     if len(compare) > 2:
         raise CliError(f"expected --compare OLD.json [NEW.json], got {len(compare)} files")
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--markdown", args.markdown)):
+        if path:
+            _check_output(flag, path)
     if args.fail_on_regression and not compare:
         raise CliError("expected --compare OLD.json [NEW.json] with --fail-on-regression, got no --compare")
     if len(compare) == 2 and (args.plot or args.json or args.markdown):
@@ -441,6 +444,20 @@ def cmd_bench(args) -> int:
     if old is not None:
         return _report_comparison(console, old, doc, args)
     return 0
+
+
+def _check_output(flag: str, path: str) -> None:
+    """Before any work: an output path must be a file we can write (its folder existing or creatable)."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise CliError(f"expected {flag} to name a file, got the folder {path!r}")
+    folder = os.path.dirname(target)
+    while not os.path.exists(folder):  # the nearest existing ancestor must let us create what is missing
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"expected {flag} in a folder that can be written, got {path!r} ({folder} is not writable)")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise CliError(f"expected {flag} to be a writable file, got {path!r} (read-only)")
 
 
 def _report_comparison(console, old: dict, new: dict, args) -> int:
