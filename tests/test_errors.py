@@ -174,6 +174,8 @@ ROWS: list[Row] = [
     Row("scale-tensor", "scale given as a tensor", call(scale=torch.tensor(0.5)), TypeError,
         "expected `scale` to be a Python float, got a 0-D tensor of shape (), dtype float32"),
     Row("causal-type", "causal not a bool", call(causal="yes"), TypeError, "expected `causal` to be a bool, got str 'yes'"),
+    Row("scale-list", "scale given as a list", call(scale=[0.5]), TypeError,
+        "expected `scale` to be a Python float, got list [0.5]"),
     Row("causal-int", "causal an int other than 0 or 1", call(causal=2), TypeError, "expected `causal` to be a bool, got int 2"),
     Row("deterministic-type", "deterministic not a bool", call(deterministic=None), TypeError,
         "expected `deterministic` to be a bool, got NoneType None"),

@@ -625,6 +625,7 @@ def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
     try:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _autocast_on(q.device.type):
             return None
+        hash(options)  # an unhashable option (a list for `scale`) is for validate() to reject, by name
         return (
             q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
             q.requires_grad, k.requires_grad, v.requires_grad,
