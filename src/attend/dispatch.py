@@ -29,8 +29,8 @@ from torch import Tensor
 from ._helpers import fmt_shape
 from .backends import REGISTERED
 from .backends.base import Backend
-from .inputs import AttnInputs, validate
-from .masks import dead_keys, rows_that_see
+from .inputs import AttnInputs, Options, validate
+from .masks import Structure, dead_keys, lower_score, rows_that_see
 
 __all__ = [
     "PRIORITY",
@@ -135,6 +135,7 @@ class Report:
     hint: str = ""
     candidates: tuple[str, ...] = field(default_factory=tuple)
     requested: str | None = None  # the backend the caller named, if any
+    lowering: list[str] = field(default_factory=list)  # how the chosen backend runs l2, window, documents
 
     def __str__(self) -> str:
         width = max([len(n) for n in self.reasons] + [7])
@@ -157,6 +158,9 @@ class Report:
                 lines.append(f"the named backend {self.requested!r} cannot run these inputs (its reasons are above)")
             else:
                 lines.append("no backend can run these inputs")
+        if self.lowering:
+            lines.append("")
+            lines.extend(f"lowering: {note}" for note in self.lowering)
         return "\n".join(lines)
 
 
@@ -360,6 +364,7 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[B
 
 def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
     """Every registered backend with its reasons, and the one that runs `inp`."""
+    shown, (inp, _) = inp, lower_score(inp)
     auto = _auto_order(inp)
     order = list(auto) + [n for n in _registry if n not in auto]
     reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
@@ -380,11 +385,34 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
     return Report(
         backend=chosen,
         reasons=reasons,
-        inputs=inp.describe(),
-        hint=inp.cli_hint(backend),
+        inputs=shown.describe(),
+        hint=shown.cli_hint(backend),
         candidates=auto,
         requested=backend,
+        lowering=_lowering(shown, chosen),
     )
+
+
+def _lowering(inp: AttnInputs, chosen: str | None) -> list[str]:
+    """How the chosen backend runs what no kernel takes directly: the l2 score, window and documents."""
+    notes = []
+    if inp.score == "l2":
+        notes.append(
+            "score='l2' runs as a dot product: q' = [q, 1], k' = [k, -|k|^2 / 2], scale' = 2 * scale "
+            "(|q|^2 is constant per row and cancels in softmax)"
+        )
+    if inp.structured and chosen is not None:
+        backend = _registry.get(chosen)
+        block = getattr(backend, "query_block", None) or getattr(backend, "q_tile", None)
+        if chosen == "einsum":
+            notes.append("window / documents: the reference applies them as one dense bool mask (the spec)")
+        else:
+            if chosen.startswith("chunked") and block is None:
+                from .backends.chunked import TILES
+
+                block = TILES.get(inp.device.type, TILES["cpu"])[0]
+            notes.append(f"{chosen}: " + Structure(inp).describe(block or 0))
+    return notes
 
 
 def _log_slow(inp: AttnInputs, name: str, rejected: dict[str, list[str]]) -> None:
@@ -564,7 +592,13 @@ def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False
     validation and the choice cached per call signature."""
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    return _execute(inp, select(inp, backend, fused_only=fused_only), backend)
+    inp, e = lower_score(inp)
+    return _narrow(_execute(inp, select(inp, backend, fused_only=fused_only), backend), e)
+
+
+def _narrow(out: Tensor, e: int | None) -> Tensor:
+    """The output of a lowered call back to the caller's value width (`masks.lower_score` padded v)."""
+    return out if e is None else out[..., :e]
 
 
 def _empty(inp: AttnInputs, backend: str | None) -> Tensor:
@@ -605,7 +639,10 @@ class _Entry:
     def of(cls, backend: Backend, inp: AttnInputs, auto: bool, mask_2d: bool) -> _Entry:
         mask_shape = None if inp.mask is None else tuple(inp.mask.shape)
         bias_shape = None if inp.bias is None else tuple(inp.bias.shape)
-        options = (inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite)
+        options = (
+            inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite, inp.window,
+            None, None, None, inp.score,
+        )  # fmt: skip  (AttnInputs' fields after bias, in order; documents never take the cached path)
         return cls(backend, auto, mask_2d, mask_shape, bias_shape, options)
 
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> AttnInputs:
@@ -638,42 +675,41 @@ def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
         return None
 
 
+_NO_OPTIONS = Options()
+
+
 def call(
     q: Any,
     k: Any,
     v: Any,
-    mask: Any,
-    bias: Any,
+    mask: Any = None,
+    bias: Any = None,
+    documents: Any = None,
     *,
-    causal: Any = False,
-    scale: Any = None,
-    dropout_p: Any = 0.0,
-    deterministic: Any = False,
-    check_finite: Any = None,
+    options: Options = _NO_OPTIONS,
     backend: str | None = None,
     fused_only: bool = False,
 ) -> Tensor:
     """Validate, choose and run: what `attention` and `Attend` do per call. The first call of a signature
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
-    from the cached entry and run (`CACHE_SIZE` signatures are kept, least recently used first out)."""
-    options = (causal, scale, dropout_p, deterministic, check_finite, backend, fused_only)
+    from the cached entry and run (`CACHE_SIZE` signatures are kept, least recently used first out).
+    Calls with `documents` always validate (the ids are data)."""
     generation = _generation  # read first: a registry change during this call must not be cached after it
-    key = _call_key(q, k, v, mask, bias, options)
+    key = None if documents is not None else _call_key(q, k, v, mask, bias, (options, backend, fused_only))
     entry = None if key is None else _cache.get(key)
     if entry is not None and entry.generation == generation:
-        return _execute(entry.value.inputs(q, k, v, mask, bias), entry.value.backend, backend)
-    inp = validate(
-        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
-        deterministic=deterministic, check_finite=check_finite,
-    )  # fmt: skip
+        inp, e = lower_score(entry.value.inputs(q, k, v, mask, bias))
+        return _narrow(_execute(inp, entry.value.backend, backend), e)
+    inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
+    raw, (inp, e) = inp, lower_score(inp)
     chosen = select(inp, backend, fused_only=fused_only)
     if key is not None:
-        value = _Entry.of(chosen, inp, backend is None and not fused_only, mask is not None and mask.dim() == 2)
+        value = _Entry.of(chosen, raw, backend is None and not fused_only, mask is not None and mask.dim() == 2)
         with _lock:
             if generation == _generation:
                 _cache[key] = _Cached(value, generation)
                 while len(_cache) > CACHE_SIZE:
                     _cache.pop(next(iter(_cache)))
-    return _execute(inp, chosen, backend)
+    return _narrow(_execute(inp, chosen, backend), e)

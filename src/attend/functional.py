@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import Report, _autocast_on, call, explain_inputs
-from .inputs import validate
+from .inputs import Options, validate
 
 __all__ = ["attention", "explain", "autocast_inputs"]
 
@@ -77,14 +77,15 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
 ) -> Tensor:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    return call(
-        q, k, v, mask, bias, causal=causal, scale=scale, dropout_p=dropout_p, deterministic=deterministic,
-        check_finite=check_finite, backend=backend,
-    )  # fmt: skip
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
+    return call(q, k, v, mask, bias, documents, options=options, backend=backend)
 
 
 attention.__doc__ = (
@@ -98,6 +99,15 @@ attention.__doc__ = (
         scale: logit scale, default d ** -0.5.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
         backend: None for auto, or a name from `list_backends()`; a named backend runs or raises.
+        window: (left, right): query i sees key j iff p - left <= j <= p + right, p = i + (j_len - i_len)
+            (bottom-right aligned, like causal; with causal=True right is 0). Each side an int >= 0 or
+            None (unbounded). Costs work in proportion to i * (left + right), not i * j.
+        documents: int (b, j) document ids of the keys, also the queries' when i == j, or a pair
+            (q_docs (b, i), k_docs (b, j)): a query sees only keys of its own document (packed sequences).
+            Causal and window stay position-based, so causal holds inside each packed document. Sorted
+            key ids (as packing gives) let every backend skip the blocks across documents.
+        score: "dot" (q . k) or "l2": -(|q|^2 + |k|^2 - 2 q . k) * scale, GigaGAN's negative squared L2
+            distance; runs on the fused kernels as a dot product with one more head dim (exact gradients).
         deterministic: only backends declared deterministic may run (bitwise-identical outputs and
             gradients run to run); also implied by `torch.use_deterministic_algorithms(True)`.
         check_finite: make NaN/inf in q, k, v reach exactly the output rows that see them (below).
@@ -139,15 +149,15 @@ def explain(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    inp = validate(
-        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p,
-        deterministic=deterministic, check_finite=check_finite,
-    )  # fmt: skip
-    return explain_inputs(inp, backend)
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
+    return explain_inputs(validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options), backend)
 
 
 explain.__doc__ = (
@@ -155,7 +165,8 @@ explain.__doc__ = (
 
     Takes the same arguments as `attention`; runs no kernel. Returns a `Report` with
     `report.backend` (str, or None when nothing can run), `report.reasons` (dict: backend name ->
-    list of reasons it cannot run the inputs; empty when it can) and `str(report)`, a readable table.
+    list of reasons it cannot run the inputs; empty when it can), `report.lowering` (how the chosen
+    backend runs an l2 score, a window or documents) and `str(report)`, a readable table.
 """
     + _DOC_SEMANTICS
     + """

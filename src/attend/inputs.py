@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._helpers import exists, fmt_dtype, fmt_shape
 
-__all__ = ["AttnInputs", "validate", "FLOAT_DTYPES"]
+__all__ = ["AttnInputs", "Options", "validate", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -67,7 +67,24 @@ def _broadcast_4d(name: str, t: Tensor, target: tuple[int, int, int, int], what:
     return t4
 
 
-# main class
+# main classes
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every non-tensor option of a call, as the caller gave it (unchecked; `validate` checks it).
+
+    `attention`, `explain`, `Attend` and the dispatcher pass this one record, and its hash is part of the
+    per-call cache key: a new option is a field here and its check in `_check_options` (plus the keyword
+    in the public signatures, which a test keeps identical between `attention` and `explain`)."""
+
+    causal: Any = False
+    scale: Any = None
+    dropout_p: Any = 0.0
+    window: Any = None
+    score: Any = "dot"
+    deterministic: Any = False
+    check_finite: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +112,21 @@ class AttnInputs:
     # NaN/inf in q, k, v reach exactly the rows that see them (dispatch's exact path). None = where it costs no
     # host sync: on CPU, not on CUDA (or other accelerators); True forces it there too, False turns it off
     check_finite: bool | None = None
+    # structure (masks.Structure lowers it per block; nothing builds a (b, h, i, j) tensor for it):
+    # `window` (left, right), each an int >= 0 or None (unbounded), already merged with causal (right <= 0);
+    # None when there is no window. `q_docs` (b|1, i) and `k_docs` (b|1, j): document ids, or None.
+    # `q_pos` (b|1, i): each query's diagonal in key coordinates, where it is not i + (j - i_len) (varlen_attn
+    # aligns causal per sequence); None: the default.
+    window: tuple[int | None, int | None] | None = None
+    q_docs: Tensor | None = None
+    k_docs: Tensor | None = None
+    q_pos: Tensor | None = None
+    score: str = "dot"  # "dot" | "l2" (lowered to "dot" before any backend runs, `masks.lower_score`)
+
+    @property
+    def structured(self) -> bool:
+        """A window, documents or per-sequence positions constrain attention (`masks.Structure`)."""
+        return self.window is not None or self.q_docs is not None or self.q_pos is not None
 
     @property
     def checks_finite(self) -> bool:
@@ -172,6 +204,10 @@ class AttnInputs:
             desc(self.mask),
             desc(self.bias),
             self.causal,
+            self.window,
+            desc(self.q_docs),
+            desc(self.q_pos),
+            self.score,
             self.dropout_p > 0,
             self.dropout_p,
             self.needs_grad,
@@ -185,12 +221,18 @@ class AttnInputs:
             causal = "True (bottom-right aligned)" if self.i != self.j else "True"
         mask = "None" if self.mask is None else f"{self.mask_kind} {fmt_shape(self.mask.shape)}"
         bias = "None" if self.bias is None else f"{fmt_dtype(self.bias.dtype)} {fmt_shape(self.bias.shape)}"
-        return (
-            f"  q      : shape={fmt_shape(self.q.shape)} dtype={fmt_dtype(self.dtype)} device={self.device}\n"
-            f"  k, v   : shape={fmt_shape(self.k.shape)}, {fmt_shape(self.v.shape)}\n"
-            f"  causal : {causal}   mask: {mask}   bias: {bias}\n"
-            f"  scale  : {self.scale:.6g}   dropout_p: {self.dropout_p}   grad: {self.needs_grad}"
-        )
+        lines = [
+            f"  q      : shape={fmt_shape(self.q.shape)} dtype={fmt_dtype(self.dtype)} device={self.device}",
+            f"  k, v   : shape={fmt_shape(self.k.shape)}, {fmt_shape(self.v.shape)}",
+            f"  causal : {causal}   mask: {mask}   bias: {bias}",
+            f"  scale  : {self.scale:.6g}   dropout_p: {self.dropout_p}   grad: {self.needs_grad}",
+        ]
+        if self.structured or self.score != "dot":
+            docs = "None"
+            if self.q_docs is not None and self.k_docs is not None:
+                docs = f"q {fmt_shape(self.q_docs.shape)}, k {fmt_shape(self.k_docs.shape)}"
+            lines.append(f"  window : {self.window}   documents: {docs}   score: {self.score!r}")
+        return "\n".join(lines)
 
     def cli_hint(self, backend: str | None = None) -> str:
         """The `attend explain ...` command that reproduces these inputs (and the named `backend`, if any)."""
@@ -212,6 +254,10 @@ class AttnInputs:
             parts.append("--grad")
         if self.dropout_p > 0:
             parts.append(f"--dropout {self.dropout_p}")
+        if self.window is not None:
+            parts.append("--window " + ",".join("none" if w is None else str(w) for w in self.window))
+        if self.score != "dot":
+            parts.append(f"--score {self.score}")
         if backend is not None:
             parts.append(f"--backend {backend}")
         return " ".join(parts)
@@ -331,11 +377,30 @@ def _check_bias(bias: Any, q: Tensor, target: tuple[int, int, int, int]) -> Tens
     return bias4
 
 
-def _check_options(
-    causal: Any, scale: Any, dropout_p: Any, deterministic: Any, check_finite: Any, d: int
-) -> tuple[float, float]:
-    """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), deterministic a bool,
-    check_finite a bool or None. Returns (scale, dropout_p) as floats."""
+def _check_window(window: Any, causal: bool) -> tuple[int | None, int | None] | None:
+    """window: None, or (left, right) with each an int >= 0 or None (unbounded). Merged with causal: right <= 0."""
+    if window is None:
+        return None
+    if isinstance(window, Tensor) or not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(
+            f"expected `window` to be a pair (left, right) of ints >= 0 or None, got {_describe(window)}; "
+            "hint: window=(128, 0) lets each query see itself and the 128 keys before it"
+        )
+    for side, w in zip(("left", "right"), window):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ValueError(
+                f"expected `window` {side} to be an int >= 0 or None (unbounded), got {w!r} in window={tuple(window)}"
+            )
+    left, right = window
+    if causal:
+        right = 0  # causal: no key after the diagonal
+    return left, right
+
+
+def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | None, int | None] | None]:
+    """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), window a pair, score "dot" or
+    "l2", deterministic a bool, check_finite a bool or None. Returns (scale, dropout_p, window) resolved."""
+    causal, scale, dropout_p = opts.causal, opts.scale, opts.dropout_p
     # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
     if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
         raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
@@ -355,12 +420,55 @@ def _check_options(
         raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(deterministic)}")
-    if check_finite is not None and not isinstance(check_finite, bool):
-        raise TypeError(f"expected `check_finite` to be a bool or None, got {_describe(check_finite)}")
+    if opts.score not in ("dot", "l2"):
+        raise ValueError(
+            f"expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got {_describe(opts.score)}"
+        )
+    if not isinstance(opts.deterministic, bool):
+        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(opts.deterministic)}")
+    if opts.check_finite is not None and not isinstance(opts.check_finite, bool):
+        raise TypeError(f"expected `check_finite` to be a bool or None, got {_describe(opts.check_finite)}")
 
-    return scale_f, float(dropout_p)
+    return scale_f, float(dropout_p), _check_window(opts.window, bool(causal))
+
+
+def _doc_ids(name: str, t: Any, q: Tensor, b: int, n: int, letter: str) -> Tensor:
+    _check_tensor(name, t)
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(
+            f"expected `{name}` of an integer dtype (document ids), got {fmt_dtype(t.dtype)}; hint: `.long()`"
+        )
+    if t.device != q.device:
+        raise ValueError(f"expected `{name}` on {q.device} like q, got {t.device}")
+    if t.dim() != 2 or t.shape[0] not in (1, b) or t.shape[1] != n:
+        raise ValueError(
+            f"expected `{name}` of shape (b, {letter}) = {fmt_shape((b, n))} (or (1, {letter})), got shape "
+            f"{fmt_shape(t.shape)}"
+        )
+    return t
+
+
+def _check_documents(documents: Any, q: Tensor, b: int, i: int, j: int) -> tuple[Tensor | None, Tensor | None]:
+    """documents: None, an integer (b, j) tensor of key document ids (also the queries' when i == j), or a pair
+    (q_docs (b, i), k_docs (b, j)). Returns (q_docs, k_docs)."""
+    if documents is None:
+        return None, None
+    if isinstance(documents, (tuple, list)):
+        if len(documents) != 2:
+            raise ValueError(
+                f"expected `documents` as a pair (q_docs (b, i), k_docs (b, j)), got {len(documents)} items"
+            )
+        return (
+            _doc_ids("documents[0] (q_docs)", documents[0], q, b, i, "i"),
+            _doc_ids("documents[1] (k_docs)", documents[1], q, b, j, "j"),
+        )
+    if isinstance(documents, Tensor) and i != j:
+        raise ValueError(
+            f"expected a pair (q_docs (b, i), k_docs (b, j)) for `documents` when i != j, got one tensor of shape "
+            f"{fmt_shape(documents.shape)} with i={i}, j={j}; hint: documents=(q_docs, k_docs)"
+        )
+    k_docs = _doc_ids("documents", documents, q, b, j, "j")
+    return k_docs, k_docs
 
 
 def validate(
@@ -370,25 +478,26 @@ def validate(
     *,
     mask: Any = None,
     bias: Any = None,
-    causal: bool = False,
-    scale: Any = None,
-    dropout_p: Any = 0.0,
-    deterministic: bool = False,
-    check_finite: bool | None = None,
+    documents: Any = None,
+    options: Options | None = None,
+    **option_kwargs: Any,
 ) -> AttnInputs:
     """Check user inputs and return a normalised `AttnInputs`.
 
     Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
-    (b, j) key padding; bias float broadcastable to (b, h, i, j).
+    (b, j) key padding; bias float broadcastable to (b, h, i, j); documents int (b, j), or a pair
+    ((b, i), (b, j)). The options come as one `Options` record or as its fields by keyword.
 
     Raises:
         TypeError: a non-tensor, sparse or nested tensor, or a wrong dtype (integer, complex, float mask).
         ValueError: any shape, device or value mismatch, as "expected X, got Y" with every shape involved.
     """
+    opts = Options(**option_kwargs) if options is None else options
     b, h, i, d, g, j, e = _check_qkv(q, k, v)
     mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
     bias4 = _check_bias(bias, q, (b, h, i, j))
-    scale_f, dropout_f = _check_options(causal, scale, dropout_p, deterministic, check_finite, d)
+    q_docs, k_docs = _check_documents(documents, q, b, i, j)
+    scale_f, dropout_f, window = _check_options(opts, d)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
     # a transposed view is copied here, once, instead of failing inside the kernel. Expanded (stride-0)
@@ -402,10 +511,14 @@ def validate(
         v=v,
         mask=mask4,
         bias=bias4,
-        causal=bool(causal),
+        causal=bool(opts.causal),
         scale=scale_f,
         dropout_p=dropout_f,
-        deterministic=bool(deterministic),
+        deterministic=opts.deterministic,
         mask_kind=kind,
-        check_finite=check_finite,
+        check_finite=opts.check_finite,
+        window=window,
+        q_docs=q_docs,
+        k_docs=k_docs,
+        score=opts.score,
     )

@@ -16,6 +16,16 @@ Vocabulary (shape legend: b batch, h query heads, i query positions, j key posit
                               q3 x  .
                               q4 x  x
 
+* `window` (left, right): key j is visible from query i iff p - left <= j <= p + right, p = i + (j_len - i_len)
+  (bottom-right aligned, like causal; causal sets right = 0). Each side an int >= 0 or None (unbounded).
+* `documents`: query i may attend key j only if both belong to the same document (ids per position);
+  causal and window stay position-based, so causal holds inside each packed document.
+
+Window and documents are lowered per block by `Structure`: each query row sees an interval of keys
+[lo, hi) (exactly, when the key document ids are sorted, as packing makes them), so a backend visits only
+the key blocks a query block can see and masks only the blocks that are partly visible. Nothing builds a
+(b, h, i, j) tensor for them outside the `einsum` reference and a single-call path under torch.compile.
+
 The lowering never builds a dense (b, h, i, j) tensor: the largest tensor it makes has the broadcast
 shape of the user's own mask and bias, plus a shared (i, j) causal tile when causal must be combined
 with them.
@@ -32,6 +42,8 @@ from torch import Tensor
 from .inputs import AttnInputs
 
 __all__ = [
+    "Structure",
+    "lower_score",
     "bias_as",
     "causal_keep",
     "combined_keep",
@@ -41,6 +53,141 @@ __all__ = [
     "visible",
     "rows_that_see",
 ]
+
+
+class Structure:
+    """Window, documents and causal as per-row key intervals: query row x may see keys [lo[x], hi[x]).
+
+    Built once per call (`Structure(inp)`, only when `inp.structured`). With a window alone the bounds are
+    Python ints of the row index (nothing is read from tensors, so it traces under torch.compile). With
+    documents the bounds come from the ids (`searchsorted` when each row's key ids are sorted, then the
+    interval is exact; otherwise it is the window's and `keep` also compares ids), and the per-block
+    summaries are read to the host once per block size.
+    """
+
+    def __init__(self, inp: AttnInputs):
+        self.i, self.j, self.device = inp.i, inp.j, inp.device
+        # the AttnInputs fields it came from (a backward that recomputes through the reference rebuilds them)
+        self.fields = {"window": inp.window, "q_docs": inp.q_docs, "k_docs": inp.k_docs, "q_pos": inp.q_pos}
+        left, right = inp.window if inp.window is not None else (None, 0 if inp.causal else None)
+        self.left, self.right = left, right
+        self.q_docs, self.k_docs = inp.q_docs, inp.k_docs
+        self.tracing = torch.compiler.is_compiling()
+        self.exact = True  # [lo, hi) is exactly the visible set of each row
+        self.lo: Tensor | None = None  # (b|1, i) int64, when bounds depend on tensors
+        self.hi: Tensor | None = None
+        self._stats: dict[int, list[tuple[int, int, int, int]]] = {}
+        if inp.q_docs is None and inp.q_pos is None:
+            return
+        pos = inp.q_pos if inp.q_pos is not None else torch.arange(inp.i, device=inp.device)[None] + (inp.j - inp.i)
+        pos = pos.long()
+        lo = pos - left if left is not None else torch.zeros_like(pos)
+        hi = pos + right + 1 if right is not None else torch.full_like(pos, inp.j)
+        if inp.q_docs is not None:
+            k_docs = inp.k_docs
+            assert k_docs is not None
+            sorted_ids = self.tracing or bool((k_docs[:, 1:] >= k_docs[:, :-1]).all()) if inp.j > 1 else True
+            if sorted_ids and not self.tracing:
+                q_docs = inp.q_docs.expand(max(inp.q_docs.shape[0], k_docs.shape[0]), inp.i).contiguous()
+                kd = k_docs.expand(q_docs.shape[0], inp.j).contiguous()
+                lo = torch.maximum(lo, torch.searchsorted(kd, q_docs, side="left"))
+                hi = torch.minimum(hi, torch.searchsorted(kd, q_docs, side="right"))
+            else:
+                self.exact = False
+        self.lo, self.hi = lo.clamp(0, inp.j), hi.clamp(0, inp.j)
+
+    def rows(self, r0: int, r1: int) -> tuple[int, int, int, int]:
+        """For query rows [r0, r1): (lo, hi, full_lo, full_hi): keys [lo, hi) hold every key some row may see;
+        every row sees every key of [full_lo, full_hi) (empty when full_lo >= full_hi)."""
+        if self.lo is None:  # a window (and causal) alone: bounds of the row index
+            off = self.j - self.i
+            first, last = r0 + off, r1 - 1 + off
+            lo = 0 if self.left is None else first - self.left
+            hi = self.j if self.right is None else last + self.right + 1
+            full_lo = 0 if self.left is None else last - self.left
+            full_hi = self.j if self.right is None else first + self.right + 1
+            clip = lambda x: min(max(x, 0), self.j)  # noqa: E731
+            return clip(lo), clip(hi), clip(full_lo), clip(full_hi)
+        if self.tracing:
+            return 0, self.j, 0, 0
+        step = r1 - r0
+        if r0 % step == 0 or r1 == self.i:
+            stats = self._stats.get(step)
+            if stats is None:
+                stats = self._stats[step] = self._block_stats(step)
+            lo, hi, full_lo, full_hi = stats[r0 // step]
+        else:
+            lo_t, hi_t = self.lo[:, r0:r1], self.hi[:, r0:r1]  # type: ignore[index]
+            lo, hi, full_lo, full_hi = (int(x) for x in (lo_t.min(), hi_t.max(), lo_t.max(), hi_t.min()))
+        if not self.exact:
+            full_lo, full_hi = 0, 0
+        return lo, max(hi, lo), full_lo, full_hi
+
+    def _block_stats(self, step: int) -> list[tuple[int, int, int, int]]:
+        """(lo, hi, full_lo, full_hi) of every block of `step` rows, read to the host in one transfer."""
+        lo, hi = self.lo, self.hi
+        assert lo is not None and hi is not None
+        pad = (-self.i) % step
+        if pad:  # the last block is short: pad it with its own last row (changes no min or max)
+            lo = torch.cat([lo, lo[:, -1:].expand(-1, pad)], 1)
+            hi = torch.cat([hi, hi[:, -1:].expand(-1, pad)], 1)
+        lo = lo.reshape(lo.shape[0], -1, step).transpose(0, 1).reshape(-1, lo.shape[0] * step)
+        hi = hi.reshape(hi.shape[0], -1, step).transpose(0, 1).reshape(-1, hi.shape[0] * step)
+        table = torch.stack([lo.amin(1), hi.amax(1), lo.amax(1), hi.amin(1)], 1)
+        return [tuple(row) for row in table.tolist()]
+
+    def keep(self, rows: slice, cols: slice) -> Tensor:
+        """Bool (b|1, 1, rows, cols), True where the structure lets a query row see a key."""
+        kp = torch.arange(cols.start, cols.stop, device=self.device)
+        if self.lo is None:
+            off = self.j - self.i
+            qp = torch.arange(rows.start, rows.stop, device=self.device)[:, None] + off
+            keep = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.bool, device=self.device)
+            if self.left is not None:
+                keep = keep & (kp[None] >= qp - self.left)
+            if self.right is not None:
+                keep = keep & (kp[None] <= qp + self.right)
+            return keep[None, None]
+        assert self.hi is not None
+        keep = (kp >= self.lo[:, rows, None]) & (kp < self.hi[:, rows, None])
+        if not self.exact:
+            assert self.q_docs is not None and self.k_docs is not None
+            keep = keep & (self.q_docs[:, rows, None] == self.k_docs[:, None, cols])
+        return keep[:, None]
+
+    def describe(self, block: int) -> str:
+        """How a blocked backend lowers this structure: what it skips and what it masks."""
+        what = []
+        if self.left is not None or (self.right is not None and self.right != 0):
+            what.append(f"window ({self.left}, {self.right})")
+        elif self.right == 0:
+            what.append("causal")
+        if self.q_docs is not None:
+            what.append("documents" + ("" if self.exact else " (unsorted ids: compared per block)"))
+        return (
+            f"{' + '.join(what) or 'per-sequence positions'} lowered per block of {block} queries: only the keys "
+            "the block can see, a mask only where a block is partly visible"
+        )
+
+
+def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
+    """`score="l2"` as a dot product that every kernel runs, and the value width to slice the output back to.
+
+    -(|q|^2 + |k|^2 - 2 q.k) * scale = 2 scale (q.k - |k|^2 / 2) - scale |q|^2, and the last term is constant
+    per row, so softmax drops it: q' = [q, 1], k' = [k, -|k|^2 / 2] (one more head dim, |k|^2 summed in float32)
+    and scale' = 2 scale. Autograd differentiates the concatenation, so every gradient (second order too) is
+    exact. Kernels that need d == e get v padded with a zero column; returns e to slice the output to, or None.
+    """
+    if inp.score != "l2":
+        return inp, None
+    acc = torch.float64 if inp.dtype == torch.float64 else torch.float32
+    half_sq = (inp.k.to(acc).square().sum(-1, keepdim=True) * -0.5).to(inp.dtype)
+    q = torch.cat([inp.q, inp.q.new_ones(*inp.q.shape[:-1], 1)], -1)
+    k = torch.cat([inp.k, half_sq], -1)
+    v, e = inp.v, None
+    if inp.e == inp.d:
+        v, e = torch.cat([inp.v, inp.v.new_zeros(*inp.v.shape[:-1], 1)], -1), inp.e
+    return replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot"), e
 
 
 def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
@@ -56,21 +203,37 @@ def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None,
     return kj <= qi + (j - i)
 
 
-def _slice_rows(t: Tensor | None, rows: slice | None, cols: int | None) -> Tensor | None:
+Cols = int | slice | None  # a key prefix [0, cols) or a key block
+
+
+def _slice_rows(t: Tensor | None, rows: slice | None, cols: Cols) -> Tensor | None:
     if t is None:
         return None
     if rows is not None and t.shape[2] != 1:
         t = t[:, :, rows]
     if cols is not None and t.shape[3] != 1:
-        t = t[..., :cols]
+        t = t[..., cols] if isinstance(cols, slice) else t[..., :cols]
     return t
 
 
-def combined_keep(inp: AttnInputs, rows: slice | None = None, cols: int | None = None) -> Tensor | None:
-    """`mask` AND `causal` as one bool tensor (broadcast shape of the two), or None when neither is set."""
+def combined_keep(
+    inp: AttnInputs, rows: slice | None = None, cols: Cols = None, structure: Structure | None = None
+) -> Tensor | None:
+    """`mask` AND `causal` (AND window and documents) as one bool tensor (broadcast shape of them), or None
+    when none is set. `structure`: the call's `Structure`, if the caller built it already."""
     keep = _slice_rows(inp.mask, rows, cols)
-    if inp.causal:
-        tri = causal_keep(inp.i, inp.j, inp.device, rows, cols)
+    if inp.structured:
+        structure = structure or Structure(inp)
+        r = rows if rows is not None else slice(0, inp.i)
+        c = cols if isinstance(cols, slice) else slice(0, inp.j if cols is None else cols)
+        tile = structure.keep(r, c)
+        keep = tile if keep is None else keep & tile
+    elif inp.causal:
+        if isinstance(cols, slice):
+            r = rows if rows is not None else slice(0, inp.i)
+            tri = causal_keep(inp.i, inp.j, inp.device, r, cols.stop)[:, cols.start :]
+        else:
+            tri = causal_keep(inp.i, inp.j, inp.device, rows, cols)
         keep = tri if keep is None else keep & tri
     return keep
 
@@ -94,7 +257,11 @@ def bias_as(bias: Tensor, dtype: torch.dtype, *, grad: bool) -> Tensor:
 
 
 def sdpa_attn_mask(
-    inp: AttnInputs, rows: slice | None = None, cols: int | None = None, bias_dtype: torch.dtype | None = None
+    inp: AttnInputs,
+    rows: slice | None = None,
+    cols: Cols = None,
+    bias_dtype: torch.dtype | None = None,
+    structure: Structure | None = None,
 ) -> Tensor | None:
     """The `attn_mask` for `F.scaled_dot_product_attention`: bool when there is no bias (cheapest),
     else the bias in `bias_dtype` (default: q's dtype; see `bias_as`) with -inf where the mask or causality
@@ -102,7 +269,7 @@ def sdpa_attn_mask(
 
     Callers use `is_causal=True` instead when causal is the only constraint and i == j.
     """
-    keep = combined_keep(inp, rows, cols)
+    keep = combined_keep(inp, rows, cols, structure)
     bias = _slice_rows(inp.bias, rows, cols)
     if bias is None:
         return keep
@@ -127,6 +294,10 @@ def visible(inp: AttnInputs, rows: slice | None = None) -> Tensor | None:
 def dead_rows(inp: AttnInputs) -> Tensor | None:
     """Bool (b|1, h|1, i, 1): True for query rows with no key they may attend, or None if there are none
     possible. Used only where a kernel does not zero such rows itself (contract item 2)."""
+    if inp.structured:  # a block of rows at a time: never a (.., i, j) tensor for window or documents
+        step = max(1, _SEE_BLOCK // max(1, inp.b * inp.h * inp.j))
+        parts = [cast(Tensor, visible(inp, slice(r, min(inp.i, r + step)))) for r in range(0, inp.i, step)]
+        return torch.cat([~p.any(dim=-1, keepdim=True) for p in parts], dim=2)
     keep = visible(inp)
     if keep is None:
         if inp.j == 0:
@@ -168,7 +339,7 @@ def rows_that_see(inp: AttnInputs, q_bad: Tensor, kv_bad: Tensor) -> Tensor:
     b, h, g, i, j = inp.b, inp.h, inp.g, inp.i, inp.j
     kv_bad = kv_bad.repeat_interleave(h // g, dim=1) if g != h else kv_bad  # (b, h, j)
     per_row = [t for t in (inp.mask, inp.bias) if t is not None and t.shape[2] != 1]
-    if per_row:
+    if per_row or inp.structured:
         # a mask or bias that differs per query row: look at (b, h, rows, j) a block of rows at a time
         step = max(1, _SEE_BLOCK // max(1, b * h * j))
         parts = []
@@ -176,7 +347,7 @@ def rows_that_see(inp: AttnInputs, q_bad: Tensor, kv_bad: Tensor) -> Tensor:
             rows = slice(start, min(i, start + step))
             keep = cast(Tensor, visible(inp, rows))  # 4-D: mask or bias is set
             sees = (keep & kv_bad[:, :, None, :]).any(-1) | (q_bad[:, :, rows] & keep.any(-1))
-            parts.append(sees.expand(b, h, rows.stop - rows.start))
+            parts.append(sees.expand(b, h, rows.stop - rows.start).reshape(b, h, rows.stop - rows.start))
         return torch.cat(parts, dim=2)
     # every constraint is per key (key padding, a (.., 1, j) bias), plus perhaps causal
     cols = visible(replace(inp, causal=False))  # (b|1, h|1, 1, j) or None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from ._helpers import default, exists
 from .dispatch import NoBackendError, Report, call, explain_inputs
 from .functional import _DOC_SEMANTICS, autocast_inputs
-from .inputs import validate
+from .inputs import Options, validate
 
 __all__ = ["Attend"]
 
@@ -32,6 +31,8 @@ class Attend(nn.Module):
         causal: bool = False,
         scale: float | None = None,
         backend: str | None = None,
+        window: tuple[int | None, int | None] | None = None,
+        score: str = "dot",
         deterministic: bool = False,
         check_finite: bool | None = None,
     ):
@@ -63,34 +64,43 @@ class Attend(nn.Module):
             from .dispatch import get_backend
 
             get_backend(backend)  # unknown names fail here, at construction
+        from .inputs import _check_window
+
+        _check_window(window, False)  # a bad window or score fails here, at construction
+        if score not in ("dot", "l2"):
+            raise ValueError(f"expected `score` to be 'dot' or 'l2', got {score!r}")
         self.dropout = float(dropout)
         self.flash = flash
         self.causal = causal
         self.scale = scale
         self.backend = "einsum" if flash is False else backend
+        self.window = None if window is None else tuple(window)
+        self.score = score
         self.deterministic = deterministic
         self.check_finite = check_finite
 
     def extra_repr(self) -> str:
+        extra = "" if self.window is None else f", window={self.window}"
+        extra += "" if self.score == "dot" else f", score={self.score!r}"
         return (
             f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, "
-            f"backend={self.backend!r}, deterministic={self.deterministic}, check_finite={self.check_finite}"
+            f"backend={self.backend!r}{extra}, deterministic={self.deterministic}, check_finite={self.check_finite}"
         )
 
-    def _inputs(self, q, k, v, mask, bias, causal):
-        q, k, v, bias = autocast_inputs(q, k, v, bias)  # under autocast: one dtype, the autocast one
-        return validate(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
+    def _options(self, causal: bool | None) -> Options:
+        return Options(
             causal=default(causal, self.causal),
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
+            window=self.window,
+            score=self.score,
             deterministic=self.deterministic,
             check_finite=self.check_finite,
         )
+
+    def _inputs(self, q, k, v, mask, bias, causal, documents=None):
+        q, k, v, bias = autocast_inputs(q, k, v, bias)  # under autocast: one dtype, the autocast one
+        return validate(q, k, v, mask=mask, bias=bias, documents=documents, options=self._options(causal))
 
     def forward(
         self,
@@ -100,23 +110,18 @@ class Attend(nn.Module):
         mask: Tensor | None = None,
         bias: Tensor | None = None,
         causal: bool | None = None,
+        documents: Tensor | tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-        options: dict[str, Any] = dict(
-            causal=default(causal, self.causal),
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            deterministic=self.deterministic,
-            check_finite=self.check_finite,
-        )
+        options = self._options(causal)
         if self.flash is True and self.backend is None:
             try:
-                return call(q, k, v, mask, bias, fused_only=True, **options)
+                return call(q, k, v, mask, bias, documents, options=options, fused_only=True)
             except NoBackendError:
                 # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
-                hint = self._inputs(q, k, v, mask, bias, causal).cli_hint()
+                hint = self._inputs(q, k, v, mask, bias, causal, documents).cli_hint()
                 _log_once(f"Attend(flash=True): no fused kernel can run {hint!r}; using auto")
-        return call(q, k, v, mask, bias, backend=self.backend, **options)
+        return call(q, k, v, mask, bias, documents, options=options, backend=self.backend)
 
     def explain(
         self,
@@ -126,9 +131,10 @@ class Attend(nn.Module):
         mask: Tensor | None = None,
         bias: Tensor | None = None,
         causal: bool | None = None,
+        documents: Tensor | tuple[Tensor, Tensor] | None = None,
     ) -> Report:
         """The `Report` for what `forward` would run on these inputs (in the module's current mode)."""
-        inp = self._inputs(q, k, v, mask, bias, causal)
+        inp = self._inputs(q, k, v, mask, bias, causal, documents)
         fused_only = self.flash is True and self.backend is None
         report = explain_inputs(inp, self.backend, fused_only=fused_only)
         if fused_only and report.backend is None:
@@ -148,6 +154,8 @@ Attend.__doc__ = (
             back to SDPA's math kernel); None (default) is auto among all backends. With `backend`, flash
             must agree or stay None: False only with "einsum", True only with a fused kernel.
         causal: default for `forward(causal=None)`; bottom-right aligned.
+        window: (left, right) local attention, as in `attention` (with causal, right is 0).
+        score: "dot" or "l2" (GigaGAN's negative squared L2 distance), as in `attention`.
         scale: logit scale, default d ** -0.5.
         backend: pin a backend by name (`attend.list_backends()`); it runs or raises ValueError.
         deterministic: only backends declared deterministic may run this module, so two runs give
@@ -157,7 +165,8 @@ Attend.__doc__ = (
             CPU, off on CUDA (no host sync per call); True: everywhere; False: off (one extra read of q, k,
             v per call saved where inputs are known finite). `attention`'s docstring has the details.
 
-    forward(q, k, v, mask=None, bias=None, causal=None) -> out
+    forward(q, k, v, mask=None, bias=None, causal=None, documents=None) -> out
+        documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.
 """
     + _DOC_SEMANTICS
     + """

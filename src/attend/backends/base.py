@@ -107,6 +107,9 @@ class Backend:
                 reasons.append(f"compute capability sm{cap[0]}{cap[1]} < sm{need[0]}{need[1]}")
         if inp.mask is not None and not caps.mask:
             reasons.append(f"mask given ({inp.mask_kind}); this backend takes no mask")
+        if inp.structured and not caps.mask:
+            what = "window" if inp.window is not None else "documents"
+            reasons.append(f"{what} given: lowered to a mask per block, and this backend takes no mask")
         if inp.bias is not None and not caps.bias:
             reasons.append("bias given; this backend takes no bias")
         if inp.bias_needs_grad and not caps.bias_grad:

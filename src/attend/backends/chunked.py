@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,6 +71,7 @@ from torch import Tensor
 from .._helpers import accum_dtype
 from ..grad2 import recompute_grads, records_graph
 from ..inputs import AttnInputs
+from ..masks import Structure
 from .base import NO_FLOAT64, Backend, Caps
 
 __all__ = ["ChunkedBackend", "chunked_attention", "dropout_keep_mask", "TILES"]
@@ -176,6 +177,7 @@ class _Facts(NamedTuple):
     pad_all: tuple[bool, ...] | None = None  # per key tile: the key padding mask is all True (not applied)
     pad_none: tuple[bool, ...] | None = None  # per key tile: all padding for every batch element (skipped)
     bias_inf: bool = True  # the bias may hold -inf: each tile masks those entries
+    structure: Any = None  # masks.Structure: window / documents; the key tiles each query tile visits
 
 
 _NO_FACTS = _Facts()
@@ -292,6 +294,9 @@ class _Plan:
         self._index: dict[int, Tensor] = {}  # dropout: arange(numel) per tile size
         self.pad_all, self.pad_none = facts.pad_all, facts.pad_none
         self.bias_inf = facts.bias_inf and bias is not None
+        self.structure: Structure | None = facts.structure
+        if self.structure is not None:
+            self.may_be_empty = True
 
     def batches(self):
         for b0, b1 in _cuts(self.b, self.batch_step):
@@ -301,7 +306,18 @@ class _Plan:
         yield from _cuts(self.i, self.q_tile)
 
     def key_tiles(self, r0: int, r1: int):
-        """Key tiles the query rows [r0, r1) can see: (c0, c1, causal tile crosses the diagonal)."""
+        """Key tiles the query rows [r0, r1) can see: (c0, c1, the tile needs its causal or structure mask)."""
+        if self.structure is not None:
+            # window / documents: only the tiles between the first and last key a row here may see, on the
+            # key-tile grid (the padding facts are per grid tile); masked unless every row sees every key
+            lo, hi, full_lo, full_hi = self.structure.rows(r0, r1)
+            start = (lo // self.k_tile) * self.k_tile
+            for c0 in range(start, hi, self.k_tile):
+                c1 = min(c0 + self.k_tile, self.j)
+                if self.pad_none is not None and self.pad_none[c0 // self.k_tile]:
+                    continue
+                yield c0, c1, self.tracing or not (full_lo <= c0 and c1 <= full_hi)
+            return
         hi = self.j
         if self.causal:
             hi = r1 + self.offset  # keys beyond the last row's diagonal: skipped
@@ -356,7 +372,12 @@ class _Plan:
                 drops.append(bias_t == _NEG_INF)
         if self.mask5 is not None and not (self.pad_all is not None and self.pad_all[c0 // self.k_tile]):
             drops.append(~_tile_of(self.mask5, bs, rows, cols))
-        if crosses:
+        if crosses and self.structure is not None:
+            keep = self.structure.keep(rows, cols)  # (b|1, 1, tq, tk)
+            if keep.shape[0] != 1:
+                keep = keep[bs]
+            drops.append(~keep[:, :, None])
+        elif crosses:
             drops.append(self.causal_drop(r0, r1, c0, c1))
         for drop in drops:
             # masked_fill, not an add: a garbage (even inf) logit at a masked key never reaches the softmax
@@ -610,7 +631,7 @@ class _ChunkedFn(torch.autograd.Function):
             # (Where no saved input can be differentiated again, as in torch.func.vjp's vjp_fn and jacrev,
             # the tile loop runs: its result is still differentiable in dout.)
             inp = AttnInputs(q, k, v, mask=mask, bias=bias, causal=plan.causal, scale=plan.scale,
-                             dropout_p=plan.dropout_p)
+                             dropout_p=plan.dropout_p, **(plan.structure.fields if plan.structure else {}))
             keep = _dense_keep(plan) if plan.dropout_p > 0 else None
             grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep)
             return (*grads, None, None, None, None, None, None, None, None)
@@ -683,6 +704,8 @@ def chunked_attention(
     if inp.dropout_p > 0:
         drawn = _draw_seed() if seed is None else seed
     facts = _read_facts(inp.mask, inp.bias, inp.j, k_tile)
+    if inp.structured:
+        facts = facts._replace(structure=Structure(inp))
     return _ChunkedFn.apply(
         inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, q_tile, k_tile, facts
     )[0]
@@ -697,6 +720,8 @@ def dropout_keep_mask(inp: AttnInputs, seed: int, *, q_tile: int | None = None, 
     default_q, default_k = TILES.get(inp.device.type, TILES["cpu"])
     q_tile, k_tile = q_tile or default_q, k_tile or default_k
     facts = _read_facts(inp.mask, None, inp.j, k_tile)  # the keep-mask does not depend on the bias
+    if inp.structured:
+        facts = facts._replace(structure=Structure(inp))
     plan = _Plan(
         inp.q, inp.k, inp.v, inp.mask, inp.bias, inp.causal, inp.scale, inp.dropout_p, seed, q_tile, k_tile, facts
     )

@@ -50,6 +50,12 @@ def einsum_attention(
     q = rearrange(inp.q * inp.scale, "b (g r) i d -> b g r i d", g=inp.g)
     sim = torch.einsum("b g r i d, b g j d -> b g r i j", q, inp.k)
     sim = sim.to(acc)
+    if inp.score == "l2":
+        # GigaGAN's negative squared L2 distance, as written: -(|q|^2 + |k|^2 - 2 q.k) * scale (the dispatcher
+        # lowers it to a dot product for every backend, `masks.lower_score`; this is the spec it is tested on)
+        q_sq = rearrange(inp.q.to(acc).square().sum(-1), "b (g r) i -> b g r i", g=inp.g)[..., None]
+        k_sq = inp.k.to(acc).square().sum(-1)[:, :, None, None, :]
+        sim = -(q_sq + k_sq) * inp.scale + 2 * sim
 
     if inp.bias is not None:
         sim = sim + _group(inp.bias, inp.g).to(acc)

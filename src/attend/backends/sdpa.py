@@ -27,6 +27,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .._helpers import accum_dtype
 from ..grad2 import TwiceDifferentiable
 from ..inputs import AttnInputs
-from ..masks import dead_rows, sdpa_attn_mask
+from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
 
 __all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
@@ -259,6 +260,8 @@ class SdpaBackend(Backend):
         # cheaper `_Only` (the same global switches, set and restored without contextlib)
         scope = sdpa_kernel([self.variant]) if torch.compiler.is_compiling() else _Only(self.variant)
         with scope:
+            if inp.structured:
+                return self._structured(inp, q, k, v, kwargs, bias_dtype)
             if not inp.causal or (inp.i == inp.j and inp.mask is None and inp.bias is None):
                 return self._call(inp, q, k, v, kwargs, bias_dtype, rows=None, cols=None)
             if self._native_lower_right(inp, kwargs):
@@ -280,6 +283,26 @@ class SdpaBackend(Backend):
                 outs.append(self._call(inp, *block, kwargs, bias_dtype, rows, cols))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
+        """Window and documents: each block of queries against only the keys it can see ([lo, hi) of
+        `Structure.rows`), masked only when the block is partly visible. Under torch.compile: one masked call
+        (a per-block loop reads the document ids and would specialise the graph on the length)."""
+        structure = Structure(inp)
+        if torch.compiler.is_compiling():
+            return self._call(inp, q, k, v, kwargs, bias_dtype, None, None, masked=True, structure=structure)
+        outs = []
+        for start in range(0, inp.i, self.query_block):
+            rows = slice(start, min(start + self.query_block, inp.i))
+            lo, hi, full_lo, full_hi = structure.rows(rows.start, rows.stop)
+            if hi <= lo:  # no query here sees any key: output 0 (and gradient 0, still connected to q)
+                outs.append(q.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * q[:, :, rows, :1])
+                continue
+            cols = slice(lo, hi)
+            full = full_lo <= lo and hi <= full_hi
+            block = (q[:, :, rows], k[:, :, cols], v[:, :, cols])
+            outs.append(self._call(inp, *block, kwargs, bias_dtype, rows, cols, masked=not full, structure=structure))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
     def _native_lower_right(self, inp: AttnInputs, kwargs: dict) -> bool:
         """CUDA flash and efficient kernels align causal to the bottom-right natively; PyTorch reaches them
         through `causal_lower_right` without building any mask."""
@@ -291,10 +314,18 @@ class SdpaBackend(Backend):
             and ("enable_gqa" not in kwargs or has_lower_right_gqa())
         )
 
-    def _call(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype, rows, cols, masked: bool = False) -> Tensor:
-        """One SDPA call. `rows`/`cols`: the query block and key prefix it covers (None: all). Causal goes in as
-        `is_causal=True` only for the whole, unmasked, aligned square; otherwise (a block, `masked`) as a mask."""
-        if not inp.causal or rows is not None or masked:
+    def _call(
+        self, inp: AttnInputs, q, k, v, kwargs, bias_dtype, rows, cols, masked: bool = False, structure=None
+    ) -> Tensor:
+        """One SDPA call. `rows`/`cols`: the query block and the keys it covers (None: all; an int: a key
+        prefix; a slice: a key block). Causal goes in as `is_causal=True` only for the whole, unmasked,
+        aligned square; otherwise (a block, `masked`) as a mask. With a `structure` (window, documents),
+        `masked` says whether the block needs its structure mask (False: every row sees every key here)."""
+        if structure is not None:
+            plain = inp if masked else replace(inp, causal=False, window=None, q_docs=None, k_docs=None, q_pos=None)
+            attn_mask = sdpa_attn_mask(plain, rows, cols, bias_dtype, structure if masked else None)
+            is_causal = False
+        elif not inp.causal or rows is not None or masked:
             attn_mask = sdpa_attn_mask(inp, rows, cols, bias_dtype)
             is_causal = False
         else:
@@ -302,9 +333,13 @@ class SdpaBackend(Backend):
         dead = None
         if attn_mask is not None and not zeroes_dead_rows(self.variant, inp.device.type):
             # old kernels give NaN for rows with no key: let those rows attend everything, zero them after
-            dead = dead_rows(inp)
-            if dead is not None and rows is not None and dead.shape[2] != 1:
-                dead = dead[:, :, rows]
+            if structure is not None:  # this block's own rows, from its own mask
+                gone = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+                dead = gone.all(-1, keepdim=True)
+            else:
+                dead = dead_rows(inp)
+                if dead is not None and rows is not None and dead.shape[2] != 1:
+                    dead = dead[:, :, rows]
             if dead is not None:
                 attn_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
         out = _sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
