@@ -226,16 +226,17 @@ def test_bench_plot_is_png(bench_run):
 def test_compare_two_saved_files(bench_run, capsys, tmp_path):
     _, _, tmp = bench_run
     doc = json.loads((tmp / "new.json").read_text())
+    doc["load_average"] = 0.5  # a quiet machine in every file: the busy-machine warning is tested on its own
     faster, slower = copy.deepcopy(doc), copy.deepcopy(doc)
     faster["rows"][0]["results"]["attend"]["median_ms"] /= 2
     slower["rows"][0]["results"]["attend"]["median_ms"] *= 2
-    for name, d in (("faster.json", faster), ("slower.json", slower)):
+    for name, d in (("base.json", doc), ("faster.json", faster), ("slower.json", slower)):
         (tmp_path / name).write_text(json.dumps(d))
-    rc, out, _ = run(capsys, "bench", "--compare", str(tmp / "new.json"), str(tmp_path / "faster.json"))
+    rc, out, _ = run(capsys, "bench", "--compare", str(tmp_path / "base.json"), str(tmp_path / "faster.json"))
     assert rc == 0
     assert out.splitlines()[0].startswith("IMPROVED  S1 fwd float32")
     assert "SAME      S2 fwd float32" in out
-    rc, out, _ = run(capsys, "bench", "--compare", str(tmp / "new.json"), str(tmp_path / "slower.json"))
+    rc, out, _ = run(capsys, "bench", "--compare", str(tmp_path / "base.json"), str(tmp_path / "slower.json"))
     assert rc == 0
     assert out.splitlines()[0].startswith("REGRESSED S1 fwd float32")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attend import Attend, attention, dispatch, get_backend
-from attend.inputs import validate
+from attend.inputs import Options, validate
 from attend.testing import DTYPES, assert_matches_reference
 
 THREADS, CALLS = 8, 20
@@ -101,7 +101,7 @@ def test_many_threads_get_correct_results_and_a_consistent_cache():
             assert torch.isfinite(q.grad).all()
         with lock:
             # the key `attention`/`Attend` cache this call under (their options: no dropout in this test)
-            options = (kw["causal"], None, 0.0, False, None, None, False)
+            options = (Options(causal=kw["causal"]), None, False)  # (options, backend, fused_only), as `call` keys
             seen.append((dispatch._call_key(q, k, v, kw["mask"], kw["bias"], options), validate(q, k, v, **kw)))
 
     _run_threads(work)

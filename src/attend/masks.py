@@ -77,6 +77,7 @@ class Structure:
         self.lo: Tensor | None = None  # (b|1, i) int64, when bounds depend on tensors
         self.hi: Tensor | None = None
         self._stats: dict[int, list[tuple[int, int, int, int]]] = {}
+        self._step = 0  # the block size of the last blocked walk (`rows`)
         if inp.q_docs is None and inp.q_pos is None:
             return
         pos = inp.q_pos if inp.q_pos is not None else torch.arange(inp.i, device=inp.device)[None] + (inp.j - inp.i)
@@ -110,8 +111,10 @@ class Structure:
             return clip(lo), clip(hi), clip(full_lo), clip(full_hi)
         if self.tracing:
             return 0, self.j, 0, 0
-        step = r1 - r0
-        if r0 % step == 0 or r1 == self.i:
+        # blocked callers walk rows [0, s), [s, 2s), ... (the last one short): one host read per block size
+        step = r1 - r0 if r0 == 0 else self._step
+        if step and r0 % step == 0 and r1 == min(r0 + step, self.i):
+            self._step = step
             stats = self._stats.get(step)
             if stats is None:
                 stats = self._stats[step] = self._block_stats(step)

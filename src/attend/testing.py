@@ -19,7 +19,8 @@ The case grid (`Case`, `grid()`) and its input factory (`Case.inputs`) are the o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from ._helpers import fmt_dtype
 from .backends.einsum import einsum_attention
 from .dispatch import get_backend
 from .inputs import FLOAT_DTYPES, AttnInputs, validate
+from .masks import lower_score
 
 __all__ = [
     "FUDGE",
@@ -196,13 +198,21 @@ def _clone_inputs(inp: AttnInputs, dtype: torch.dtype) -> tuple[AttnInputs, list
         return t
 
     bias_grad = inp.bias is not None and inp.bias.requires_grad
-    q, k, v = (leaf(t, True) for t in (inp.q, inp.k, inp.v))
+    q, k, v = (cast(Tensor, leaf(t, True)) for t in (inp.q, inp.k, inp.v))
     bias = leaf(inp.bias, bias_grad)
-    new = validate(
-        q, k, v, mask=inp.mask, bias=bias, causal=inp.causal, scale=inp.scale, dropout_p=0.0,
-        deterministic=inp.deterministic,
-    )
-    return new, leaves
+    # every other field (mask, causal, window, documents, score, ...) as validated once
+    return replace(inp, q=q, k=k, v=v, bias=bias, dropout_p=0.0), leaves
+
+
+def _lowered(run):
+    """A backend's `run` behind the dispatcher's score lowering (`masks.lower_score`), as `attention` calls it."""
+
+    def call(inp: AttnInputs) -> Tensor:
+        low, e = lower_score(inp)
+        out = run(low)
+        return out if e is None else out[..., :e]
+
+    return call
 
 
 def check_backend(
@@ -219,18 +229,25 @@ def check_backend(
     fudge: float | None = None,
     floor: float | None = None,
     seed: int = 0,
+    window: tuple[int | None, int | None] | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score: str = "dot",
 ) -> list[Check]:
     """Run backend `backend` on the inputs and compare its output (and dq, dk, dv, dbias when `grad`)
     with the float64 golden, within the budget the baseline earns. Returns the checks; raises
     AssertionError listing all of them when any fails, and ValueError when the backend cannot run them.
 
-    Shapes: q (b, h, i, d), k (b, g, j, d), v (b, g, j, e); mask and bias as in `attention`.
+    Shapes: q (b, h, i, d), k (b, g, j, d), v (b, g, j, e); mask, bias, window, documents and score as in
+    `attention`. The golden and the baseline are the `einsum` reference as written (an l2 score included);
+    the candidate runs behind the dispatcher's lowering, as `attention` runs it.
     """
-    inp = validate(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale)
+    inp = validate(
+        q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, window=window, documents=documents, score=score
+    )
     dtype = inp.dtype
     impl = get_backend(backend)
     with torch.set_grad_enabled(grad):
-        reasons = impl.reasons_unsupported(_clone_inputs(inp, dtype)[0])
+        reasons = impl.reasons_unsupported(lower_score(_clone_inputs(inp, dtype)[0])[0])
     if reasons:
         raise ValueError(f"backend {backend!r} cannot run this case: {'; '.join(reasons)}")
 
@@ -239,7 +256,7 @@ def check_backend(
     for role, run_dtype, fn in (
         ("golden", torch.float64, einsum_attention),
         ("baseline", dtype, einsum_attention),
-        ("candidate", dtype, impl.run),
+        ("candidate", dtype, _lowered(impl.run)),
     ):
         with torch.set_grad_enabled(grad):
             rinp, leaves = _clone_inputs(inp, run_dtype)
