@@ -138,3 +138,167 @@ def test_register_without_transformers_raises_a_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'torch-attend\[transformers\]'"):
         attend_hf.register_transformers()
+
+
+# packed (padding-free) batches: DataCollatorWithFlattening
+
+LENGTHS = (7, 12, 4)  # three sequences of different lengths
+
+
+def _sequences():
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randint(3, 128, (n,), generator=gen) for n in LENGTHS]
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _padded_reference(ref, device):
+    """The same sequences right-padded, through transformers' sdpa: the loss and every parameter's gradient.
+    Labels are the tokens with -100 on padding and on each sequence's first token, as the flattening collator
+    sets them, so both losses average over the same next-token targets (sum(n - 1) of them)."""
+    seqs = _sequences()
+    ids = torch.zeros(len(seqs), max(LENGTHS), dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], am[r, : len(s)] = s, 1
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, 0] = -100
+    batch = dict(input_ids=ids, attention_mask=am, labels=labels)
+    return _loss_and_grads(ref, **{k: v.to(device) for k, v in batch.items()})
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Record how attend is called: the packed path must reach `attention` with documents (and no mask)."""
+    seen = {"attention": [], "sdpa": 0}
+    real = attend_hf.attention
+
+    def spy(q, k, v, **kw):
+        seen["attention"].append(kw)
+        return real(q, k, v, **kw)
+
+    def no_sdpa(*args, **kw):
+        seen["sdpa"] += 1
+        return real_sdpa(*args, **kw)
+
+    real_sdpa = attend_hf.scaled_dot_product_attention
+    monkeypatch.setattr(attend_hf, "attention", spy)
+    monkeypatch.setattr(attend_hf, "scaled_dot_product_attention", no_sdpa)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+        ),
+    ],
+)
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_packed_batch_matches_padded_sdpa(models, packed_calls, device, flash_kwargs, use_cache):
+    """DataCollatorWithFlattening's (1, total) batch through attend: the loss and every gradient of the same
+    sequences padded through sdpa. use_cache=True (the config default): transformers builds no mask (it looks
+    for packing only without a cache); use_cache=False: it builds the block-diagonal mask, which attend drops."""
+    from transformers import DataCollatorWithFlattening
+
+    ref, ours = (copy.deepcopy(m).to(device).train() for m in models)
+    expected_loss, expected_grads = _padded_reference(ref, device)
+
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    batch = collate([{"input_ids": s.tolist()} for s in _sequences()])
+    assert batch["input_ids"].shape == (1, sum(LENGTHS))
+    assert ("cu_seq_lens_q" in batch) == flash_kwargs
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    assert int((batch["labels"] != -100).sum()) == sum(n - 1 for n in LENGTHS)
+    loss, grads = _loss_and_grads(ours, **batch, use_cache=use_cache)
+
+    torch.testing.assert_close(loss, expected_loss, **tolerance(torch.float32))
+    assert grads.keys() == expected_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[name], **tolerance(torch.float32), msg=name)
+    # attend ran the packed path in both layers: documents, causal, no (i, j) mask, never the sdpa shim
+    assert packed_calls["sdpa"] == 0 and len(packed_calls["attention"]) == 2
+    for kw in packed_calls["attention"]:
+        assert kw["causal"] and kw["mask"] is None and kw["bias"] is None
+        docs = kw["documents"]
+        assert docs.shape == (1, sum(LENGTHS))
+        assert docs[0].tolist() == [d for d, n in enumerate(LENGTHS) for _ in range(n)]
+
+
+def _packed_qkv():
+    torch.manual_seed(3)
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = 2
+    n = sum(LENGTHS)
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    position_ids = torch.cat([torch.arange(m) for m in LENGTHS])[None]
+    docs = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))
+    same_doc = (docs[:, None] == docs[None, :])[None, None]
+    return module, q, k, v, position_ids, same_doc
+
+
+def test_packed_with_another_mask_keeps_it(packed_calls):
+    """A mask built for a reason of its own (here a sliding window of 3, without the documents, as with a cache)
+    is kept and restricted to each sequence: sdpa with (window AND same document) is the reference."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module, q, k, v, position_ids, same_doc = _packed_qkv()
+    n = q.shape[2]
+    window = torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(-3)
+    window = window[None, None]
+    got, _ = attend_hf.attend_attention_forward(module, q, k, v, window, position_ids=position_ids)
+    expected, _ = sdpa_attention_forward(module, q, k, v, window & same_doc)
+    torch.testing.assert_close(got, expected, **tolerance(got.dtype))
+    (kw,) = packed_calls["attention"]
+    assert kw["mask"] is window and not kw["causal"] and kw["documents"] is not None
+    # the mask transformers builds from the packing itself is dropped: the documents and causal say the same
+    packed_calls["attention"].clear()
+    causal_docs = torch.ones(n, n, dtype=torch.bool).tril() & same_doc
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    got, _ = attend_hf.attend_attention_forward(module, q, k, v, causal_docs, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, causal_docs)[0], **tolerance(got.dtype))
+    (kw,) = packed_calls["attention"]
+    assert kw["mask"] is None and kw["causal"]
+
+
+def test_unpacked_calls_keep_the_sdpa_path(packed_calls):
+    """One sequence (positions 0..n-1), b > 1, decoding against cached keys (i != j), and a padded prompt (its
+    position_ids restart at the pads, as generate makes them) never take the packed path."""
+    module, q, k, v, position_ids, _ = _packed_qkv()
+    n = q.shape[2]
+    attend_hf.attend_attention_forward(module, q, k, v, None, position_ids=torch.arange(n)[None])
+    attend_hf.attend_attention_forward(module, q.expand(2, -1, -1, -1), k, v, None, position_ids=position_ids)
+    attend_hf.attend_attention_forward(module, q[:, :, -1:], k, v, None, position_ids=position_ids[:, -1:])
+    left_padded = torch.cat([torch.ones(3, dtype=torch.long), torch.arange(n - 3)])[None]  # 1, 1, 1, 0, 1, ...
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    keep[:, :3] = False  # the 3 pad keys: no query sees them
+    attend_hf.attend_attention_forward(module, q, k, v, keep[None, None], position_ids=left_padded)
+    assert packed_calls["sdpa"] == 4 and packed_calls["attention"] == []
+
+
+def test_malformed_cu_seq_lens_raise():
+    module, q, k, v, _, _ = _packed_qkv()
+    n = q.shape[2]
+    cu = torch.tensor([0, 7, n], dtype=torch.int32)
+    with pytest.raises(ValueError, match="both `cu_seq_lens_q` and `cu_seq_lens_k`"):
+        attend_hf.attend_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match=r"b == 1"):
+        kk, vv = k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)
+        attend_hf.attend_attention_forward(
+            module, q.expand(2, -1, -1, -1), kk, vv, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu
+        )
+    short = torch.tensor([0, 7, n - 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cumulative sequence lengths"):
+        attend_hf.attend_attention_forward(module, q, k, v, None, cu_seq_lens_q=short, cu_seq_lens_k=short)
+    other = torch.tensor([0, 5, n], dtype=torch.int32)
+    with pytest.raises(ValueError, match="same sequence boundaries"):
+        attend_hf.attend_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=other)
