@@ -1,0 +1,411 @@
+"""`varlen_attn`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (torch 2.13) on every device, with backward.
+
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions, d head dim (q and
+k), e value head dim. Here the batch is packed: total_q query tokens and total_k key tokens, the sequences one
+after the other, with `cu_seq_q` / `cu_seq_k` (int32, (n + 1,)) the cumulative lengths of the n sequences.
+
+    query (total_q, h, d)   key (total_k, g, d)   value (total_k, g, e)   ->   out (total_q, h, e)
+
+Same signature, defaults and semantics as PyTorch's (whose kernel is CUDA-only): sequence s attends only to
+itself, and causal / a window are aligned to the bottom-right of each sequence, as in flash-attn. Query token
+x of sequence s (local index x - cu_seq_q[s], lengths Lq = cu_seq_q[s+1] - cu_seq_q[s], Lk likewise) has its
+diagonal at local key p = (x - cu_seq_q[s]) + (Lk - Lq) and sees local keys [p - left, p + right].
+
+It runs through attend's dispatch (`attend.dispatch.run`): the packing becomes document ids (`q_docs`, `k_docs`,
+sorted, so every backend skips the key blocks of other sequences) and the per-sequence diagonal becomes `q_pos`
+(`masks.Structure` turns them into each query's exact key interval). Gradients flow to query, key and value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, NamedTuple, cast
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+
+from ._helpers import accum_dtype, fmt_dtype, fmt_shape
+from .dispatch import run
+from .functional import autocast_inputs
+from .inputs import AttnInputs, Options, validate
+from .masks import Structure, combined_keep
+
+__all__ = ["varlen_attn", "AuxRequest"]
+
+# The log-sum-exp pass (`return_aux`) works on blocks of this many query rows and key columns.
+_LSE_ROWS = 256
+_LSE_COLS = 4096
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs `varlen_attn` returns (PyTorch's `torch.nn.attention.varlen.AuxRequest`, which
+    is accepted too: anything with a bool `lse` attribute)."""
+
+    lse: bool = False
+
+
+# helpers
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, Tensor):
+        return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
+    return f"{type(t).__name__} {t!r}"[:120]
+
+
+def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
+    """query (total_q, h, d), key (total_k, g, d), value (total_k, g, e); h == g, or h % g == 0 with enable_gqa.
+    (dtypes and devices: `validate`.)"""
+    for name, t, want in (
+        ("query", query, "(total_q, h, d)"),
+        ("key", key, "(total_k, g, d)"),
+        ("value", value, "(total_k, g, e)"),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"expected `{name}` to be a torch.Tensor of shape {want}, got {_describe(t)}")
+        if t.dim() != 3:
+            hint = ""
+            if t.dim() == 4:
+                hint = (
+                    "; hint: varlen_attn takes the sequences packed one after the other, with cu_seq_q/cu_seq_k; "
+                    "for a padded (b, h, i, d) batch use attend.attention with a key padding mask"
+                )
+            raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}{hint}")
+    shapes = f"query {fmt_shape(query.shape)}, key {fmt_shape(key.shape)}, value {fmt_shape(value.shape)}"
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(f"expected key and value with the same number of tokens total_k, got {shapes}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"expected key and value with the same number of heads g, got {shapes}")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"expected query and key with the same head dim d, got {shapes}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"expected `enable_gqa` to be a bool, got {_describe(enable_gqa)}")
+    h, g = query.shape[1], key.shape[1]
+    if not enable_gqa and h != g:
+        raise ValueError(
+            f"expected query and key/value with the same number of heads, got h={h} and g={g} ({shapes}); "
+            "hint: pass enable_gqa=True for grouped-query attention"
+        )
+    if g == 0 or h % g != 0:
+        raise ValueError(
+            f"expected query heads h to be a multiple of key/value heads g for grouped-query attention, got "
+            f"h={h} and g={g} ({shapes})"
+        )
+
+
+def _check_cu_seq(name: str, cu: Any, total: int, tokens: str, device: torch.device) -> list[int]:
+    """cu: int32 (n + 1,) on `device`, starting at 0, non-decreasing, ending at `total`. Returns its values
+    (one read to the host)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape (n + 1,), got {_describe(cu)}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(
+            f"expected `{name}` of shape (n + 1,) with n >= 1 sequences (cumulative lengths, starting at 0), "
+            f"got {_describe(cu)}"
+        )
+    if cu.dtype != torch.int32:
+        raise TypeError(
+            f"expected `{name}` of dtype int32, got {fmt_dtype(cu.dtype)}; hint: `{name}.to(torch.int32)` "
+            "(PyTorch's varlen kernels take int32)"
+        )
+    if cu.device != device:
+        raise ValueError(f"expected `{name}` on {device} like query, got {cu.device}")
+    values = [int(x) for x in cu.tolist()]
+    if values[0] != 0:
+        raise ValueError(f"expected `{name}` to start at 0, got {name}[0] = {values[0]} (shape {fmt_shape(cu.shape)})")
+    for s in range(len(values) - 1):
+        if values[s + 1] < values[s]:
+            raise ValueError(
+                f"expected `{name}` non-decreasing (cumulative lengths), got {name}[{s}] = {values[s]} > "
+                f"{name}[{s + 1}] = {values[s + 1]}"
+            )
+    if values[-1] != total:
+        raise ValueError(
+            f"expected `{name}[-1]` to equal the number of {tokens} tokens, {total}, got {values[-1]} (shape "
+            f"{fmt_shape(cu.shape)}); hint: {name} = pad(lengths.cumsum(0), (1, 0)).to(torch.int32)"
+        )
+    return values
+
+
+def _check_max(name: str, value: Any, cu_name: str, cu: list[int]) -> None:
+    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected `{name}` to be a Python int (the longest sequence), got {_describe(value)}")
+    if value < longest:
+        raise ValueError(
+            f"expected `{name}` >= the longest sequence in `{cu_name}`, {longest}, got {value}; "
+            f"hint: {name} = int((cu[1:] - cu[:-1]).max())"
+        )
+
+
+def _check_window(window_size: Any) -> tuple[int | None, int | None] | None:
+    """(left, right) with -1 (any negative) unbounded -> attend's window (None unbounded), None for (-1, -1)."""
+    if isinstance(window_size, Tensor) or not isinstance(window_size, (tuple, list)):
+        raise TypeError(
+            f"expected `window_size` to be a pair (left, right) of ints, -1 for unbounded, got "
+            f"{_describe(window_size)}; hint: (-1, 0) is causal, (128, 0) causal with a window of 128"
+        )
+    if len(window_size) != 2:
+        raise ValueError(f"expected `window_size` to have length 2 (left, right), got {len(window_size)}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"expected `window_size` {side} to be an int (-1: unbounded), got {_describe(w)}")
+    left, right = (None if w < 0 else w for w in window_size)
+    return None if left is None and right is None else (left, right)
+
+
+def _check_extras(return_aux: Any, num_splits: Any) -> bool:
+    """Returns whether the log-sum-exp is wanted."""
+    lse = False
+    if return_aux is not None:
+        wanted = getattr(return_aux, "lse", None)
+        if not isinstance(wanted, bool):
+            raise TypeError(f"expected `return_aux` to be None or an AuxRequest(lse=bool), got {_describe(return_aux)}")
+        lse = wanted
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"expected `num_splits` to be None or an int >= 1, got {_describe(num_splits)}")
+    return lse
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    """(total, heads, dim) -> (1, heads, total, dim), a view."""
+    return t.transpose(0, 1)[None]
+
+
+def _tokens_first(out: Tensor) -> Tensor:
+    """(1, h, total_q, e) -> (total_q, h, e), contiguous like PyTorch's output."""
+    return out[0].transpose(0, 1).contiguous()
+
+
+def _varlen_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: Tensor | None = None,
+    block_table: Tensor | None = None,
+) -> AttnInputs:
+    """Check everything and build the packed `AttnInputs`: q (1, h, total_q, d), k (1, g, total_k, d),
+    v (1, g, total_k, e), document ids from the cumulative lengths and each query's diagonal (`q_pos`) where
+    it is not the default. Raises (TypeError, ValueError, NotImplementedError) before any kernel runs."""
+    if seqused_k is not None or block_table is not None:
+        which = " and ".join(n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None)
+        raise NotImplementedError(
+            f"attend.varlen_attn: {which} (the paged KV cache) is not implemented yet; the KV-cache issue adds "
+            "them. hint: pass the cached keys/values packed, with cu_seq_k"
+        )
+    _check_packed(query, key, value, enable_gqa)
+    if cu_seq_k is None:
+        raise ValueError(
+            "expected `cu_seq_k` to be an int32 tensor of shape (n + 1,), got None; hint: for self-attention "
+            "packing pass cu_seq_q again (None is only for the paged KV cache, block_table)"
+        )
+    cu_q = _check_cu_seq("cu_seq_q", cu_seq_q, query.shape[0], "query", query.device)
+    cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key.shape[0], "key", query.device)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(
+            f"expected cu_seq_q and cu_seq_k with one entry per sequence (the same length), got shapes "
+            f"{fmt_shape(cu_seq_q.shape)} and {fmt_shape(cu_seq_k.shape)}"
+        )
+    _check_max("max_q", max_q, "cu_seq_q", cu_q)
+    _check_max("max_k", max_k, "cu_seq_k", cu_k)
+    window = _check_window(window_size)
+
+    q, k, v = _heads_first(query), _heads_first(key), _heads_first(value)
+    total_q, total_k, device = query.shape[0], key.shape[0], query.device
+    # the sequence of each token; sorted, so `Structure` finds each query's key interval by binary search
+    q_docs = torch.searchsorted(cu_seq_q[1:], torch.arange(total_q, dtype=torch.int32, device=device), right=True)
+    k_docs = torch.searchsorted(cu_seq_k[1:], torch.arange(total_k, dtype=torch.int32, device=device), right=True)
+    options = Options(scale=scale, window=window)
+    inp = validate(q, k, v, documents=(q_docs[None], k_docs[None]), options=options)
+    # causal and the window are bottom-right aligned per sequence: query x of sequence s has its diagonal at
+    # global key x + (cu_seq_k[s+1] - cu_seq_q[s+1]). Only a window reads it; skipped where it is attend's
+    # default diagonal x + (total_k - total_q) for every sequence that has queries.
+    shifts = [cu_k[s + 1] - cu_q[s + 1] for s in range(len(cu_q) - 1) if cu_q[s + 1] > cu_q[s]]
+    if window is not None and any(shift != total_k - total_q for shift in shifts):
+        per_seq = (cu_seq_k[1:] - cu_seq_q[1:]).long()
+        q_pos = torch.arange(total_q, device=device) + per_seq[q_docs]
+        inp = replace(inp, q_pos=q_pos[None])
+    return inp
+
+
+def _group_heads(t: Tensor, g: int) -> Tensor:
+    """(b, h, i, d) -> (b, g, r, i, d), h = g * r: query head x uses key/value head x // r."""
+    b, h, i, d = t.shape
+    return t.reshape(b, g, h // g, i, d)
+
+
+def _logsumexp(inp: AttnInputs) -> Tensor:
+    """log sum_j exp(scale * q . k_j) over the keys each query may see: (b, h, i) in float32 (float64 for
+    float64 inputs); -inf for a query that sees no key. Blocks of rows and keys, never (h, i, j) at once; under
+    autograd each block of rows is checkpointed (recomputed in backward), so the gradient costs no memory
+    beyond one block."""
+    acc = accum_dtype(inp.dtype)
+    b, h, g, i = inp.b, inp.h, inp.g, inp.i
+    structure = Structure(inp) if inp.structured else None
+    grad = inp.needs_grad
+    k = inp.k if inp.k.dtype == acc else inp.k.to(acc)
+
+    def block(qb: Tensor, r0: int, r1: int, lo: int, hi: int) -> Tensor:
+        qb = _group_heads(qb.to(acc) * inp.scale, g)  # (b, g, r, rows, d)
+        m = qb.new_full(qb.shape[:-1], -math.inf)
+        den = qb.new_zeros(qb.shape[:-1])
+        for c0 in range(lo, hi, _LSE_COLS):
+            c1 = min(hi, c0 + _LSE_COLS)
+            s = torch.einsum("b g r i d, b g j d -> b g r i j", qb, k[:, :, c0:c1])
+            keep = combined_keep(inp, slice(r0, r1), slice(c0, c1), structure)
+            if keep is not None:
+                s = s.masked_fill(~keep[:, :, None], -math.inf)
+            m_new = torch.maximum(m, s.detach().amax(-1))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            rescale = torch.where(torch.isfinite(m), (m - m_safe).exp(), torch.zeros_like(m))
+            den = den * rescale + (s - m_safe[..., None]).exp().sum(-1)
+            m = m_new
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        seen = den != 0  # NaN (a NaN logit the row sees) stays NaN
+        lse = torch.where(seen, m_safe + torch.where(seen, den, torch.ones_like(den)).log(), -math.inf)
+        return lse.reshape(b, h, r1 - r0)
+
+    parts = []
+    for r0 in range(0, i, _LSE_ROWS):
+        r1 = min(i, r0 + _LSE_ROWS)
+        lo, hi = structure.rows(r0, r1)[:2] if structure is not None else (0, inp.j)
+        qb = inp.q[:, :, r0:r1]
+        if hi <= lo:
+            parts.append(qb.new_full((b, h, r1 - r0), -math.inf, dtype=acc))
+        elif grad:
+            parts.append(torch.utils.checkpoint.checkpoint(block, qb, r0, r1, lo, hi, use_reentrant=False))
+        else:
+            parts.append(block(qb, r0, r1, lo, hi))
+    if not parts:
+        return inp.q.new_zeros((b, h, 0), dtype=acc)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _per_sequence(inp: AttnInputs, cu_q: list[int], cu_k: list[int], lse: bool) -> tuple[Tensor, Tensor | None]:
+    """num_splits=1: every sequence through the dispatcher on its own, so its result is the same bit for bit
+    whatever else is in the batch. Returns (1, h, total_q, e) and the log-sum-exp (1, h, total_q) if asked."""
+    outs, lses = [], []
+    for s in range(len(cu_q) - 1):
+        rows, cols = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        if rows.stop == rows.start:
+            continue
+        one = replace(
+            inp,
+            q=inp.q[:, :, rows],
+            k=inp.k[:, :, cols],
+            v=inp.v[:, :, cols],
+            q_docs=None,
+            k_docs=None,
+            q_pos=None,
+        )
+        outs.append(run(one))
+        if lse:
+            lses.append(_logsumexp(one))
+    if not outs:  # no query token at all
+        out = run(inp)
+        return out, (_logsumexp(inp) if lse else None)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out, (None if not lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2))
+
+
+# main function
+
+
+def varlen_attn(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux: AuxRequest | None = None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: Tensor | None = None,
+    block_table: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over variable-length sequences packed one after the other: PyTorch 2.13's
+    `torch.nn.attention.varlen.varlen_attn`, with its signature and semantics, on every device, with backward.
+
+    Shapes (legend: b batch, h query heads, g key/value heads, i query positions, j key positions, d head dim
+    of q and k, e value head dim; here the n sequences are packed into total_q query and total_k key tokens)::
+
+        query (total_q, h, d), key (total_k, g, d), value (total_k, g, e)  ->  out (total_q, h, e), query's dtype
+        cu_seq_q, cu_seq_k: int32 (n + 1,), cumulative lengths: sequence s is tokens [cu[s], cu[s + 1])
+
+    Sequence s's queries attend only to sequence s's keys. `window_size=(left, right)`, -1 unbounded, aligned to
+    the bottom-right of each sequence as in flash-attn: query x of sequence s, at local index
+    x - cu_seq_q[s], has its diagonal at local key p = (x - cu_seq_q[s]) + (Lk - Lq) (Lq, Lk: the sequence's
+    lengths) and sees local keys p - left .. p + right. (-1, 0) is causal; (W, 0) causal with a window of W.
+    A query that sees no key (Lk = 0, or Lq > Lk under causal) gives 0.
+
+    Args:
+        query, key, value: packed tensors (shapes above); float16, bfloat16, float32 or float64.
+        cu_seq_q, cu_seq_k: cumulative sequence lengths, int32 (n + 1,) on query's device, starting at 0,
+            non-decreasing, ending at total_q and total_k (a length may be 0).
+        max_q, max_k: Python ints, at least the longest query and key sequence (PyTorch's kernel sizes its grid
+            with them; here they are only checked).
+        return_aux: `AuxRequest(lse=True)` also returns the log-sum-exp of the scaled logits over the keys each
+            query sees, (h, total_q), float32 (float64 for float64 inputs), -inf for a query that sees no key. It
+            has a gradient (PyTorch's drops it). Cost: one more pass over the visible logits, in blocks.
+        scale: logit scale, default d ** -0.5.
+        window_size: (left, right) as above; default (-1, -1), full attention within each sequence.
+        enable_gqa: allow g < h key/value heads (h % g == 0; query head x uses key/value head x // (h // g)).
+        seqused_k, block_table: the paged KV cache; not implemented yet (NotImplementedError).
+        num_splits: PyTorch's split-KV setting. 1 asks for batch invariance: each sequence then runs through the
+            dispatcher on its own (bitwise the same result whatever else is packed with it; slower for many
+            short sequences). None or > 1: the packed path (attend's kernels have no split-KV to tune).
+
+    Returns:
+        out (total_q, h, e); with `return_aux=AuxRequest(lse=True)`: (out, lse (h, total_q)).
+
+    Raises:
+        TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
+        NotImplementedError: seqused_k or block_table given.
+
+    Example::
+
+        >>> lengths = torch.tensor([5, 1, 17])
+        >>> cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)   # [0, 5, 6, 23]
+        >>> q = torch.randn(23, 8, 64); k = v = torch.randn(23, 2, 64)
+        >>> out = varlen_attn(q, k, v, cu, cu, 17, 17, window_size=(-1, 0), enable_gqa=True)   # (23, 8, 64)
+    """
+    lse_wanted = _check_extras(return_aux, num_splits)
+    query, key, value = autocast_inputs(query, key, value)  # type: ignore[assignment]
+    inp = _varlen_inputs(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=enable_gqa,
+        seqused_k=seqused_k,
+        block_table=block_table,
+    )
+    if num_splits == 1:
+        cu_q, cu_k = cu_seq_q.tolist(), cast(Tensor, cu_seq_k).tolist()  # checked by _varlen_inputs
+        out, lse = _per_sequence(inp, cu_q, cu_k, lse_wanted)
+    else:
+        out = run(inp)
+        lse = _logsumexp(inp) if lse_wanted else None
+    if lse is not None:
+        return _tokens_first(out), lse[0]
+    return _tokens_first(out)
