@@ -25,10 +25,11 @@ def test_backend_matches_reference(name, case):
     """Forward and backward; where the backend declares it cannot run the backward of a case it can run
     forward (CPU flash in half precision), the forward alone, so inference stays covered."""
     q, k, v, mask, bias = case.inputs()
-    grad, reasons = checkable(name, q, k, v, mask=mask, bias=bias, causal=case.causal)
+    kw = dict(mask=mask, bias=bias, causal=case.causal, **case.options())
+    grad, reasons = checkable(name, q, k, v, **kw)
     if reasons:
         pytest.skip(f"{name}: {'; '.join(reasons)}")
-    checks = check_backend(name, q, k, v, mask=mask, bias=bias, causal=case.causal, grad=grad)
+    checks = check_backend(name, q, k, v, grad=grad, **kw)
     assert [c.name for c in checks][:4] == (["out", "dq", "dk", "dv"] if grad else ["out"])
     if grad and bias is not None and bias.requires_grad:
         assert checks[-1].name == "dbias"
@@ -44,7 +45,7 @@ def test_grid_is_not_all_skipped():
         runnable = 0
         for case in cases:
             q, k, v, mask, bias = case.inputs()
-            inp = validate(q.requires_grad_(), k, v, mask=mask, bias=bias, causal=case.causal)
+            inp = validate(q.requires_grad_(), k, v, mask=mask, bias=bias, causal=case.causal, **case.options())
             runnable += not backend.reasons_unsupported(inp)
         assert runnable >= len(cases) // 3, f"{name} runs only {runnable} of {len(cases)} cases"
 

@@ -293,13 +293,13 @@ def checkable(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[
     bias = kwargs.get("bias")
     with torch.enable_grad():
         leaves = (t.detach().requires_grad_(True) for t in (q, k, v))
-        reasons = impl.reasons_unsupported(validate(*leaves, **kwargs))
+        reasons = impl.reasons_unsupported(lower_score(validate(*leaves, **kwargs))[0])
     if not reasons:
         return True, []
     if bias is not None and bias.requires_grad:
         return False, reasons
     with torch.no_grad():
-        if not impl.reasons_unsupported(validate(q.detach(), k.detach(), v.detach(), **kwargs)):
+        if not impl.reasons_unsupported(lower_score(validate(q.detach(), k.detach(), v.detach(), **kwargs))[0]):
             return False, []
     return False, reasons
 
@@ -323,9 +323,15 @@ SHAPES = [
 DTYPES = tuple(sorted(FLOAT_DTYPES, key=str))  # bfloat16, float16, float32, float64
 
 
-def case_flags(causal: bool, mask: str) -> str:
-    """A case's flags as tables show them: `causal`, the mask kind, both (`causal+padding`) or ''."""
-    return "+".join(f for f, on in (("causal", causal), (mask, mask != "none")) if on)
+# structure of the grid's structured cases: a window, packed documents (ids as a (q, k) pair), the l2 score
+STRUCTURES = ("none", "window", "documents", "l2")
+
+
+def case_flags(causal: bool, mask: str, structure: str = "none") -> str:
+    """A case's flags as tables show them: `causal`, the mask kind, the structure, joined (`causal+padding`)
+    or ''."""
+    flags = (("causal", causal), (mask, mask != "none"), (structure, structure != "none"))
+    return "+".join(f for f, on in flags if on)
 
 
 @dataclass(frozen=True)
@@ -346,14 +352,36 @@ class Case:
     mask: str = "none"
     device: str = "cpu"
     pad: float = 0.5
+    structure: str = "none"
 
     def __post_init__(self):
         if self.mask not in MASK_KINDS:
             raise ValueError(f"expected a mask kind among {', '.join(MASK_KINDS)}, got {self.mask!r}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"expected a structure among {', '.join(STRUCTURES)}, got {self.structure!r}")
 
     @property
     def flags(self) -> str:
-        return case_flags(self.causal, self.mask)
+        return case_flags(self.causal, self.mask, self.structure)
+
+    def options(self) -> dict:
+        """The case's structure as `attention` keywords: window=(i // 8 + 1, 3); documents as a (q_docs, k_docs)
+        pair of sorted ids (4 documents, the second batch element's in reverse order, so the split points
+        differ); score="l2". Empty for structure "none"."""
+        if self.structure == "window":
+            return {"window": (self.i // 8 + 1, 3)}
+        if self.structure == "l2":
+            return {"score": "l2"}
+        if self.structure == "documents":
+
+            def ids(n: int) -> Tensor:
+                cuts = [n * f // 10 for f in (0, 1, 5, 6, 10)]  # lengths 10 %, 40 %, 10 %, 40 % (some may be 0)
+                one = torch.repeat_interleave(torch.arange(4), torch.tensor([b - a for a, b in zip(cuts, cuts[1:])]))
+                rows = [one if r % 2 == 0 else (3 - one).flip(0) for r in range(self.b)]
+                return torch.stack(rows).to(self.device)
+
+            return {"documents": (ids(self.i), ids(self.j))}
+        return {}
 
     def id(self, backend: str) -> str:
         """A readable test id: `sdpa:efficient-cpu-bf16-b2h8g2-i129j257-d64-causal`."""
@@ -370,6 +398,8 @@ class Case:
             parts.append("causal")
         if self.mask != "none":
             parts.append(self.mask)
+        if self.structure != "none":
+            parts.append(self.structure)
         return "-".join(parts)
 
     def label(self) -> str:
@@ -406,15 +436,29 @@ class Case:
         return q, k, v, mask, bias
 
 
+# the shapes the structured cases use: i < j with GQA, i > j, square
+STRUCTURED_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[5]]
+
+
 def grid(device: str = "cpu", dtypes=DTYPES) -> list[Case]:
-    """Every shape x mask kind x causal x dtype of the grid, on `device`."""
-    return [
+    """Every shape x mask kind x causal x dtype of the grid, on `device`; then window, documents and l2 on
+    three of the shapes x (no mask, key padding, bias) x causal x dtype."""
+    plain = [
         Case(*shape, dtype=dtype, causal=causal, mask=mask, device=device)
         for shape in SHAPES
         for mask in MASKS
         for causal in (False, True)
         for dtype in dtypes
     ]
+    structured = [
+        Case(*shape, dtype=dtype, causal=causal, mask=mask, device=device, structure=structure)
+        for shape in STRUCTURED_SHAPES
+        for structure in STRUCTURES[1:]
+        for mask in ("none", "padding", "bias")
+        for causal in (False, True)
+        for dtype in dtypes
+    ]
+    return plain + structured
 
 
 # two tiny cases for a quick run (`attend check --grid smoke`, used by the CLI's tests)

@@ -108,7 +108,7 @@ class Backend:
         if inp.mask is not None and not caps.mask:
             reasons.append(f"mask given ({inp.mask_kind}); this backend takes no mask")
         if inp.structured and not caps.mask:
-            what = "window" if inp.window is not None else "documents"
+            what = "window" if inp.window is not None else "documents" if inp.q_docs is not None else "varlen positions"
             reasons.append(f"{what} given: lowered to a mask per block, and this backend takes no mask")
         if inp.bias is not None and not caps.bias:
             reasons.append("bias given; this backend takes no bias")
