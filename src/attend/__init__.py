@@ -5,6 +5,7 @@ d head dim (q and k), e value head dim.
 
     from attend import Attend, attention, explain, list_backends
     from attend import scaled_dot_product_attention   # drop-in for F.scaled_dot_product_attention
+    from attend import varlen_attn                    # torch.nn.attention.varlen.varlen_attn, every device
 """
 
 from .backends.base import Backend, Caps
@@ -13,6 +14,7 @@ from .dispatch import AttendFallbackWarning, NoBackendError, Report, get_backend
 from .functional import attention, explain
 from .inputs import AttnInputs
 from .module import Attend
+from .varlen import varlen_attn
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "Attend",
     "attention",
     "scaled_dot_product_attention",
+    "varlen_attn",
     "explain",
     "list_backends",
     "get_backend",
