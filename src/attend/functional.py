@@ -16,7 +16,7 @@ __all__ = ["attention", "explain", "autocast_inputs"]
 
 _DOC_SEMANTICS = """
     Shapes (legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
-    d head dim of q and k, e value head dim):
+    d head dim (q and k), e value head dim):
         q (b, h, i, d), k (b, g, j, d), v (b, g, j, e), h % g == 0  ->  out (b, h, i, e), q's dtype
 
     Equivalent to (the `einsum` reference backend, with softmax in float32)::

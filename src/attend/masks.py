@@ -1,6 +1,9 @@
 """The mask vocabulary and its lowering to each backend's cheapest form.
 
-Vocabulary (shape legend: b batch, h query heads, i query positions, j key positions):
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
+
+Vocabulary:
 
 * `mask`   bool, True = may attend, a 4-D view broadcastable to (b, h, i, j). A key padding mask is
   kept as a (b, 1, 1, j) view: it is never expanded.

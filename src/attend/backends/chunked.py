@@ -1,7 +1,7 @@
 """`chunked`: the online-softmax (FlashAttention-2) algorithm in pure PyTorch, memory bounded by the tile.
 
-Shape legend: b batch, h query heads (= g * r), g key/value heads, r query heads per kv head,
-i query positions, j key positions, d head dim (q and k), e value head dim.
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim; here also r = h // g, the query heads per kv head.
 
 Queries are cut into tiles of `q_tile` rows and keys into tiles of `k_tile` columns. For one query tile
 the forward keeps a running row max `m`, a running row sum `l` and an unnormalised output `o`, all in

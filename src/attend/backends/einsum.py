@@ -1,7 +1,7 @@
 """`einsum`: THE reference. Readable, runs every feature, on every device, in float64 too.
 
-Shape legend: b batch, h query heads (= g * r), g key/value heads, r query heads per kv head,
-i query positions, j key positions, d head dim (q and k), e value head dim.
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim; here also r = h // g, the query heads per kv head.
 
 It holds the full (b, g, r, i, j) logits in memory, so it is the spec, not the fast path.
 """

@@ -1,7 +1,7 @@
 """FLOP counts by the flash-attention convention.
 
-Shape legend: b batch, h query heads, i query positions, j key positions, d head dim (q and k),
-e value head dim.
+Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
+d head dim (q and k), e value head dim.
 
 Forward: two matmuls, 2 FLOP per multiply-add: `2 * b * h * pairs * (d + e)`, which is the familiar
 `4 * b * h * i * j * d` when e == d. `pairs` is i * j, halved for causal with i == j (the FA2/FA3
