@@ -181,6 +181,24 @@ ROWS: list[Row] = [
         "expected `deterministic` to be a bool, got NoneType None"),
     Row("check-finite-type", "check_finite not a bool", call(check_finite="no"), TypeError,
         "expected `check_finite` to be a bool or None, got str 'no'"),
+    # --- window, documents, score ------------------------------------------------------------------
+    Row("window-int", "window not a pair", call(window=4), TypeError,
+        "expected `window` to be a pair (left, right) of ints >= 0 or None, got int 4; "
+        "hint: window=(128, 0) lets each query see itself and the 128 keys before it"),
+    Row("window-negative", "window side < 0 (flash-attn's -1 = unbounded is None here)", call(window=(-1, 0)),
+        ValueError, "expected `window` left to be an int >= 0 or None (unbounded), got -1 in window=(-1, 0)"),
+    Row("score-unknown", "unknown score", call(score="cosine"), ValueError,
+        "expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got str 'cosine'"),
+    Row("documents-float", "documents of a float dtype", call(q=q_(2, 4, 6, 8), documents=torch.zeros(2, 6)),
+        TypeError, "expected `documents` of an integer dtype (document ids), got float32; hint: `.long()`"),
+    Row("documents-shape", "documents not (b, j)", call(q=q_(2, 4, 6, 8), documents=torch.zeros(6, dtype=torch.long)),
+        ValueError, "expected `documents` of shape (b, j) = (2, 6) (or (1, j)), got shape (6)"),
+    Row("documents-i-ne-j", "one documents tensor when i != j", call(documents=torch.zeros(2, 6, dtype=torch.long)),
+        ValueError, "expected a pair (q_docs (b, i), k_docs (b, j)) for `documents` when i != j, got one tensor of "
+        "shape (2, 6) with i=5, j=6; hint: documents=(q_docs, k_docs)"),
+    Row("module-window", "Attend(window=...) not a pair (fails at construction)", lambda: Attend(window=3), TypeError,
+        "expected `window` to be a pair (left, right) of ints >= 0 or None, got int 3; "
+        "hint: window=(128, 0) lets each query see itself and the 128 keys before it"),
     # --- empty sequences ----------------------------------------------------------------------------
     Row("i-zero", "no queries (i = 0)", call(q=q_(2, 4, 0, 8)), None, "works: an empty (b, h, 0, e) output"),
     Row("j-zero", "no keys (j = 0)", call(k=kv_(2, 2, 0, 8), v=kv_(2, 2, 0, 8)), None,
