@@ -7,8 +7,9 @@ d head dim (q and k), e value head dim.
     attend explain --shape B,H,I,D [--kv-heads G] [--kv-len J] [--v-dim E] [--dtype X] [--device Y]
                    [--causal] [--mask none|padding|bool|bias] [--grad] [--dropout P] [--backend NAME]
     attend check [--device] [--dtype a,b] [--backends a,b]
-    attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu] [--device] [--dtype] [--backends a,b]
+    attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu|structured] [--device] [--dtype] [--backends a,b]
                  [--mode fwd|fwdbwd|both] [--json PATH] [--plot PATH] [--compare OLD.json [NEW.json]]
+                 [--fail-on-floor]
 
 A mistake on the command line (a bad shape string, an unknown backend, CUDA asked for where there is
 none, inputs `validate` rejects) is one line on stderr and exit code 2, never a traceback.
@@ -302,7 +303,7 @@ def cmd_check(args) -> int:
         for dtype in dtypes:
             for ci, case in enumerate(cases):
                 q, k, v, mask, bias = replace(case, dtype=dtype, device=str(device)).inputs()
-                kw = dict(mask=mask, bias=bias, causal=case.causal)
+                kw = dict(mask=mask, bias=bias, causal=case.causal, **case.options())
                 for name in names:
                     progress.update(task, description=f"{fmt_dtype(dtype)} {case.label()} {name}")
                     try:
@@ -358,7 +359,7 @@ def cmd_check(args) -> int:
 def cmd_bench(args) -> int:
     """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
 
-    from .bench.cases import HIDDEN_SUITES, SUITES
+    from .bench.cases import HIDDEN_SUITES, STRUCTURED_SUITES, SUITE_NAMES
     from .bench.report import (
         load_json,
         markdown_table,
@@ -397,9 +398,18 @@ def cmd_bench(args) -> int:
     if len(compare) == 2:  # two saved files: compare them, run nothing
         return _report_comparison(console, load(compare[0]), load(compare[1]), args)
 
-    if args.suite not in SUITES:
-        visible = ", ".join(s for s in SUITES if s not in HIDDEN_SUITES)
+    if args.suite not in SUITE_NAMES:
+        visible = ", ".join(s for s in SUITE_NAMES if s not in HIDDEN_SUITES)
         raise CliError(f"expected --suite among {visible}, got {args.suite!r}")
+    structured = args.suite in STRUCTURED_SUITES
+    if structured and (args.plot or args.backends):
+        given = "--plot" if args.plot else "--backends"
+        raise CliError(
+            f"expected no {given} with --suite {args.suite} (its rows time fixed formulations of the same attention, "
+            f"in the table, --json and --markdown), got {given}"
+        )
+    if args.fail_on_floor and not structured:
+        raise CliError(f"expected --fail-on-floor with --suite structured (it has floors), got --suite {args.suite}")
     device = parse_device(args.device)
     if device.type not in ("cpu", "cuda"):
         raise CliError(f"expected --device cpu or cuda for benchmarks, got {args.device!r}")
@@ -410,6 +420,8 @@ def cmd_bench(args) -> int:
             raise CliError("--plot needs matplotlib; install it with `pip install 'torch-attend[plot]'`") from None
     if args.min_time <= 0:
         raise CliError(f"expected --min-time > 0 seconds, got {args.min_time}")
+    # peak memory: the quick and structured tables show one candidate's (attend's, the subject's) alone
+    default_memory = "attend" if structured or args.suite == "quick" else "all"
     cfg = BenchConfig(
         suite=args.suite,
         device=device,
@@ -417,7 +429,7 @@ def cmd_bench(args) -> int:
         backends=parse_backends(args.backends),
         modes=MODES[args.mode] if args.mode else None,
         min_time=args.min_time,
-        memory="none" if args.no_memory else args.memory or ("attend" if args.suite == "quick" else "all"),
+        memory="none" if args.no_memory else args.memory or default_memory,
     )
     total = len(plan(cfg))
     with _progress("bench") as progress:
@@ -441,9 +453,15 @@ def cmd_bench(args) -> int:
     if args.plot:
         save_plot(doc, args.plot)
         console.print(f"wrote {args.plot}", markup=False)
-    if old is not None:
-        return _report_comparison(console, old, doc, args)
-    return 0
+    rc = 0 if old is None else _report_comparison(console, old, doc, args)
+    if structured:
+        failed = [r["case"] for r in doc["rows"] if r["pass"] is False]
+        for case, why in doc["omitted"].items():
+            console.print(f"{case}: left out: {why}", markup=False)
+        if failed and args.fail_on_floor:
+            console.print(f"attend bench: {len(failed)} row(s) below a floor: {', '.join(failed)}", markup=False)
+            return 1
+    return rc
 
 
 def _check_output(flag: str, path: str) -> None:
@@ -518,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         default="quick",
-        metavar="{quick,cpu,gan,vit,llm,long,gpu}",
-        help="default quick (< 1 min on 2 CPU cores)",
+        metavar="{quick,small,cpu,gan,vit,llm,long,gpu,structured}",
+        help="default quick (< 1 min on 2 CPU cores); structured: packed documents, sliding window, score='l2' "
+        "and varlen_attn, each against the formulations it replaces, with the issue's floors (2-4 min on 2 CPU cores)",
     )
     p.add_argument("--device", help="cpu or cuda; default cuda when available, else cpu")
     p.add_argument(
@@ -554,10 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory",
         choices=("all", "attend", "none"),
-        help="peak memory of every candidate, of attend alone, or none; default: attend for the quick suite "
-        "(its table shows attend's; keeps it near 50 s on 2 cores), all for the others",
+        help="peak memory of every candidate, of attend alone (structured: the subject), or none; default: attend "
+        "for the quick and structured suites (their tables show that one; keeps quick near 50 s on 2 cores), all "
+        "for the others",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (= --memory none)")
+    p.add_argument(
+        "--fail-on-floor",
+        action="store_true",
+        help="--suite structured: exit 1 when a row's ratio (or the subject's peak memory) misses its floor",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -8,17 +8,22 @@ tier 1 (GAN shapes from gigagan-pytorch), tier 2 (ViT / diffusion), tier 3 (LLM:
 causal, decoding), tier 4 (the CPU development machine). `quick` is the default suite: the README's
 headline shapes, sized to finish in under a minute on 2 CPU cores. `smoke` is tiny, for tests.
 Inputs come from the one factory the tests and `attend check` use (`attend.testing.Case.inputs`).
+
+`STRUCTURED_SUITES` (`structured`, and the tiny `structured-smoke` for tests) are another kind of suite:
+each row times different formulations of the same attention (packed documents vs a padded batch vs a
+dense block-diagonal mask, say) on the same tokens, and reports each baseline's time over the subject's
+against the issue's floor. Their candidates are built in `bench/structured.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..testing import Case, case_flags
 
-__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES"]
+__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES", "StructuredCase", "STRUCTURED_SUITES", "SUITE_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,11 @@ class BenchCase:
 
     def case(self, dtype: torch.dtype, device: torch.device | str) -> Case:
         """The case record whose `inputs()` this benchmark times."""
-        return Case(**self.shape, dtype=dtype, causal=self.causal, mask=self.mask, device=str(device), pad=self.pad)
+        s = self.shape
+        return Case(
+            s["b"], s["h"], s["g"], s["i"], s["j"], s["d"], s["e"],
+            dtype=dtype, causal=self.causal, mask=self.mask, device=str(device), pad=self.pad,
+        )
 
     def label(self) -> str:
         """Readable shape and flags: `(1, 8, 4096, 64) causal+padding`, with g, j, e where they differ."""
@@ -167,4 +176,102 @@ SUITES: dict[str, list[BenchCase]] = {
         _c("L2", 1, 32, 4096, 128, g=8, causal=True, mask="padding", modes=BOTH, note="GQA + padding + causal"),
     ],
 }
-HIDDEN_SUITES = frozenset({"smoke"})
+
+
+@dataclass(frozen=True)
+class StructuredCase:
+    """One row of a structured suite: a `subject` and the `baselines` it is timed against, interleaved, on
+    the same tokens, each a candidate name of `bench/structured.py`'s `CANDIDATES[kind]`.
+
+    `kind`: "documents" or "varlen": `lengths` are the packed sequences' lengths (one sequence of
+    sum(lengths) tokens, or a padded batch of max(lengths)); "window" or "l2": a batch of len(lengths)
+    sequences of one length. `window`: the sliding window's left extent (kind "window"). `floors`:
+    (baseline, minimum of baseline time / subject time); `memory_floor_mb`: the subject's peak memory must
+    stay below it. `needs`: "module:attribute" that must import at run time, else the row is left out
+    with a note (a feature another change is still writing)."""
+
+    name: str
+    kind: str
+    lengths: tuple[int, ...]
+    h: int
+    d: int
+    subject: str
+    baselines: tuple[str, ...]
+    floors: tuple[tuple[str, float], ...] = ()
+    window: int = 0
+    memory_floor_mb: float | None = None
+    modes: tuple[str, ...] = ("fwdbwd",)
+    needs: str | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        if self.kind in ("window", "l2") and len(set(self.lengths)) != 1:
+            raise ValueError(f"expected one length for a {self.kind} batch, got {self.lengths}")
+        for name, _ in self.floors:
+            if name not in self.baselines:
+                raise ValueError(f"expected a floor on one of {self.baselines}, got {name!r}")
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def tiny(self) -> StructuredCase:
+        """The same row at a few tokens per sequence: the warm-up (thread pools, kernel selection) that no
+        row's timing or peak memory should pay."""
+        return replace(self, lengths=tuple(max(4, n // 256) for n in self.lengths), window=min(self.window, 4))
+
+    def label(self) -> str:
+        if self.kind in ("documents", "varlen"):
+            span = f"{max(self.lengths)}..{min(self.lengths)}"
+            return f"{len(self.lengths)} seqs, {self.tokens} tokens ({span}), h={self.h}, d={self.d}, causal"
+        dims = f"({len(self.lengths)}, {self.h}, {self.lengths[0]}, {self.d})"
+        return f"{dims} causal, window ({self.window}, 0)" if self.kind == "window" else f"{dims} score=l2"
+
+
+DOC_LENGTHS = (4096, 3072, 2048, 2048, 1536, 1536, 1024, 1024)  # 16384 tokens, 8 documents
+VARLEN = "attend.varlen:varlen_attn"
+
+STRUCTURED_SUITES: dict[str, list[StructuredCase]] = {
+    # the structured-attention issue's floors, float32 on CPU, fwd+bwd (about 2-4 minutes on 2 cores)
+    "structured": [
+        StructuredCase(
+            "D1", "documents", DOC_LENGTHS, 8, 64, "attend:documents", ("attend:padded", "sdpa:dense-mask"),
+            floors=(("attend:padded", 1.8), ("sdpa:dense-mask", 4.0)), memory_floor_mb=2048.0,
+            note="packed documents, causal",
+        ),
+        StructuredCase(
+            "W1", "window", (16384,), 8, 64, "attend:window", ("attend:causal",), floors=(("attend:causal", 4.0),),
+            window=512, note="sliding window, causal",
+        ),
+        StructuredCase(
+            "L1", "l2", (1024,) * 4, 8, 64, "attend:l2", ("attend:dot", "gigagan:einsum"),
+            floors=(("attend:dot", 0.9), ("gigagan:einsum", 3.0)), note="gigagan's L2-distance attention",
+        ),
+        StructuredCase(
+            "V1", "varlen", tuple(n // 4 for n in DOC_LENGTHS), 8, 64, "varlen_attn",
+            ("attend:padded", "attend:documents"), floors=(("attend:padded", 0.9),), needs=VARLEN,
+            note="varlen_attn, (total, heads, dim); D1's lengths / 4",
+        ),
+    ],
+    # the same rows at a few dozen tokens, for tests (the floors are shown, not expected to hold)
+    "structured-smoke": [
+        StructuredCase(
+            "D1", "documents", (48, 32, 16, 16), 2, 16, "attend:documents", ("attend:padded", "sdpa:dense-mask"),
+            floors=(("attend:padded", 1.8), ("sdpa:dense-mask", 4.0)), memory_floor_mb=2048.0,
+        ),
+        StructuredCase(
+            "W1", "window", (96,), 2, 16, "attend:window", ("attend:causal",), floors=(("attend:causal", 4.0),),
+            window=16,
+        ),
+        StructuredCase(
+            "L1", "l2", (32, 32), 2, 16, "attend:l2", ("attend:dot", "gigagan:einsum"),
+            floors=(("attend:dot", 0.9), ("gigagan:einsum", 3.0)),
+        ),
+        StructuredCase(
+            "V1", "varlen", (24, 16, 8, 8), 2, 16, "varlen_attn", ("attend:padded", "attend:documents"),
+            floors=(("attend:padded", 0.9),), needs=VARLEN,
+        ),
+    ],
+}
+HIDDEN_SUITES = frozenset({"smoke", "structured-smoke"})
+SUITE_NAMES = (*SUITES, *STRUCTURED_SUITES)

@@ -69,7 +69,8 @@ def cuda_peak_bytes(call, device: torch.device) -> int:
 def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict[str, int | None]:
     """Peak RSS above the inputs for each candidate in `names`, measured in child processes.
 
-    `spec`: shape (b, h, g, i, j, d, e), mask, pad, causal, dtype, mode, threads. Returns None for a
+    `spec`: shape (b, h, g, i, j, d, e), mask, pad, causal, dtype, mode, threads; or, for a structured
+    suite's row, `structured` (the `StructuredCase` as a dict), dtype, mode, threads. Returns None for a
     candidate whose child failed.
     """
     out: dict[str, int | None] = dict.fromkeys(names)
@@ -109,21 +110,30 @@ def _child() -> None:
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     dtype = getattr(torch, spec["dtype"])
     grad = spec["mode"] != "fwd"
-    shape = spec["shape"]
 
-    def calls(sh):
+    def suite_calls(tiny: bool) -> dict:
+        shape = spec["shape"]
+        sh = dict(shape, b=1, i=min(shape["i"], 8), j=min(shape["j"], 8)) if tiny else shape
         case = Case(**sh, dtype=dtype, causal=spec["causal"], mask=spec["mask"], pad=spec["pad"])
         tensors = case.inputs(grad=grad)
         go = torch.randn(sh["b"], sh["h"], sh["i"], sh["e"], dtype=dtype) if grad else None
         return {n: make_call(n, tensors, spec["causal"], spec["mode"], go) for n in spec["impls"]}
 
-    tiny = dict(shape, b=1, i=min(shape["i"], 8), j=min(shape["j"], 8))
-    for call in calls(tiny).values():
+    def structured_calls(tiny: bool) -> dict:
+        # a structured suite's row (bench/structured.py): each candidate builds its own layout of the row's tokens
+        from .structured import build, case_from_json
+
+        case = case_from_json(spec["structured"])
+        built, _ = build(case.tiny() if tiny else case, spec["mode"], "cpu", dtype, spec["impls"])
+        return {n: b.call for n, b in built.items()}
+
+    calls = structured_calls if "structured" in spec else suite_calls
+    for call in calls(True).values():
         try:
             call()
         except Exception:  # noqa: BLE001 - the real run below reports it
             pass
-    real = calls(shape)
+    real = calls(False)
     peaks: dict[str, int | None] = {}
     reset_ok = True
 

@@ -113,19 +113,98 @@ CAPTION = (
 )
 
 
+
+def _title(doc: dict) -> str:
+    return (
+        f"attend bench --suite {doc['suite']}  ·  {doc['device_name']} ({doc['device']}), "
+        f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+    )
+
+
+# a structured suite (bench/structured.py): one line per candidate of a row, the subject first
+
+STRUCTURED_HEADERS = ["case", "shape", "pass", "candidate", "ms", "×", "floor", "verdict", "peak MB", "work"]
+STRUCTURED_CAPTION = (
+    "Each row: different formulations of the same attention on the same tokens, timed interleaved in one run "
+    "(median). ×: that baseline's time / the subject's (above 1: the subject is faster); floor: the least × "
+    "the issue accepts; peak MB: peak memory above the inputs of one pass (CPU: RSS, in a child process), "
+    "the subject's unless --memory all, its floor in the verdict."
+)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else "PASS" if ok else "FAIL"
+
+
+def _structured_lines(doc: dict) -> list[list[str]]:
+    lines = []
+    for row in doc["rows"]:
+        floors = {f["baseline"]: f for f in row["floors"]}
+        mem = row.get("memory_floor")
+        subject = row["subject"]
+        for k, (name, res) in enumerate(row["results"].items()):
+            ms = res["error"] if res["error"] is not None else _fmt(res["median_ms"], ".1f")
+            peak = _fmt(res["peak_mb"], ".1f")
+            ratio, floor, verdict = "", "", ""
+            if name == subject:
+                ratio = "subject"
+                if mem is not None:
+                    floor, verdict = f"< {mem['max_mb']:.0f} MB", _verdict(mem["pass"])
+            else:
+                x = row["speedup"].get(name)
+                ratio = _fmt(x, ".2f") + ("×" if x is not None else "")
+                if name in floors:
+                    floor, verdict = f"≥ {floors[name]['min']:g}×", _verdict(floors[name]["pass"])
+            head = [row["case"], row["label"], _mode(row)] if k == 0 else [row["case"], "", ""]
+            lines.append(head + [name, ms, ratio, floor, verdict, peak, res.get("note", "")])
+        for name, why in row.get("skipped", {}).items():
+            lines.append([row["case"], "", "", name, "left out", "", "", "", "", why])
+    return lines
+
+
+def _structured_notes(doc: dict) -> list[str]:
+    notes = [f"{case}: left out: {why}" for case, why in doc.get("omitted", {}).items()]
+    if doc.get("load_average") is not None:
+        end = doc.get("load_average_end")
+        at_end = "" if end is None else f", at the end: {end:.2f}"
+        cpus = doc.get("cpu_count")
+        notes.append(f"1-minute load average at the start: {doc['load_average']:.2f}{at_end} ({cpus} CPUs)")
+    return notes
+
+
+def _structured_rich_table(doc: dict) -> Table:
+    caption = " ".join([STRUCTURED_CAPTION, *_structured_notes(doc)])
+    table = Table(title=_title(doc), caption=caption)
+    for h in STRUCTURED_HEADERS:
+        table.add_column(h, justify="right" if h in ("ms", "×", "floor", "peak MB") else "left")
+    for cells in _structured_lines(doc):
+        style = {"PASS": "bold green", "FAIL": "bold red"}.get(cells[7], "")
+        bold = "bold" if cells[5] == "subject" else ""
+        table.add_row(*[Text(c, style=style if i == 7 else bold if i == 3 else "") for i, c in enumerate(cells)])
+    return table
+
+
+def _structured_markdown(doc: dict) -> str:
+    lines = ["| " + " | ".join(STRUCTURED_HEADERS) + " |", "|" + "|".join("---" for _ in STRUCTURED_HEADERS) + "|"]
+    for cells in _structured_lines(doc):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    env = (
+        f"{doc['device_name']} ({doc['device']}), torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+    )
+    return "\n".join(lines + ["", STRUCTURED_CAPTION, "", *[f"* {n}" for n in [env, *_structured_notes(doc)]]])
+
+
 # main functions
 
 
 def rich_table(doc: dict) -> Table:
     """The run as a `rich` table: one row per (case, pass) for attend's auto choice, then its speed-up over
     each other candidate (their time / attend's: above 1 = attend is faster). ★ marks the fastest."""
+    if doc.get("kind") == "structured":
+        return _structured_rich_table(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
-    title = (
-        f"attend bench --suite {doc['suite']}  ·  {doc['device_name']} ({doc['device']}), "
-        f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
-    )
-    table = Table(title=title, caption=CAPTION)
+    table = Table(title=_title(doc), caption=CAPTION)
     for h in HEADERS:
         table.add_column(h, justify="right" if h not in ("case", "shape", "dtype", "pass", "auto picks") else "left")
     for n in ratio_cols:
@@ -146,6 +225,8 @@ def rich_table(doc: dict) -> Table:
 
 def markdown_table(doc: dict) -> str:
     """The same table as `rich_table`, in GitHub markdown."""
+    if doc.get("kind") == "structured":
+        return _structured_markdown(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
     headers = HEADERS + [f"× {n}" for n in ratio_cols]
@@ -281,10 +362,16 @@ def save_plot(doc: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _subject_ms(row: dict) -> float | None:
+    """attend's time, or a structured row's subject's."""
+    return row["results"].get(row.get("subject", "attend"), {}).get("median_ms")
+
+
 def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, str, float | None, float | None]]:
     """Per row of `new` (matched to `old` by case, pass and dtype): (verdict, row id, old ms, new ms) for
-    attend's own time. IMPROVED: new <= old * (1 - threshold); REGRESSED: new >= old * (1 + threshold);
-    SAME in between; NEW when `old` has no such row (or no time for it)."""
+    attend's own time (a structured row's: its subject's). IMPROVED: new <= old * (1 - threshold);
+    REGRESSED: new >= old * (1 + threshold); SAME in between; NEW when `old` has no such row (or no time
+    for it)."""
 
     def key(r):
         return (r["case"], r["mode"], r["dtype"])
@@ -293,9 +380,9 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, st
     out = []
     for r in new["rows"]:
         rid = f"{r['case']} {_mode(r)} {r['dtype']}"
-        t_new = r["results"]["attend"]["median_ms"]
+        t_new = _subject_ms(r)
         o = before.get(key(r))
-        t_old = None if o is None else o["results"]["attend"]["median_ms"]
+        t_old = None if o is None else _subject_ms(o)
         if t_old is None or t_new is None:
             out.append(("NEW" if o is None else "SAME", rid, t_old, t_new))
         elif t_new <= t_old * (1 - threshold):

@@ -21,13 +21,13 @@ from .._helpers import fmt_dtype
 from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from ..testing import Case
-from .cases import SUITES, BenchCase
+from .cases import STRUCTURED_SUITES, SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
 from .impls import SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
-__all__ = ["BenchConfig", "run_suite", "environment", "SCHEMA_VERSION"]
+__all__ = ["BenchConfig", "run_suite", "environment", "load_average", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 MATMUL = "matmul"  # the ceiling, timed beside the candidates
@@ -80,6 +80,11 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def environment(device: torch.device) -> dict:
     """The facts every result file records: device, versions, threads, date."""
     env = {
@@ -93,7 +98,7 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         # the 1-minute load average when the run started: a busy machine makes every figure noisier
-        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -140,9 +145,14 @@ def _candidates(cfg: BenchConfig, inp) -> tuple[list[str], dict[str, str]]:
     return chosen, skipped
 
 
-def plan(cfg: BenchConfig) -> list[tuple[BenchCase, str]]:
-    """Every (case, mode) pair the run will measure, in order."""
-    pairs = []
+def plan(cfg: BenchConfig) -> list[tuple[Any, str]]:
+    """Every (case, mode) pair the run will measure, in order (a structured suite's rows are
+    `StructuredCase`s, those whose needs do not import left out)."""
+    if cfg.suite in STRUCTURED_SUITES:
+        from . import structured
+
+        return list(structured.plan(cfg))
+    pairs: list[tuple[Any, str]] = []
     for case in SUITES[cfg.suite]:
         for mode in cfg.modes or case.modes:
             pairs.append((case, mode))
@@ -278,9 +288,15 @@ def run_suite(
     Each row: the case, the backend auto picks, and per candidate the median time, GFLOP/s (flash-attention
     convention), % of a same-size matmul, peak memory; `speedup[name]` = that candidate's time / attend's
     (above 1: attend is faster); `fastest` names the quickest candidate (`attend:unchecked`, the cost of
-    the NaN/inf check, is timed but never `fastest`).
+    the NaN/inf check, is timed but never `fastest`). A structured suite (`cases.STRUCTURED_SUITES`) runs
+    through `structured.run_structured` instead: its document has `kind: "structured"` and rows of its own.
     """
+    if cfg.suite in STRUCTURED_SUITES:
+        from .structured import run_structured
+
+        return run_structured(cfg, on_status=on_status, on_row=on_row)
     status = on_status or (lambda _msg: None)
+    env = environment(cfg.device)  # date and load average at the start of the run
     status("warming up")
     _warm_up(cfg)
     rows = []
@@ -292,7 +308,8 @@ def run_suite(
     return {
         "schema": SCHEMA_VERSION,
         "suite": cfg.suite,
-        **environment(cfg.device),
+        **env,
+        "load_average_end": load_average(),
         "min_time_s": cfg.min_time,
         "rows": rows,
     }
