@@ -41,6 +41,7 @@ from dataclasses import replace
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .inputs import AttnInputs
@@ -189,7 +190,8 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
     if inp.score != "l2":
         return inp, None
     acc = torch.float64 if inp.dtype == torch.float64 else torch.float32
-    sq = inp.k.to(acc).square().sum(-1, keepdim=True)  # (b, g, j, 1)
+    # |k|^2 accumulated in acc without a widened copy of k; (b, g, j, 1)
+    sq = torch.linalg.vector_norm(inp.k, dim=-1, keepdim=True, dtype=acc).square()
     with torch.no_grad():
         # minus a constant per (b, g): softmax does not see it (every row of the group gets it on every key),
         # and the column then holds |k|^2's spread, not its size, so it rounds far less in the input dtype
@@ -197,12 +199,11 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
         # padded keys (NaN, inf, 1e30) cannot move it. Detached: the true gradient of a constant is zero.
         center = torch.nanmedian(torch.where(torch.isfinite(sq), sq, math.nan), dim=-2, keepdim=True).values
         center = center.nan_to_num(0.0)
-    half_sq = ((sq - center) * -0.5).to(inp.dtype)
-    q = torch.cat([inp.q, inp.q.new_ones(*inp.q.shape[:-1], 1)], -1)
-    k = torch.cat([inp.k, half_sq], -1)
+    q = F.pad(inp.q, (0, 1), value=1.0)
+    k = torch.cat([inp.k, ((sq - center) * -0.5).to(inp.dtype)], -1)
     v, e = inp.v, None
     if inp.e == inp.d:
-        v, e = torch.cat([inp.v, inp.v.new_zeros(*inp.v.shape[:-1], 1)], -1), inp.e
+        v, e = F.pad(inp.v, (0, 1)), inp.e
     return replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot"), e
 
 

@@ -214,6 +214,46 @@ def _plain_eager(t: Tensor) -> bool:
     return functorch is None or not functorch.is_functorch_wrapped_tensor(t)
 
 
+class _BlockGrads(torch.autograd.Function):
+    """Query blocks of one call, each against its own keys, with a backward that writes each block's
+    dq, dk, dv into preallocated full tensors (a slice-add per block) instead of letting autograd sum one
+    full-size gradient per block. First-order only: `TwiceDifferentiable` handles create_graph above it."""
+
+    @staticmethod
+    def forward(ctx, block, blocks, q, k, v):  # type: ignore[override]
+        ctx.blocks = blocks
+        ctx.graphs = []
+        outs = []
+        with torch.enable_grad():
+            for rows, cols, masked in blocks:
+                qb = q[:, :, rows].detach().requires_grad_(q.requires_grad)
+                kb = (k if cols is None else k[:, :, cols]).detach().requires_grad_(k.requires_grad)
+                vb = (v if cols is None else v[:, :, cols]).detach().requires_grad_(v.requires_grad)
+                out = block(rows, cols, masked, qb, kb, vb)
+                ctx.graphs.append((out, qb, kb, vb))
+                outs.append(out.detach())
+        ctx.shapes = (q, k, v)
+        ctx.set_materialize_grads(True)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v = ctx.shapes
+        grads = [torch.zeros_like(t) if t.requires_grad else None for t in (q, k, v)]
+        for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
+            wanted = [t for t in (qb, kb, vb) if t.requires_grad]
+            if cols is None or not wanted or not out.requires_grad:
+                continue
+            got = iter(torch.autograd.grad(out, wanted, dout[:, :, rows], allow_unused=True))
+            for n, (leaf, where) in enumerate(((qb, rows), (kb, cols), (vb, cols))):
+                if leaf.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        grads[n][:, :, where] += g  # type: ignore[index]
+        ctx.graphs = None
+        return None, None, *grads
+
+
 def _expand_kv(t: Tensor, h: int) -> Tensor:
     """(b, g, j, x) -> (b, h, j, x), a copy: only for kernels with no native grouped-query path."""
     b, g, j, x = t.shape
@@ -290,17 +330,26 @@ class SdpaBackend(Backend):
         structure = Structure(inp)
         if torch.compiler.is_compiling():
             return self._call(inp, q, k, v, kwargs, bias_dtype, None, None, masked=True, structure=structure)
-        outs = []
+        blocks = []  # (rows, cols or None when no key is visible, masked)
         for start in range(0, inp.i, self.query_block):
             rows = slice(start, min(start + self.query_block, inp.i))
             lo, hi, full_lo, full_hi = structure.rows(rows.start, rows.stop)
-            if hi <= lo:  # no query here sees any key: output 0 (and gradient 0, still connected to q)
-                outs.append(q.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * q[:, :, rows, :1])
-                continue
-            cols = slice(lo, hi)
-            full = full_lo <= lo and hi <= full_hi
-            block = (q[:, :, rows], k[:, :, cols], v[:, :, cols])
-            outs.append(self._call(inp, *block, kwargs, bias_dtype, rows, cols, masked=not full, structure=structure))
+            blocks.append((rows, slice(lo, hi) if hi > lo else None, not (full_lo <= lo and hi <= full_hi)))
+
+        def block(rows: slice, cols: slice | None, masked: bool, qb: Tensor, kb: Tensor, vb: Tensor) -> Tensor:
+            if cols is None:  # no query here sees any key: output 0 (and gradient 0, still connected to q)
+                return qb.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * qb[..., :1]
+            return self._call(inp, qb, kb, vb, kwargs, bias_dtype, rows, cols, masked=masked, structure=structure)
+
+        caps = self.caps_for(inp.device)
+        if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q):
+            # a first-order kernel (behind attend.grad2's gate for create_graph): one graph per block, its
+            # gradients added into dq, dk, dv in place (autograd's own slicing would add a zero-filled full-size
+            # dk, dv per block: quadratic in the number of blocks)
+            return _BlockGrads.apply(block, blocks, q, k, v)
+        outs = []
+        for rows, cols, masked in blocks:
+            outs.append(block(rows, cols, masked, q[:, :, rows], *(k[:, :, cols], v[:, :, cols]) if cols else (k, v)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _native_lower_right(self, inp: AttnInputs, kwargs: dict) -> bool:
