@@ -66,8 +66,18 @@ def test_explain_accepts_every_cli_hint(capsys):
     """`AttnInputs.cli_hint()` (printed by NoBackendError) must be a command the CLI accepts."""
     q = torch.randn(1, 4, 5, 16, requires_grad=True)
     kv = torch.randn(1, 2, 7, 16)
-    for kwargs in ({"mask": torch.ones(1, 7, dtype=torch.bool)}, {"bias": torch.randn(1, 4, 5, 7)}, {"dropout_p": 0.25}):
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
+    for kwargs in (
+        {"mask": torch.ones(1, 7, dtype=torch.bool)}, {"bias": torch.randn(1, 4, 5, 7)}, {"dropout_p": 0.25},
+        {"window": (3, None), "score": "l2"},
+    ):  # fmt: skip
         hint = validate(q, kv, kv, causal=True, **kwargs).cli_hint()
+        rc, out, err = run(capsys, *hint.split()[1:])
+        assert rc == 0, err
+        assert "SELECTED" in out
+    for structure in ({"documents": docs}, {"documents": docs, "window": (2, 2), "score": "l2"}):
+        hint = validate(kv[:, :1].expand(1, 4, 7, 16), kv, kv, causal=True, **structure).cli_hint()
+        assert "--documents 2,3,2" in hint
         rc, out, err = run(capsys, *hint.split()[1:])
         assert rc == 0, err
         assert "SELECTED" in out
@@ -85,6 +95,10 @@ ERRORS = [
     (["explain", "--shape", "2,8,16,64", "--dropout", "1.5"], "dropout_p"),
     (["explain", "--shape", "2,8,16,64", "--dtype", "int8"], "--dtype"),
     (["explain", "--shape", "2,8,16,64", "--backend", "nope"], "backend"),
+    (["explain", "--shape", "2,8,16,64", "--window", "4"], "--window LEFT,RIGHT"),
+    (["explain", "--shape", "2,8,16,64", "--window", "a,b"], "--window LEFT,RIGHT"),
+    (["explain", "--shape", "2,8,16,64", "--window=-1,0"], "expected `window` left"),
+    (["explain", "--shape", "2,8,16,64", "--documents", "4,4"], "add up to the query and key length 16"),
     (["bench", "--backends", "sdpa:flash,nope"], "nope"),
     (["bench", "--suite", "nope"], "--suite"),
     (["bench", "--compare", "/nonexistent/old.json"], "old.json"),

@@ -257,8 +257,32 @@ def cmd_explain(args) -> int:
     if args.grad:
         for t in (q, k, v):
             t.requires_grad_(True)
+    window = documents = None
+    if args.window is not None:
+        sides = args.window.split(",")
+        try:
+            window = tuple(None if w.strip().lower() == "none" else int(w) for w in sides)
+        except ValueError:
+            sides = []
+        if len(sides) != 2:
+            raise CliError(f"expected --window LEFT,RIGHT (ints, or 'none' for unbounded), got {args.window!r}")
+    if args.documents is not None:
+        try:
+            lengths = [int(n) for n in args.documents.split(",")]
+        except ValueError:
+            raise CliError(f"expected --documents as comma-separated lengths, got {args.documents!r}") from None
+        if sum(lengths) != i or i != j or min(lengths) < 1:
+            raise CliError(
+                f"expected --documents lengths >= 1 that add up to the query and key length {i}, got {args.documents!r}"
+                + ("" if i == j else f" (and i == j; here j = {j})")
+            )
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+        documents = ids[None].expand(b, i)
     try:
-        inp = validate(q, k, v, mask=mask, bias=bias, causal=args.causal, dropout_p=args.dropout)
+        inp = validate(
+            q, k, v, mask=mask, bias=bias, causal=args.causal, dropout_p=args.dropout, window=window,
+            documents=documents, score=args.score,
+        )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise CliError(_one_line(exc)) from None
     report = explain_inputs(inp, args.backend)
@@ -522,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="dropout probability")
+    p.add_argument("--window", metavar="LEFT,RIGHT", help="sliding window, each side an int or 'none' (unbounded)")
+    p.add_argument("--documents", metavar="N1,N2,...", help="packed documents of these lengths (they add up to i = j)")
+    p.add_argument("--score", choices=("dot", "l2"), default="dot", help="dot (default) or l2 (GigaGAN)")
     p.add_argument("--backend", metavar="NAME", help="explain a pinned backend instead of auto")
     p.set_defaults(func=cmd_explain)
 

@@ -398,8 +398,8 @@ def _lowering(inp: AttnInputs, chosen: str | None) -> list[str]:
     notes = []
     if inp.score == "l2":
         notes.append(
-            "score='l2' runs as a dot product: q' = [q, 1], k' = [k, -|k|^2 / 2], scale' = 2 * scale "
-            "(|q|^2 is constant per row and cancels in softmax)"
+            "score='l2' runs as a dot product: q' = [q, 1], k' = [k, -(|k|^2 - c) / 2], scale' = 2 * scale "
+            "(|q|^2 and c, a median per (b, g), are constant per row and cancel in softmax)"
         )
     if inp.structured and chosen is not None:
         backend = _registry.get(chosen)

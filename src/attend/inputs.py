@@ -256,6 +256,11 @@ class AttnInputs:
             parts.append(f"--dropout {self.dropout_p}")
         if self.window is not None:
             parts.append("--window " + ",".join("none" if w is None else str(w) for w in self.window))
+        if self.q_docs is not None and self.q_docs is self.k_docs and self.q_docs.device.type == "cpu":
+            ids = self.q_docs[0]
+            starts = torch.nonzero(torch.cat([ids.new_ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])).flatten()
+            lengths = torch.diff(torch.cat([starts, starts.new_tensor([ids.numel()])])).tolist()
+            parts.append("--documents " + ",".join(str(n) for n in lengths))
         if self.score != "dot":
             parts.append(f"--score {self.score}")
         if backend is not None:
