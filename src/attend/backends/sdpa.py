@@ -220,7 +220,7 @@ class _BlockGrads(torch.autograd.Function):
     full-size gradient per block. First-order only: `TwiceDifferentiable` handles create_graph above it."""
 
     @staticmethod
-    def forward(ctx, block, blocks, q, k, v):  # type: ignore[override]
+    def forward(ctx, block, blocks, q, k, v):
         ctx.blocks = blocks
         ctx.graphs = []
         outs = []
@@ -237,7 +237,7 @@ class _BlockGrads(torch.autograd.Function):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         q, k, v = ctx.shapes
         grads = [torch.zeros_like(t) if t.requires_grad else None for t in (q, k, v)]
         for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
@@ -249,7 +249,7 @@ class _BlockGrads(torch.autograd.Function):
                 if leaf.requires_grad:
                     g = next(got)
                     if g is not None:
-                        grads[n][:, :, where] += g  # type: ignore[index]
+                        grads[n][:, :, where] += g
         ctx.graphs = None
         return None, None, *grads
 
