@@ -440,7 +440,12 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 
 def _autocast_on(device_type: str) -> bool:
+    if device_type in _AUTOCAST_DEVICES:  # the common devices: one C call (this runs three times per call)
+        return torch.is_autocast_enabled(device_type)
     return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})
 
 
 _autocast_available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))

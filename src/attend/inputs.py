@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,13 +70,13 @@ def _broadcast_4d(name: str, t: Tensor, target: tuple[int, int, int, int], what:
 # main classes
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """Every non-tensor option of a call, as the caller gave it (unchecked; `validate` checks it).
 
     `attention`, `explain`, `Attend` and the dispatcher pass this one record, and its hash is part of the
     per-call cache key: a new option is a field here and its check in `_check_options` (plus the keyword
-    in the public signatures, which a test keeps identical between `attention` and `explain`)."""
+    in the public signatures, which a test keeps identical between `attention` and `explain`). A NamedTuple:
+    built on every call, and about 2 us cheaper to build than a frozen dataclass."""
 
     causal: Any = False
     scale: Any = None
