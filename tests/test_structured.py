@@ -238,6 +238,9 @@ def test_attend_module_takes_window_score_and_documents():
     ref = attention(q, k, v, window=(4, 0), score="l2", causal=True, documents=docs, backend="einsum")
     torch.testing.assert_close(out, ref, **tolerance(torch.float32))
     assert "per block" in str(m.explain(q, k, v, documents=docs))
+    wide = attention(q, k, v, window=(9, 0), score="l2", causal=True, documents=docs, backend="einsum")
+    torch.testing.assert_close(m(q, k, v, documents=docs, window=(9, 0)), wide, **tolerance(torch.float32))
+    assert "window (9, 0)" in str(m.explain(q, k, v, window=(9, 0)))
 
 
 @pytest.mark.parametrize(

@@ -87,20 +87,21 @@ class Attend(nn.Module):
             f"backend={self.backend!r}{extra}, deterministic={self.deterministic}, check_finite={self.check_finite}"
         )
 
-    def _options(self, causal: bool | None) -> Options:
+    def _options(self, causal: bool | None, window: tuple[int | None, int | None] | None = None) -> Options:
         return Options(
             causal=default(causal, self.causal),
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            window=self.window,
+            window=default(window, self.window),
             score=self.score,
             deterministic=self.deterministic,
             check_finite=self.check_finite,
         )
 
-    def _inputs(self, q, k, v, mask, bias, causal, documents=None):
+    def _inputs(self, q, k, v, mask, bias, causal, documents=None, window=None):
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # under autocast: one dtype, the autocast one
-        return validate(q, k, v, mask=mask, bias=bias, documents=documents, options=self._options(causal))
+        options = self._options(causal, window)
+        return validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options)
 
     def forward(
         self,
@@ -111,15 +112,16 @@ class Attend(nn.Module):
         bias: Tensor | None = None,
         causal: bool | None = None,
         documents: Tensor | tuple[Tensor, Tensor] | None = None,
+        window: tuple[int | None, int | None] | None = None,
     ) -> Tensor:
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-        options = self._options(causal)
+        options = self._options(causal, window)
         if self.flash is True and self.backend is None:
             try:
                 return call(q, k, v, mask, bias, documents, options=options, fused_only=True)
             except NoBackendError:
                 # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
-                hint = self._inputs(q, k, v, mask, bias, causal, documents).cli_hint()
+                hint = self._inputs(q, k, v, mask, bias, causal, documents, window).cli_hint()
                 _log_once(f"Attend(flash=True): no fused kernel can run {hint!r}; using auto")
         return call(q, k, v, mask, bias, documents, options=options, backend=self.backend)
 
@@ -132,9 +134,10 @@ class Attend(nn.Module):
         bias: Tensor | None = None,
         causal: bool | None = None,
         documents: Tensor | tuple[Tensor, Tensor] | None = None,
+        window: tuple[int | None, int | None] | None = None,
     ) -> Report:
         """The `Report` for what `forward` would run on these inputs (in the module's current mode)."""
-        inp = self._inputs(q, k, v, mask, bias, causal, documents)
+        inp = self._inputs(q, k, v, mask, bias, causal, documents, window)
         fused_only = self.flash is True and self.backend is None
         report = explain_inputs(inp, self.backend, fused_only=fused_only)
         if fused_only and report.backend is None:
@@ -165,8 +168,9 @@ Attend.__doc__ = (
             CPU, off on CUDA (no host sync per call); True: everywhere; False: off (one extra read of q, k,
             v per call saved where inputs are known finite). `attention`'s docstring has the details.
 
-    forward(q, k, v, mask=None, bias=None, causal=None, documents=None) -> out
+    forward(q, k, v, mask=None, bias=None, causal=None, documents=None, window=None) -> out
         documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.
+        window: this call's (left, right), overriding the module's (None: the module's).
 """
     + _DOC_SEMANTICS
     + """
