@@ -30,7 +30,7 @@ from ._helpers import fmt_shape
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs, Options, validate
-from .masks import Structure, dead_keys, lower_score, rows_that_see
+from .masks import dead_keys, lower_score, rows_that_see
 
 __all__ = [
     "PRIORITY",
@@ -389,29 +389,26 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
         hint=shown.cli_hint(backend),
         candidates=auto,
         requested=backend,
-        lowering=_lowering(shown, chosen),
+        lowering=_lowering(inp, reasons, chosen, l2=shown.score == "l2"),
     )
 
 
-def _lowering(inp: AttnInputs, chosen: str | None) -> list[str]:
-    """How the chosen backend runs what no kernel takes directly: the l2 score, window and documents."""
+def _lowering(inp: AttnInputs, reasons: dict[str, list[str]], chosen: str | None, *, l2: bool) -> list[str]:
+    """How each backend that can run `inp` (the chosen one first) runs what no kernel takes directly: the l2
+    score, window and documents (each backend says it: `Backend.lowering`)."""
     notes = []
-    if inp.score == "l2":
+    if l2:
         notes.append(
             "score='l2' runs as a dot product: q' = [q, 1], k' = [k, -(|k|^2 - c) / 2], scale' = 2 * scale "
             "(|q|^2 and c, a median per (b, g), are constant per row and cancel in softmax)"
         )
-    if inp.structured and chosen is not None:
-        backend = _registry.get(chosen)
-        block = getattr(backend, "query_block", None) or getattr(backend, "q_tile", None)
-        if chosen == "einsum":
-            notes.append("window / documents: the reference applies them as one dense bool mask (the spec)")
-        else:
-            if chosen.startswith("chunked") and block is None:
-                from .backends.chunked import TILES
-
-                block = TILES.get(inp.device.type, TILES["cpu"])[0]
-            notes.append(f"{chosen}: " + Structure(inp).describe(block or 0))
+    if inp.structured:
+        names = [n for n, why in reasons.items() if not why]
+        names.sort(key=lambda n: n != chosen)
+        for name in names:
+            how = _registry[name].lowering(inp)
+            if how:
+                notes.append(f"{name}: {how}")
     return notes
 
 

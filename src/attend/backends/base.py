@@ -151,6 +151,10 @@ class Backend:
             return 0
         return inp.b * inp.h * inp.i * inp.j * accum_dtype(inp.dtype).itemsize
 
+    def lowering(self, inp: AttnInputs) -> str | None:
+        """How `run` handles a window or documents (what `explain` prints), or None: nothing to say."""
+        return None
+
     def supports(self, inp: AttnInputs) -> bool:
         return not self.reasons_unsupported(inp)
 

@@ -776,5 +776,12 @@ class ChunkedBackend(Backend):
     def run(self, inp: AttnInputs) -> Tensor:
         return chunked_attention(inp, q_tile=self.q_tile, k_tile=self.k_tile)
 
+    def lowering(self, inp: AttnInputs) -> str | None:
+        if not inp.structured:
+            return None
+        q_tile, k_tile = TILES.get(inp.device.type, TILES["cpu"])
+        q_tile, k_tile = self.q_tile or q_tile, self.k_tile or k_tile
+        return Structure(inp).describe(q_tile) + f"; key tiles of {k_tile} outside every row's keys are skipped"
+
     def __repr__(self) -> str:
         return f"<attend backend {self.name!r} q_tile={self.q_tile} k_tile={self.k_tile}>"

@@ -98,3 +98,8 @@ class EinsumBackend(Backend):
 
     def run(self, inp: AttnInputs) -> Tensor:
         return einsum_attention(inp)
+
+    def lowering(self, inp: AttnInputs) -> str | None:
+        if not inp.structured:
+            return None
+        return "the reference: window and documents as one dense (b, 1, i, j) bool mask, every key computed"

@@ -286,6 +286,13 @@ class SdpaBackend(Backend):
             return TwiceDifferentiable.apply(out, inp, inp.q, inp.k, inp.v, inp.bias)
         return out
 
+    def lowering(self, inp: AttnInputs) -> str | None:
+        if not inp.structured:
+            return None
+        if torch.compiler.is_compiling():
+            return "under torch.compile: one call with the structure as a mask"
+        return Structure(inp).describe(self.query_block)
+
     def _kernel(self, inp: AttnInputs, caps: Caps) -> Tensor:
         q, k, v = inp.q, inp.k, inp.v
         kwargs: dict[str, Any] = {"scale": inp.scale, "dropout_p": inp.dropout_p}
