@@ -1,6 +1,6 @@
 """attend as a Hugging Face transformers attention implementation: a tiny randomly initialised Llama
 (no download) gives the same logits as attn_implementation="sdpa" on padded batches, and the same greedy
-tokens with a KV cache."""
+tokens with a KV cache, dynamic or static (`cache_implementation="static"`)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,40 @@ def test_greedy_generation_with_kv_cache_matches_sdpa(models, calls):
     got = ours.generate(input_ids=ids, **kw)
     assert torch.equal(got, expected)
     assert any(q[2] == 1 and k[2] > 1 for q, k, _, _ in calls)  # decoding steps against the cache ran through attend
+
+
+@pytest.mark.parametrize("rows", [2, 1], ids=["b2-left-padded", "b1"])
+def test_greedy_generation_with_static_cache_matches_sdpa(models, calls, rows):
+    """cache_implementation="static": transformers preallocates (b, g, max_cache_len, d) key/value buffers,
+    writes each step's keys into them in place (`StaticLayer.update`, index_copy_ at the fill length) and hands
+    the attention function the whole buffers every call. Prefill: q (b, h, n, d) against (b, g, max_cache_len, d)
+    with a bool (b, 1, n, max_cache_len) mask (None and upper-left `is_causal` for an unpadded b == 1 prompt,
+    which hides the empty slots); decoding: q (b, h, 1, d) with a bool (b, 1, 1, max_cache_len) mask, True on
+    the filled, non-padding slots. Same tokens and per-step logits as sdpa, left padding included."""
+    ref, ours = models
+    ids, am = _batch("left")
+    ids, am = ids[:rows], am[:rows]  # b2: row 1 has 4 pads on the left
+    new = 12
+    # min_new_tokens: a random model may emit eos at once, and every row must decode all 12 steps
+    kw = dict(
+        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, cache_implementation="static",
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    if rows == 2:
+        kw["attention_mask"] = am
+    expected = ref.generate(input_ids=ids, **kw)
+    calls.clear()
+    got = ours.generate(input_ids=ids, **kw)
+    assert got.sequences.shape == (rows, N + new) and torch.equal(got.sequences, expected.sequences)
+    assert len(got.logits) == new
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, **tolerance(a.dtype), msg=f"step {step}")
+    # every call saw the whole static buffer: one key length, at least prompt + new - 1 slots
+    key_lengths = {k[2] for _, k, _, _ in calls}
+    assert len(key_lengths) == 1 and key_lengths.pop() >= N + new - 1
+    decode = [(q, k, m, c) for q, k, m, c in calls if q[2] == 1]
+    assert len(decode) == 2 * (new - 1)  # two layers, every step after the prefill
+    assert all(k[1] == 2 and m == torch.bool and not c for _, k, m, c in decode)  # g heads, a bool mask
 
 
 def test_forward_signature_and_layout():

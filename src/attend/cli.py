@@ -7,7 +7,7 @@ d head dim (q and k), e value head dim.
     attend explain --shape B,H,I,D [--kv-heads G] [--kv-len J] [--v-dim E] [--dtype X] [--device Y]
                    [--causal] [--mask none|padding|bool|bias] [--grad] [--dropout P] [--backend NAME]
     attend check [--device] [--dtype a,b] [--backends a,b]
-    attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu|structured] [--device] [--dtype] [--backends a,b]
+    attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu|structured|decode] [--device] [--dtype] [--backends a,b]
                  [--mode fwd|fwdbwd|both] [--json PATH] [--plot PATH] [--compare OLD.json [NEW.json]]
                  [--fail-on-floor]
 
@@ -383,7 +383,7 @@ def cmd_check(args) -> int:
 def cmd_bench(args) -> int:
     """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
 
-    from .bench.cases import HIDDEN_SUITES, STRUCTURED_SUITES, SUITE_NAMES
+    from .bench.cases import DECODE_SUITES, HIDDEN_SUITES, STRUCTURED_SUITES, SUITE_NAMES
     from .bench.report import (
         load_json,
         markdown_table,
@@ -426,14 +426,33 @@ def cmd_bench(args) -> int:
         visible = ", ".join(s for s in SUITE_NAMES if s not in HIDDEN_SUITES)
         raise CliError(f"expected --suite among {visible}, got {args.suite!r}")
     structured = args.suite in STRUCTURED_SUITES
+    decode = args.suite in DECODE_SUITES
     if structured and (args.plot or args.backends):
         given = "--plot" if args.plot else "--backends"
         raise CliError(
             f"expected no {given} with --suite {args.suite} (its rows time fixed formulations of the same attention, "
             f"in the table, --json and --markdown), got {given}"
         )
-    if args.fail_on_floor and not structured:
-        raise CliError(f"expected --fail-on-floor with --suite structured (it has floors), got --suite {args.suite}")
+    if decode:
+        wrong = [
+            flag
+            for flag, on in (
+                ("--plot", args.plot),
+                ("--backends", args.backends),
+                ("--mode " + str(args.mode), args.mode not in (None, "fwd")),
+                ("--memory " + str(args.memory), args.memory not in (None, "none")),
+            )
+            if on
+        ]
+        if wrong:
+            raise CliError(
+                f"expected no {wrong[0]} with --suite {args.suite} (one decoding step, no grad, against fixed "
+                f"candidates, measured as time and bandwidth, not memory), got {wrong[0]}"
+            )
+    if args.fail_on_floor and not (structured or decode):
+        raise CliError(
+            f"expected --fail-on-floor with --suite structured or decode (they have floors), got --suite {args.suite}"
+        )
     device = parse_device(args.device)
     if device.type not in ("cpu", "cuda"):
         raise CliError(f"expected --device cpu or cuda for benchmarks, got {args.device!r}")
@@ -445,7 +464,7 @@ def cmd_bench(args) -> int:
     if args.min_time <= 0:
         raise CliError(f"expected --min-time > 0 seconds, got {args.min_time}")
     # peak memory: the quick and structured tables show one candidate's (attend's, the subject's) alone
-    default_memory = "attend" if structured or args.suite == "quick" else "all"
+    default_memory = "none" if decode else "attend" if structured or args.suite == "quick" else "all"
     cfg = BenchConfig(
         suite=args.suite,
         device=device,
@@ -478,8 +497,8 @@ def cmd_bench(args) -> int:
         save_plot(doc, args.plot)
         console.print(f"wrote {args.plot}", markup=False)
     rc = 0 if old is None else _report_comparison(console, old, doc, args)
-    if structured:
-        failed = [r["case"] for r in doc["rows"] if r["pass"] is False]
+    if structured or decode:
+        failed = [r["case"] + (f" {r['dtype']}" if decode else "") for r in doc["rows"] if r["pass"] is False]
         for case, why in doc["omitted"].items():
             console.print(f"{case}: left out: {why}", markup=False)
         if failed and args.fail_on_floor:
@@ -563,13 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         default="quick",
-        metavar="{quick,small,cpu,gan,vit,llm,long,gpu,structured}",
+        metavar="{quick,small,cpu,gan,vit,llm,long,gpu,structured,decode}",
         help="default quick (< 1 min on 2 CPU cores); structured: packed documents, sliding window, score='l2' "
-        "and varlen_attn, each against the formulations it replaces, with the issue's floors (2-4 min on 2 CPU cores)",
+        "and varlen_attn, each against the formulations it replaces, with the issue's floors (2-4 min on 2 CPU cores); "
+        "decode: one decoding step against a KV cache (1k-32k keys, b=1 and 8, float32 and bfloat16): "
+        "attend.kvcache.with_kvcache, contiguous and paged, vs SDPA on the valid slice, as GB/s of cache read and "
+        "%% of a copy's bandwidth, with the issue's floors (a few minutes on 2 CPU cores)",
     )
     p.add_argument("--device", help="cpu or cuda; default cuda when available, else cpu")
     p.add_argument(
-        "--dtype", help="override every case's dtype (default: the case's, else float32 on CPU, bfloat16 on CUDA)"
+        "--dtype",
+        help="override every case's dtype (default: the case's, else float32 on CPU, bfloat16 on CUDA; decode: each "
+        "(b, j) row once, in this dtype)",
     )
     p.add_argument(
         "--backends", metavar="A,B", help="backends to time besides auto; default every registered one but einsum"
@@ -601,14 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         choices=("all", "attend", "none"),
         help="peak memory of every candidate, of attend alone (structured: the subject), or none; default: attend "
-        "for the quick and structured suites (their tables show that one; keeps quick near 50 s on 2 cores), all "
-        "for the others",
+        "for the quick and structured suites (their tables show that one; keeps quick near 50 s on 2 cores), none "
+        "for decode (it measures bandwidth), all for the others",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (= --memory none)")
     p.add_argument(
         "--fail-on-floor",
         action="store_true",
-        help="--suite structured: exit 1 when a row's ratio (or the subject's peak memory) misses its floor",
+        help="--suite structured or decode: exit 1 when a row's ratio (or the subject's peak memory or share of the "
+        "copy bandwidth) misses its floor",
     )
     p.set_defaults(func=cmd_bench)
     return parser

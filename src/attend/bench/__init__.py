@@ -1,7 +1,8 @@
 """Benchmarks behind `attend bench`: suites as data (`cases`), FLOP counting (`flops`), an interleaved
 median timer (`timer`), peak memory (`memory`), the candidates (`impls`), the runner (`run`), the
 structured suites' candidates and runner (`structured`: formulations of the same attention side by
-side, with floors) and the reports (`report`: rich table, JSON, markdown, PNG plot, comparison).
+side, with floors), the decode suites' (`decode`: one decoding step against a KV cache, as GB/s and a
+share of a copy's bandwidth) and the reports (`report`: rich table, JSON, markdown, PNG plot, comparison).
 
 Shape legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
 d head dim (q and k), e value head dim.

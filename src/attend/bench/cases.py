@@ -13,6 +13,10 @@ Inputs come from the one factory the tests and `attend check` use (`attend.testi
 each row times different formulations of the same attention (packed documents vs a padded batch vs a
 dense block-diagonal mask, say) on the same tokens, and reports each baseline's time over the subject's
 against the issue's floor. Their candidates are built in `bench/structured.py`.
+
+`DECODE_SUITES` (`decode`, and the tiny `decode-smoke` for tests): one decoding step (i = 1) against a KV
+cache of j keys, `attend.kvcache.with_kvcache` on a contiguous and on a paged cache against a direct SDPA
+call, each as GB/s of cache read and its fraction of a same-run copy's bandwidth. Built in `bench/decode.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ import torch
 
 from ..testing import Case, case_flags
 
-__all__ = ["BenchCase", "SUITES", "HIDDEN_SUITES", "StructuredCase", "STRUCTURED_SUITES", "SUITE_NAMES"]
+__all__ = [
+    "BenchCase",
+    "SUITES",
+    "HIDDEN_SUITES",
+    "StructuredCase",
+    "STRUCTURED_SUITES",
+    "DecodeCase",
+    "DECODE_SUITES",
+    "SUITE_NAMES",
+]
 
 
 @dataclass(frozen=True)
@@ -273,5 +286,82 @@ STRUCTURED_SUITES: dict[str, list[StructuredCase]] = {
         ),
     ],
 }
-HIDDEN_SUITES = frozenset({"smoke", "structured-smoke"})
-SUITE_NAMES = (*SUITES, *STRUCTURED_SUITES)
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """One row of a decode suite: one decoding step, q (b, h, 1, d), against a cache of j keys per row,
+    (b, g, j, d) keys and (b, g, j, d) values of `dtype`. The cache holds j - 1 tokens; the timed call appends
+    the step's key and value at slot j - 1 and attends all j (candidates in `bench/decode.py`).
+
+    `block_size`: the paged layout's page size (j a multiple of it); `copy_mb`: the size of the copy that
+    measures the machine's bandwidth in the same run; `beyond_llc`: each call reads the next of enough
+    layers' caches (and the copy is made large enough) that no call finds its bytes in the last-level cache,
+    as in a model with many layers (False: one cache, read again and again; the tiny suite); `floors`:
+    (what, minimum) with what "copy" (the subject's GB/s of cache read over the copy's, a fraction), a
+    baseline (its time / the subject's) or "attend:paged" (the contiguous cache's time / the paged one's: the
+    paged speed as a fraction of the contiguous); `needs`: "module:attribute" of the subject, which must
+    import at run time, else the row is left out with the reason."""
+
+    name: str
+    b: int
+    h: int
+    g: int
+    d: int
+    j: int
+    dtype: torch.dtype
+    block_size: int = 256
+    copy_mb: int = 256
+    beyond_llc: bool = True
+    floors: tuple[tuple[str, float], ...] = ()
+    needs: str = "attend.kvcache:with_kvcache"
+    note: str = ""
+
+    def __post_init__(self):
+        if self.j % self.block_size or self.h % self.g:
+            raise ValueError(
+                f"expected j a multiple of block_size and h of g, got j={self.j}, block_size={self.block_size}, "
+                f"h={self.h}, g={self.g}"
+            )
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"b": self.b, "h": self.h, "g": self.g, "i": 1, "j": self.j, "d": self.d, "e": self.d}
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values one step reads: 2 * b * g * j * d * itemsize."""
+        return 2 * self.b * self.g * self.j * self.d * torch.finfo(self.dtype).bits // 8
+
+    def tiny(self) -> DecodeCase:
+        """The same row at two pages of cache and a 1 MiB copy: the warm-up no row's timing should pay."""
+        return replace(self, b=1, j=2 * self.block_size, copy_mb=1)
+
+    def label(self) -> str:
+        return f"({self.b}, {self.h}, 1, {self.d}) g={self.g}, j={self.j}"
+
+
+def _decode_rows(
+    lengths: tuple[int, ...], batches: tuple[int, ...], h: int, g: int, d: int, floored: tuple[int, int], **kw
+) -> list[DecodeCase]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for b in batches:
+            for j in lengths:
+                k = f"{j // 1024}k" if j >= 1024 else str(j)
+                floors = DECODE_FLOORS if (b, j) == floored else ()
+                rows.append(DecodeCase(f"b{b}-{k}", b, h, g, d, j, dtype, floors=floors, **kw))
+    return rows
+
+
+# the KV-cache issue's floors, at b=1, 8k keys: the subject reads the cache at >= 50 % of the copy's bandwidth
+# and >= 2x faster than SDPA on the valid slice; the paged cache runs at >= 0.8x the contiguous one's speed
+DECODE_FLOORS = (("copy", 0.5), ("sdpa:gqa", 2.0), ("attend:paged", 0.8))
+DECODE_SUITES: dict[str, list[DecodeCase]] = {
+    # Llama-3-8B's attention (h=32, g=8, d=128), float32 and bfloat16: 12 rows, a few minutes on 2 CPU cores
+    "decode": _decode_rows((1024, 8192, 32768), (1, 8), 32, 8, 128, (1, 8192)),
+    # tiny, for tests (the floors are shown, not expected to hold)
+    "decode-smoke": _decode_rows((64,), (1, 2), 4, 2, 16, (1, 64), block_size=16, copy_mb=4, beyond_llc=False),
+}
+HIDDEN_SUITES = frozenset({"smoke", "structured-smoke", "decode-smoke"})
+SUITE_NAMES = (*SUITES, *STRUCTURED_SUITES, *DECODE_SUITES)

@@ -194,6 +194,75 @@ def _structured_markdown(doc: dict) -> str:
     return "\n".join(lines + ["", STRUCTURED_CAPTION, "", *[f"* {n}" for n in [env, *_structured_notes(doc)]]])
 
 
+# a decode suite (bench/decode.py): one line per candidate of a row, the subject first, the copy probe last
+
+DECODE_HEADERS = [
+    "case", "shape", "dtype", "candidate", "ms", "GB/s", "% copy", "×", "floor", "verdict", "max Δ", "work",
+]  # fmt: skip
+DECODE_CAPTION = (
+    "One decoding step (i = 1, no grad) against a cache of j keys: each candidate appends the step's key and value "
+    "at slot j - 1 in place and attends all j, each call on the next of enough layers' caches to outgrow the "
+    "last-level cache (the JSON's `layers`). GB/s: the cache bytes read (2 * b * g * j * d * itemsize) / the "
+    "median time; copy: dst.copy_(src) timed in the same interleaved rounds, its GB/s the bytes it reads; % copy: "
+    "GB/s over the copy's. ×: that candidate's time / the subject's (above 1: the subject is faster); floor: the "
+    "issue's (% copy for the subject, × for sdpa:gqa, speed as a fraction of the contiguous cache for "
+    "attend:paged), the measured value in the verdict; max Δ: largest absolute difference from sdpa:gqa's output."
+)
+FLOOR_TEXT = {"copy": "≥ {:.0%} copy", "attend:paged": "speed ≥ {:g}×"}
+
+
+def _floor_cells(f: dict) -> tuple[str, str]:
+    text = FLOOR_TEXT.get(f["what"], "≥ {:g}×").format(f["min"])
+    value = f["value"]
+    shown = "" if value is None else f" ({value:.0%})" if f["what"] == "copy" else f" ({value:.2f}×)"
+    return text, _verdict(f["pass"]) + shown
+
+
+def _decode_lines(doc: dict) -> list[list[str]]:
+    lines = []
+    for row in doc["rows"]:
+        floors = {f["candidate"]: f for f in row["floors"]}
+        subject = row["subject"]
+        for k, (name, res) in enumerate(row["results"].items()):
+            ms = res["error"] if res["error"] is not None else _fmt(res["median_ms"], ".3f")
+            ratio = ""
+            if name == subject:
+                ratio = "subject"
+            elif name in row["speedup"]:
+                ratio = f"{row['speedup'][name]:.2f}×"
+            floor, verdict = _floor_cells(floors[name]) if name in floors else ("", "")
+            diff = res.get("max_abs_diff")
+            head = [row["case"], row["label"], row["dtype"]] if k == 0 else [row["case"], "", ""]
+            lines.append(
+                head
+                + [name, ms, _fmt(res["gb_s"], ".1f"), _fmt(res["pct_copy"], ".0f"), ratio, floor, verdict]
+                + ["" if diff is None else f"{diff:.1e}", res.get("note", "")]
+            )
+        for name, why in row.get("skipped", {}).items():
+            lines.append([row["case"], "", "", name, "left out", "", "", "", "", "", "", why])
+    return lines
+
+
+def _decode_rich_table(doc: dict) -> Table:
+    caption = " ".join([DECODE_CAPTION, *_structured_notes(doc)])
+    table = Table(title=_title(doc), caption=caption)
+    for h in DECODE_HEADERS:
+        table.add_column(h, justify="right" if h in ("ms", "GB/s", "% copy", "×", "floor", "max Δ") else "left")
+    for cells in _decode_lines(doc):
+        style = {"PASS": "bold green", "FAIL": "bold red"}.get(cells[9].split(" ")[0], "")
+        bold = "bold" if cells[7] == "subject" else ""
+        table.add_row(*[Text(c, style=style if i == 9 else bold if i == 3 else "") for i, c in enumerate(cells)])
+    return table
+
+
+def _decode_markdown(doc: dict) -> str:
+    lines = ["| " + " | ".join(DECODE_HEADERS) + " |", "|" + "|".join("---" for _ in DECODE_HEADERS) + "|"]
+    for cells in _decode_lines(doc):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    env = f"{doc['device_name']} ({doc['device']}), torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+    return "\n".join(lines + ["", DECODE_CAPTION, "", *[f"* {n}" for n in [env, *_structured_notes(doc)]]])
+
+
 # main functions
 
 
@@ -202,6 +271,8 @@ def rich_table(doc: dict) -> Table:
     each other candidate (their time / attend's: above 1 = attend is faster). ★ marks the fastest."""
     if doc.get("kind") == "structured":
         return _structured_rich_table(doc)
+    if doc.get("kind") == "decode":
+        return _decode_rich_table(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
     table = Table(title=_title(doc), caption=CAPTION)
@@ -227,6 +298,8 @@ def markdown_table(doc: dict) -> str:
     """The same table as `rich_table`, in GitHub markdown."""
     if doc.get("kind") == "structured":
         return _structured_markdown(doc)
+    if doc.get("kind") == "decode":
+        return _decode_markdown(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
     headers = HEADERS + [f"× {n}" for n in ratio_cols]

@@ -21,7 +21,7 @@ from .._helpers import fmt_dtype
 from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from ..testing import Case
-from .cases import STRUCTURED_SUITES, SUITES, BenchCase
+from .cases import DECODE_SUITES, STRUCTURED_SUITES, SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
 from .impls import SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
@@ -147,11 +147,15 @@ def _candidates(cfg: BenchConfig, inp) -> tuple[list[str], dict[str, str]]:
 
 def plan(cfg: BenchConfig) -> list[tuple[Any, str]]:
     """Every (case, mode) pair the run will measure, in order (a structured suite's rows are
-    `StructuredCase`s, those whose needs do not import left out)."""
+    `StructuredCase`s, a decode suite's `DecodeCase`s, those whose needs do not import left out)."""
     if cfg.suite in STRUCTURED_SUITES:
         from . import structured
 
         return list(structured.plan(cfg))
+    if cfg.suite in DECODE_SUITES:
+        from . import decode
+
+        return list(decode.plan(cfg))
     pairs: list[tuple[Any, str]] = []
     for case in SUITES[cfg.suite]:
         for mode in cfg.modes or case.modes:
@@ -289,12 +293,17 @@ def run_suite(
     convention), % of a same-size matmul, peak memory; `speedup[name]` = that candidate's time / attend's
     (above 1: attend is faster); `fastest` names the quickest candidate (`attend:unchecked`, the cost of
     the NaN/inf check, is timed but never `fastest`). A structured suite (`cases.STRUCTURED_SUITES`) runs
-    through `structured.run_structured` instead: its document has `kind: "structured"` and rows of its own.
+    through `structured.run_structured` instead: its document has `kind: "structured"` and rows of its own;
+    a decode suite (`cases.DECODE_SUITES`) through `decode.run_decode` (`kind: "decode"`).
     """
     if cfg.suite in STRUCTURED_SUITES:
         from .structured import run_structured
 
         return run_structured(cfg, on_status=on_status, on_row=on_row)
+    if cfg.suite in DECODE_SUITES:
+        from .decode import run_decode
+
+        return run_decode(cfg, on_status=on_status, on_row=on_row)
     status = on_status or (lambda _msg: None)
     env = environment(cfg.device)  # date and load average at the start of the run
     status("warming up")
