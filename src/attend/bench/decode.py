@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .._helpers import fmt_dtype
 from .cases import DECODE_SUITES, DecodeCase
-from .run import SCHEMA_VERSION, BenchConfig, _available_bytes, environment, load_average
+from .run import BenchConfig, _available_bytes, run_rows, timing_fields
 from .structured import Skip, _guard, _import, _missing
 from .timer import time_interleaved
 
@@ -413,13 +413,10 @@ def _measure(case: DecodeCase, cfg: BenchConfig, status: Callable[[str], None]) 
         moved = copy_bytes if n == COPY else case.cache_bytes
         gbs = None if not t.median else moved / t.median / 1e9
         results[n] = {
-            "median_ms": None if t.median is None else t.median * 1e3,
-            "samples_ms": [s * 1e3 for s in t.samples],
+            **timing_fields(t),
             "gb_s": gbs,
             "pct_copy": None if gbs is None or not copy_gbs else 100 * gbs / copy_gbs,
             "max_abs_diff": None if n == COPY else _max_diff(outs.get(n), want),
-            "runs": len(t.samples),
-            "error": t.error,
             "note": notes[n],
         }
     order = [n for n in [SUBJECT, PAGED, SDPA, COPY] if n in results]
@@ -506,25 +503,10 @@ def run_decode(
     that would not fit) are left out, their reasons in the document's `omitted`.
     """
     status = on_status or (lambda _msg: None)
-    env = environment(cfg.device)  # date and load average at the start of the run
     gone = omitted(cfg)
     pairs = plan(cfg, gone)
     status("warming up")
     _warm_up([c for c, _ in pairs], cfg.device)
-    rows = []
-    for case, _ in pairs:
-        row = _measure(case, cfg, status)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": cfg.suite,
-        "kind": "decode",
-        **env,
-        "load_average_end": load_average(),
-        "min_time_s": cfg.min_time,
-        "memory": "none",
-        "rows": rows,
-        "omitted": gone,
-    }
+    return run_rows(
+        cfg, lambda pair: _measure(pair[0], cfg, status), pairs, on_row, kind="decode", memory="none", omitted=gone
+    )

@@ -107,6 +107,44 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def timing_fields(t: Any) -> dict[str, Any]:
+    """A candidate's timing as result files store it: median and samples in ms, runs, error."""
+    return {
+        "median_ms": None if t.median is None else t.median * 1e3,
+        "samples_ms": [s * 1e3 for s in t.samples],
+        "runs": len(t.samples),
+        "error": t.error,
+    }
+
+
+def run_rows(
+    cfg: BenchConfig,
+    measure: Callable[[Any], dict],
+    items: list,
+    on_row: Callable[[dict], None] | None,
+    **document: Any,
+) -> dict:
+    """Measure every item (`measure(item)` -> row) in order, report each row as it lands, and return the
+    result document: schema, suite, the environment at the start (date, load average, ...), the load average
+    at the end, `document`'s extra fields, and the rows. `environment` is read before the first row."""
+    env = environment(cfg.device)
+    rows = []
+    for item in items:
+        row = measure(item)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return {
+        "schema": SCHEMA_VERSION,
+        "suite": cfg.suite,
+        **document,
+        **env,
+        "load_average_end": load_average(),
+        "min_time_s": cfg.min_time,
+        "rows": rows,
+    }
+
+
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -227,12 +265,10 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     for n in names:
         t = timings[n]
         results[n] = {
-            "median_ms": None if t.median is None else t.median * 1e3,
+            **timing_fields(t),
             "gflops": None if t.median is None else flops / t.median / 1e9,
             "pct_matmul": None if t.median is None or mm_rate is None else 100 * flops / t.median / mm_rate,
             "peak_mb": None if (peak := peaks.get(n)) is None else peak / 2**20,
-            "runs": len(t.samples),
-            "error": t.error,
         }
     own = results["attend"]["median_ms"]
     speedup = {
@@ -305,20 +341,6 @@ def run_suite(
 
         return run_decode(cfg, on_status=on_status, on_row=on_row)
     status = on_status or (lambda _msg: None)
-    env = environment(cfg.device)  # date and load average at the start of the run
     status("warming up")
     _warm_up(cfg)
-    rows = []
-    for case, mode in plan(cfg):
-        row = _measure(case, mode, cfg, status)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": cfg.suite,
-        **env,
-        "load_average_end": load_average(),
-        "min_time_s": cfg.min_time,
-        "rows": rows,
-    }
+    return run_rows(cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), plan(cfg), on_row)

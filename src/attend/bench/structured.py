@@ -43,7 +43,7 @@ from .._helpers import fmt_dtype
 from ..functional import attention
 from .cases import STRUCTURED_SUITES, StructuredCase
 from .memory import cpu_peak_bytes, cuda_peak_bytes
-from .run import SCHEMA_VERSION, BenchConfig, _available_bytes, _default_dtype, environment, load_average
+from .run import BenchConfig, _available_bytes, _default_dtype, run_rows, timing_fields
 from .timer import time_interleaved
 
 __all__ = ["CANDIDATES", "Base", "Built", "Skip", "make_base", "build", "omitted", "plan", "run_structured"]
@@ -402,11 +402,8 @@ def _measure(case: StructuredCase, mode: str, cfg: BenchConfig, status: Callable
     for n in names:
         t = timings[n]
         results[n] = {
-            "median_ms": None if t.median is None else t.median * 1e3,
-            "samples_ms": [s * 1e3 for s in t.samples],
+            **timing_fields(t),
             "peak_mb": None if (peak := peaks.get(n)) is None else peak / 2**20,
-            "runs": len(t.samples),
-            "error": t.error,
             "note": notes[n],
         }
     own = results.get(case.subject, {}).get("median_ms")
@@ -481,24 +478,10 @@ def run_structured(
     needs do not import are left out, their reasons in the document's `omitted`.
     """
     status = on_status or (lambda _msg: None)
-    env = environment(cfg.device)  # date and load average at the start of the run
     pairs = plan(cfg)
     status("warming up")
     _warm_up(cfg, pairs)
-    rows = []
-    for case, mode in pairs:
-        row = _measure(case, mode, cfg, status)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": cfg.suite,
-        "kind": "structured",
-        **env,
-        "load_average_end": load_average(),
-        "min_time_s": cfg.min_time,
-        "memory": cfg.memory,
-        "rows": rows,
-        "omitted": omitted(cfg.suite),
-    }
+    return run_rows(
+        cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), pairs, on_row,
+        kind="structured", memory=cfg.memory, omitted=omitted(cfg.suite),
+    )  # fmt: skip
