@@ -3,7 +3,8 @@
 Against a float64 per-sequence reference: each sequence alone through the `einsum` reference (attend's bottom-right
 causal / window within the sequence), outputs and gradients of query, key and value; the log-sum-exp against plain
 torch math. Plus a hand-drawn picture of the per-sequence bottom-right alignment, the signature against torch's,
-batch invariance with num_splits=1, and the input errors.
+batch invariance with num_splits=1, the input errors, and the KV-cache arguments (seqused_k, block_table) against
+the reference on each sequence's used keys.
 """
 
 from __future__ import annotations
@@ -312,7 +313,111 @@ def test_bad_inputs_raise_before_any_kernel(override, error, words, monkeypatch)
     assert "expected" in str(info.value) and words in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["seqused_k", "block_table"])
-def test_kv_cache_arguments_not_implemented(name):
-    with pytest.raises(NotImplementedError, match=name):
-        _call(**{name: torch.tensor([7, 4, 8], dtype=torch.int32)})
+# the KV cache: seqused_k and block_table (inference only)
+
+# 3 sequences: query lengths, key segment lengths, keys used of each segment
+KV_Q, KV_K, KV_USED = [2, 1, 3], [9, 4, 12], [6, 0, 12]
+
+
+def kv_case(window_size=(-1, 0), dtype=torch.float64, h=4, g=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(KV_Q), h, d, generator=gen).to(dtype)
+    k = torch.randn(sum(KV_K), g, d, generator=gen).to(dtype)
+    v = torch.randn(sum(KV_K), g, d, generator=gen).to(dtype)
+    used = torch.tensor(KV_USED, dtype=torch.int32)
+    # the reference: each segment cut to its used keys, packed
+    starts = cu(KV_K)[:-1].tolist()
+    index = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, KV_USED)])
+    want = reference(q, k[index], v[index], cu(KV_Q), cu(KV_USED), window_size)
+    return q, k, v, used, want
+
+
+def pages_of(k, v, page_size=4, spare=3, seed=0):
+    """The used keys of each segment as a shuffled page pool: (key_pool, value_pool, block_table int32)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = cu(KV_K)[:-1].tolist()
+    per_seq = max(-(-n // page_size) for n in KV_USED) + 1
+    total = len(KV_USED) * per_seq + spare
+    ids = torch.randperm(total, generator=gen)[: len(KV_USED) * per_seq].view(len(KV_USED), per_seq)
+    kp = torch.randn(total, page_size, *k.shape[1:], generator=gen).to(k.dtype)
+    vp = torch.randn(total, page_size, *v.shape[1:], generator=gen).to(v.dtype)
+    for s, (a, n) in enumerate(zip(starts, KV_USED)):
+        for t in range(n):
+            kp[ids[s, t // page_size], t % page_size] = k[a + t]
+            vp[ids[s, t // page_size], t % page_size] = v[a + t]
+    return kp, vp, ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("window_size", [(-1, 0), (-1, -1), (2, 1)])
+def test_seqused_k_uses_the_first_keys_of_each_segment(window_size):
+    """Causal and the window align to the used length (flash-attn's actual_seqlen_k = seqused_k)."""
+    q, k, v, used, want = kv_case(window_size)
+    out = varlen_attn(q, k, v, cu(KV_Q), cu(KV_K), 3, 12, window_size=window_size, enable_gqa=True, seqused_k=used)
+    torch.testing.assert_close(out, want, **tolerance(torch.float64))
+    assert (out[2] == 0).all()  # sequence 1 uses no key
+
+
+@pytest.mark.parametrize("window_size", [(-1, 0), (2, 1)])
+@pytest.mark.parametrize("cu_k", ["none", "given"])
+def test_block_table_reads_the_pages(window_size, cu_k):
+    q, k, v, used, want = kv_case(window_size)
+    kp, vp, table = pages_of(k, v)
+    cu_seq_k = None if cu_k == "none" else cu(KV_USED)
+    out = varlen_attn(
+        q, kp, vp, cu(KV_Q), cu_seq_k, 3, 12, window_size=window_size, enable_gqa=True, seqused_k=used,
+        block_table=table,
+    )  # fmt: skip
+    torch.testing.assert_close(out, want, **tolerance(torch.float64))
+
+
+def test_kv_cache_with_lse_and_num_splits_1():
+    q, k, v, used, want = kv_case()
+    kp, vp, table = pages_of(k, v)
+    kw = {"window_size": (-1, 0), "enable_gqa": True, "seqused_k": used, "block_table": table}
+    out, lse = varlen_attn(q, kp, vp, cu(KV_Q), None, 3, 12, return_aux=AuxRequest(lse=True), num_splits=1, **kw)
+    torch.testing.assert_close(out, want, **tolerance(torch.float64))
+    starts = cu(KV_K)[:-1].tolist()
+    index = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, KV_USED)])
+    want_lse = reference_lse(q, k[index], cu(KV_Q), cu(KV_USED), (-1, 0))
+    torch.testing.assert_close(lse, want_lse, **tolerance(torch.float64))
+
+
+def test_kv_cache_is_inference_only():
+    q, k, v, used, _ = kv_case()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        varlen_attn(q.requires_grad_(True), k, v, cu(KV_Q), cu(KV_K), 3, 12, enable_gqa=True, seqused_k=used)
+    with torch.no_grad():
+        varlen_attn(q, k, v, cu(KV_Q), cu(KV_K), 3, 12, enable_gqa=True, seqused_k=used)
+
+
+@pytest.mark.parametrize(
+    "override, error, words",
+    [
+        ({"seqused_k": None}, ValueError, "seqused_k"),  # block_table without seqused_k
+        ({"seqused_k": torch.tensor([6, 0, 12])}, TypeError, "int32"),
+        ({"seqused_k": torch.tensor([6, 0], dtype=torch.int32)}, ValueError, "(n,)"),
+        ({"seqused_k": torch.tensor([6, -1, 12], dtype=torch.int32)}, ValueError, ">= 0"),
+        ({"seqused_k": torch.tensor([6, 0, 40], dtype=torch.int32)}, ValueError, "max_pages * page_size"),
+        ({"block_table": "pages"}, TypeError, "int32"),
+        ({"block_table": torch.zeros(2, 4, dtype=torch.int32)}, ValueError, "(n, max_pages)"),
+        ({"block_table": torch.full((3, 4), 99, dtype=torch.int32)}, ValueError, "[0, total_pages)"),
+        ({"cu_seq_k": torch.tensor([0, 1], dtype=torch.int32)}, ValueError, "not read"),
+        ({"max_k": 5}, ValueError, "max_k"),
+        ({"key": torch.randn(20, 2, 8, dtype=torch.float64)}, ValueError, "page pool"),
+    ],
+)
+def test_kv_cache_bad_inputs(override, error, words):
+    q, k, v, used, _ = kv_case()
+    kp, vp, table = pages_of(k, v)
+    args = {"query": q, "key": kp, "value": vp, "cu_seq_q": cu(KV_Q), "cu_seq_k": None, "max_q": 3, "max_k": 12}
+    args.update({"enable_gqa": True, "seqused_k": used, "block_table": table})
+    args.update(override)
+    with pytest.raises(error) as info:
+        varlen_attn(**args)
+    assert "expected" in str(info.value) and words in str(info.value)
+
+
+def test_seqused_k_longer_than_its_segment():
+    q, k, v, _, _ = kv_case()
+    with pytest.raises(ValueError, match=r"expected seqused_k\[1\] <= the length of sequence 1's keys"):
+        varlen_attn(q, k, v, cu(KV_Q), cu(KV_K), 3, 12, enable_gqa=True, seqused_k=torch.tensor([6, 5, 12]).int())

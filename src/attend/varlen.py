@@ -18,6 +18,7 @@ sorted, so every backend skips the key blocks of other sequences) and the per-se
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from typing import Any, NamedTuple, cast
@@ -179,6 +180,138 @@ def _tokens_first(out: Tensor) -> Tensor:
     return out[0].transpose(0, 1).contiguous()
 
 
+def _check_grad_free(query: Tensor, key: Tensor, value: Tensor, which: str) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError(
+            f"attend.varlen_attn: expected query, key and value that do not require grad with {which} (the KV cache "
+            "is inference-only, as in PyTorch), got requires_grad=True with grad mode on; hint: run it under "
+            "torch.no_grad() or torch.inference_mode()"
+        )
+
+
+def _used_keys(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu_seq_q: Any,
+    cu_seq_k: Any,
+    max_k: Any,
+    seqused_k: Any,
+    block_table: Any,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The KV-cache arguments as plain packing: the keys and values each sequence uses, gathered in order (one
+    `index_select` each), and their cumulative lengths. Returns (key (total_used, g, d), value (total_used, g, e),
+    cu_seq_k int32 (n + 1,), max_k).
+
+    seqused_k (n,) int32: sequence s uses the first seqused_k[s] keys of its key segment (cu_seq_k), or of its
+    pages when block_table (n, max_pages) int32 is given: then key and value are page pools (total_pages,
+    page_size, g, d|e) and sequence s's key t is key[block_table[s, t // page_size], t % page_size]; cu_seq_k is
+    not read then (None, or an int32 (n + 1,) tensor). Causal and the window align to the used length."""
+    which = " and ".join(n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None)
+    if not isinstance(cu_seq_q, Tensor) or cu_seq_q.dim() != 1 or cu_seq_q.shape[0] < 2:
+        raise ValueError(
+            "expected `cu_seq_q` of shape (n + 1,) with n >= 1 sequences (cumulative lengths), "
+            f"got {_describe(cu_seq_q)}"
+        )
+    n = cu_seq_q.shape[0] - 1
+    if seqused_k is None:
+        raise ValueError(
+            "expected `seqused_k` (n,) int32 with `block_table` (the keys each sequence uses in its pages), got None; "
+            "hint: seqused_k = the number of tokens in each sequence's cache, as PyTorch requires"
+        )
+    paged = block_table is not None
+    for name, t, want in (
+        ("key", key, "(total_pages, page_size, g, d)"),
+        ("value", value, "(total_pages, page_size, g, e)"),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(t)}")
+        if paged and t.dim() != 4:
+            raise ValueError(f"expected `{name}` of shape {want} with block_table (a page pool), got {_describe(t)}")
+    if paged and key.shape[:3] != value.shape[:3]:
+        raise ValueError(
+            f"expected key and value pools that agree on (total_pages, page_size, g), got key {fmt_shape(key.shape)} "
+            f"and value {fmt_shape(value.shape)}"
+        )
+    if not isinstance(seqused_k, Tensor):
+        raise TypeError(f"expected `seqused_k` to be an int32 torch.Tensor of shape (n,), got {_describe(seqused_k)}")
+    if seqused_k.dtype != torch.int32:
+        raise TypeError(
+            f"expected `seqused_k` of dtype int32, got {fmt_dtype(seqused_k.dtype)}; hint: `.to(torch.int32)`"
+        )
+    if seqused_k.dim() != 1 or seqused_k.shape[0] != n:
+        raise ValueError(
+            f"expected `seqused_k` of shape (n,) = ({n},), one length per sequence of cu_seq_q, "
+            f"got {_describe(seqused_k)}"
+        )
+    if seqused_k.device != query.device:
+        raise ValueError(f"expected `seqused_k` on {query.device} like query, got {seqused_k.device}")
+    used = [int(x) for x in seqused_k.tolist()]
+    if min(used) < 0:
+        raise ValueError(f"expected `seqused_k` >= 0, got seqused_k[{used.index(min(used))}] = {min(used)}")
+    device = query.device
+    if not paged:
+        if not isinstance(key, Tensor) or key.dim() != 3:
+            raise ValueError(f"expected `key` of shape (total_k, g, d), got {_describe(key)}")
+        cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key.shape[0], "key", device)
+        if len(cu_k) != n + 1:
+            raise ValueError(
+                f"expected cu_seq_k with one entry per sequence, shape ({n + 1},), got {_describe(cu_seq_k)}"
+            )
+        for s in range(n):
+            if used[s] > cu_k[s + 1] - cu_k[s]:
+                raise ValueError(
+                    f"expected seqused_k[{s}] <= the length of sequence {s}'s keys in cu_seq_k, "
+                    f"{cu_k[s + 1] - cu_k[s]}, got {used[s]}"
+                )
+        index = torch.cat([torch.arange(cu_k[s], cu_k[s] + used[s], device=device) for s in range(n)])
+        flat_k, flat_v = key, value
+    else:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            got = _describe(block_table) if not isinstance(block_table, Tensor) else fmt_dtype(block_table.dtype)
+            raise TypeError(f"expected `block_table` of dtype int32, shape (n, max_pages), got {got}")
+        if block_table.dim() != 2 or block_table.shape[0] != n:
+            raise ValueError(
+                f"expected `block_table` of shape (n, max_pages) with n = {n}, got {_describe(block_table)}"
+            )
+        if block_table.device != device:
+            raise ValueError(f"expected `block_table` on {device} like query, got {block_table.device}")
+        if cu_seq_k is not None and (
+            not isinstance(cu_seq_k, Tensor) or cu_seq_k.dtype != torch.int32 or tuple(cu_seq_k.shape) != (n + 1,)
+        ):
+            raise ValueError(
+                f"expected `cu_seq_k` None or an int32 tensor of shape ({n + 1},) with block_table (its values are not "
+                f"read: seqused_k gives the lengths), got {_describe(cu_seq_k)}"
+            )
+        pages, page_size = key.shape[0], key.shape[1]
+        table = block_table.tolist()
+        parts = []
+        for s in range(n):
+            need = -(-used[s] // page_size)
+            if need > block_table.shape[1]:
+                raise ValueError(
+                    f"expected seqused_k[{s}] <= max_pages * page_size = {block_table.shape[1] * page_size}, got "
+                    f"{used[s]}"
+                )
+            bad = [x for x in table[s][:need] if not 0 <= x < pages]
+            if bad:
+                raise ValueError(
+                    f"expected the pages sequence {s} uses in `block_table` in [0, total_pages) = [0, {pages}), got "
+                    f"block_table[{s}, {table[s].index(bad[0])}] = {bad[0]}"
+                )
+            ids = torch.tensor(table[s][:need], device=device, dtype=torch.long)
+            parts.append((ids[:, None] * page_size + torch.arange(page_size, device=device)).flatten()[: used[s]])
+        index = torch.cat(parts)
+        flat_k, flat_v = key.flatten(0, 1), value.flatten(0, 1)
+    _check_grad_free(query, key, value, which)
+    if isinstance(max_k, bool) or not isinstance(max_k, int):
+        raise TypeError(f"expected `max_k` to be a Python int (the longest sequence), got {_describe(max_k)}")
+    if max_k < max(used):
+        raise ValueError(f"expected `max_k` >= the longest used key sequence (seqused_k), {max(used)}, got {max_k}")
+    new_cu = torch.tensor([0, *itertools.accumulate(used)], dtype=torch.int32, device=device)
+    return flat_k.index_select(0, index), flat_v.index_select(0, index), new_cu, max_k
+
+
 def _varlen_inputs(
     query: Tensor,
     key: Tensor,
@@ -196,13 +329,10 @@ def _varlen_inputs(
 ) -> AttnInputs:
     """Check everything and build the packed `AttnInputs`: q (1, h, total_q, d), k (1, g, total_k, d),
     v (1, g, total_k, e), document ids from the cumulative lengths and each query's diagonal (`q_pos`) where
-    it is not the default. Raises (TypeError, ValueError, NotImplementedError) before any kernel runs."""
+    it is not the default. seqused_k / block_table (the KV cache): the used keys gathered first (`_used_keys`).
+    Raises (TypeError, ValueError; RuntimeError for gradients with the KV cache) before any kernel runs."""
     if seqused_k is not None or block_table is not None:
-        which = " and ".join(n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None)
-        raise NotImplementedError(
-            f"attend.varlen_attn: {which} (the paged KV cache) is not implemented yet; the KV-cache issue adds "
-            "them. hint: pass the cached keys/values packed, with cu_seq_k"
-        )
+        key, value, cu_seq_k, max_k = _used_keys(query, key, value, cu_seq_q, cu_seq_k, max_k, seqused_k, block_table)
     _check_packed(query, key, value, enable_gqa)
     if cu_seq_k is None:
         raise ValueError(
@@ -365,7 +495,14 @@ def varlen_attn(
         scale: logit scale, default d ** -0.5.
         window_size: (left, right) as above; default (-1, -1), full attention within each sequence.
         enable_gqa: allow g < h key/value heads (h % g == 0; query head x uses key/value head x // (h // g)).
-        seqused_k, block_table: the paged KV cache; not implemented yet (NotImplementedError).
+        seqused_k: int32 (n,), inference only: sequence s uses only the first seqused_k[s] keys of its key segment
+            (of its pages with block_table); causal and the window align to that length (as in flash-attn).
+        block_table: int32 (n, max_pages), inference only, needs seqused_k: key and value are then page pools
+            (total_pages, page_size, g, d|e) and sequence s's key t is key[block_table[s, t // page_size],
+            t % page_size]; only the pages a sequence uses are read (and must be in [0, total_pages)); cu_seq_k may
+            be None (its values are not read). The used keys and values are gathered into a packed copy first (one
+            `index_select` each), then run as plain packing. For decoding from a cache, `attend.with_kvcache` reads
+            the pages in place.
         num_splits: PyTorch's split-KV setting. 1 asks for batch invariance: each sequence then runs through the
             dispatcher on its own (bitwise the same result whatever else is packed with it; slower for many
             short sequences). None or > 1: the packed path (attend's kernels have no split-KV to tune).
@@ -375,7 +512,7 @@ def varlen_attn(
 
     Raises:
         TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
-        NotImplementedError: seqused_k or block_table given.
+        RuntimeError: seqused_k or block_table with an input that requires grad (inference only, as in PyTorch).
 
     Example::
 
@@ -386,6 +523,9 @@ def varlen_attn(
     """
     lse_wanted = _check_extras(return_aux, num_splits)
     query, key, value = autocast_inputs(query, key, value)  # type: ignore[assignment]
+    if seqused_k is not None or block_table is not None:
+        key, value, cu_seq_k, max_k = _used_keys(query, key, value, cu_seq_q, cu_seq_k, max_k, seqused_k, block_table)
+        seqused_k = block_table = None
     inp = _varlen_inputs(
         query,
         key,
