@@ -8,6 +8,7 @@ import torch
 import attend
 from attend import NoBackendError, attention, dispatch, explain, list_backends
 from attend.inputs import validate
+from attend.testing import tolerance
 
 from .helpers import make_qkv
 
@@ -165,15 +166,22 @@ def test_cache_is_bounded_while_decoding():
     assert len(dispatch._failed) == 0
 
 
-def test_nan_check_default_is_on_where_it_costs_no_host_sync():
-    """check_finite=None (the default) resolves by device: on for CPU, off elsewhere (a CUDA host sync per
-    call would stall the GPU pipeline); True and False are kept as given."""
+def test_nan_check_default_is_the_guard_on_cpu_and_off_elsewhere():
+    """check_finite=None (the default) resolves by device and call: on CPU a call that masks anything reads
+    its output ("guard"), an unmasked one reads nothing; elsewhere nothing (a CUDA host sync per call would
+    stall the GPU pipeline). True is the exact check everywhere, False none."""
     q = torch.randn(1, 2, 3, 8)
-    assert validate(q, q, q).checks_finite is True
+    pad = torch.ones(1, 3, dtype=torch.bool)
+    assert validate(q, q, q).finite_check is None
+    assert validate(q, q, q, causal=True).finite_check == "guard"
+    assert validate(q, q, q, mask=pad).finite_check == "guard"
+    assert validate(q, q, q, bias=torch.zeros(3, 3)).finite_check == "guard"
+    assert validate(q, q, q, window=(1, 0)).finite_check == "guard"
     meta = q.to("meta")
-    assert validate(meta, meta, meta).checks_finite is False
-    assert validate(meta, meta, meta, check_finite=True).checks_finite is True
-    assert validate(q, q, q, check_finite=False).checks_finite is False
+    assert validate(meta, meta, meta, causal=True).finite_check is None
+    assert validate(meta, meta, meta, check_finite=True).finite_check == "exact"
+    assert validate(q, q, q, check_finite=True).finite_check == "exact"
+    assert validate(q, q, q, causal=True, check_finite=False).finite_check is None
 
 
 @pytest.mark.gpu
@@ -217,3 +225,38 @@ def test_the_cache_keeps_no_tensor_alive():
     del q, mask
     gc.collect()
     assert all(r() is None for r in refs)
+    # the fast path's runner (`Backend.plan`) neither, with the double-backward gate bound in it
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    ref = weakref.ref(q)
+    attention(q, q, q).sum().backward()
+    assert any(entry.value.fast is not None for entry in dispatch._cache.values())
+    del q
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fast_path_is_the_run_path(grad):
+    """An unmasked call of a known signature takes the backend's runner (`Backend.plan`): same output, same
+    gradients (first and second order) as the full path."""
+    dispatch.clear_cache()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16, generator=gen, requires_grad=grad) for _ in range(3))
+    want = attention(q, k, v)  # first call: validates, chooses, plans
+    (entry,) = dispatch._cache.values()
+    if entry.value.fast is None:
+        pytest.skip(f"{entry.value.backend.name} has no runner for this signature")
+    calls = []
+    fast = entry.value.fast
+    entry.value.__dict__["fast"] = lambda *a: calls.append(1) or fast(*a)  # frozen dataclass: count the calls
+    got = attention(q, k, v)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if grad:
+        (dq,) = torch.autograd.grad(got.square().sum(), q, create_graph=True)
+        (ddq,) = torch.autograd.grad(dq.sum(), q)
+        ref = attention(q, k, v, backend="einsum")
+        (rq,) = torch.autograd.grad(ref.square().sum(), q, create_graph=True)
+        (rdq,) = torch.autograd.grad(rq.sum(), q)
+        torch.testing.assert_close(dq, rq, **tolerance(q.dtype))
+        torch.testing.assert_close(ddq, rdq, **tolerance(q.dtype))

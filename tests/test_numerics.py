@@ -137,11 +137,11 @@ def _nan_case(where: str, dtype):
 @pytest.mark.parametrize("where", WHERES)
 @pytest.mark.parametrize("name", list_backends())
 def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, where):
-    """Every backend, whatever its masking does inside: NaN rows are exactly the rows that attend a NaN/inf
+    """`check_finite=True`, every backend, whatever its masking does inside: NaN rows are exactly the rows that attend a NaN/inf
     (never vanishing, never leaking), and every other row is what it would be with those entries at 0."""
     q, k, v, kw, sees = _nan_case(where, torch.float32)
     _skip_unless_runs(name, q, k, v, **kw)
-    out = attention(q, k, v, backend=name, **kw)
+    out = attention(q, k, v, backend=name, check_finite=True, **kw)
     nan_rows = torch.isnan(out).any(dim=-1)
     assert nan_rows[sees].all(), f"{name}: the NaN vanished from rows that attend to it"
     assert torch.isnan(out[sees]).all(), f"{name}: a row that sees a NaN is NaN in every column"
@@ -149,6 +149,43 @@ def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, where):
     clean = [t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v)]
     ref = attention(*(t.double() for t in clean), backend="einsum", **kw)
     torch.testing.assert_close(out[~sees].double(), ref[~sees], **tolerance(out.dtype))
+
+
+@pytest.mark.parametrize("where", WHERES)
+@pytest.mark.parametrize("name", list_backends())
+def test_default_guard_never_leaks(name, where):
+    """The default (`check_finite=None`, CPU): nothing reaches a row from a position it may not see, on every
+    backend, and every row that sees no NaN/inf is exactly the kernel's output for the same inputs with those
+    entries at 0. (What a row that does see one gets is the kernel's own: see the next test.)"""
+    q, k, v, kw, sees = _nan_case(where, torch.float32)
+    _skip_unless_runs(name, q, k, v, **kw)
+    out = attention(q, k, v, backend=name, **kw)
+    assert torch.isfinite(out[~sees]).all(), f"{name}: a NaN/inf leaked into rows that do not attend to it"
+    clean = attention(*(t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v)), backend=name, check_finite=False, **kw)
+    torch.testing.assert_close(out[~sees], clean[~sees], atol=0, rtol=0)
+
+
+def test_default_leaves_visible_nonfinite_to_the_kernel_and_true_makes_it_exact():
+    """Why `check_finite=True` exists: CPU flash turns a NaN query row into a row of zeros, and an inf key
+    whose every score is -inf acts as a masked key. The default (no mask here: no check at all) returns the
+    kernel's output; True reads q, k, v and makes exactly the rows that see them NaN."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen) for _ in range(3))
+    q[0, 1, 2, 0] = float("nan")
+    q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1  # head 0: every query positive in column 0 ...
+    k[0, 0, 1] = 0.0
+    k[0, 0, 1, 0] = float("-inf")  # ... so every score with key 1 is -inf
+    sees = torch.zeros(1, 2, 4, dtype=torch.bool)
+    sees[0, 0] = True  # head 0 sees the inf key
+    sees[0, 1, 2] = True  # head 1's row 2 is the NaN query
+    exact = attention(q, k, v, check_finite=True)
+    assert torch.equal(torch.isnan(exact).all(-1), sees)
+    if "sdpa:flash" not in list_backends() or get_backend("sdpa:flash").reasons_unsupported(
+        validate(q, k, v)
+    ):
+        pytest.skip("sdpa:flash (the kernel whose own behaviour this shows) cannot run here")
+    kernel = attention(q, k, v, backend="sdpa:flash")
+    assert torch.isfinite(kernel).all(), "CPU flash now propagates these: update docs/reliability.md"
 
 
 @pytest.mark.parametrize("name", list_backends())

@@ -446,6 +446,11 @@ def _autocast_on(device_type: str) -> bool:
 _AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})
 
 
+# autocast on for any device? One C call where torch has it (a false "yes" only costs the slow path)
+_any_autocast: Callable[[], bool] = getattr(
+    torch._C, "_is_any_autocast_enabled", lambda: any(_autocast_on(d) for d in _AUTOCAST_DEVICES)
+)
+
 _autocast_available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
 
 
@@ -468,16 +473,18 @@ def _checkable(inp: AttnInputs) -> bool:
     return not (inp.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _all_finite(inp: AttnInputs, out: Tensor) -> bool:
-    """False when q, k or v may hold a NaN or inf, or when the output of a call that has a mask or bias
-    holds one (a garbage key that every row masks out can overflow to inf inside a kernel that adds its
-    mask as -inf, SDPA's, and inf + -inf = NaN; so can a huge bias or visible logit, a false alarm).
+def _all_finite(inp: AttnInputs, out: Tensor, mode: str = "exact") -> bool:
+    """False when the check `mode` finds a possible NaN or inf. "exact": in q, k or v, or in the output of a
+    call that has a mask or bias (a garbage key that every row masks out can overflow to inf inside a kernel
+    that adds its mask as -inf, SDPA's, and inf + -inf = NaN; so can a huge bias or visible logit, a false
+    alarm). "guard": in the output only (whatever a kernel leaks from a position a row may not see shows up
+    there as NaN or inf: -inf plus a NaN or inf score, or a 0 probability times a NaN or inf value).
 
-    Cost: one sum per input (and of the output when there is a mask or bias) and one host sync, after the
-    kernel ran (free on CPU). A false alarm (a sum of finite values that overflows) only costs the exact
-    path. True (no check) where values cannot be read: vmap and fake tensors."""
-    parts = [inp.q, inp.k, inp.v]
-    if inp.mask is not None or inp.bias is not None:
+    Cost: one sum per tensor read and, on CUDA, one host sync, after the kernel ran. A false alarm (a sum
+    of finite values that overflows) only costs the exact path. True (no check) where values cannot be
+    read: vmap and fake tensors."""
+    parts = [out] if mode == "guard" else [inp.q, inp.k, inp.v]
+    if mode != "guard" and (inp.mask is not None or inp.bias is not None):
         parts.append(out)
     with torch.no_grad():
         try:
@@ -486,7 +493,7 @@ def _all_finite(inp: AttnInputs, out: Tensor) -> bool:
             return bool(torch.stack([_finite_sum(t).float() for t in parts]).sum().isfinite())  # one sync
         except RuntimeError:
             # vmap (over any input: q, k, v, the mask, the bias) and fake tensors: skipped, as under compile
-            if any(_no_data_branch(t) for t in (*parts, inp.mask, inp.bias) if t is not None):
+            if any(_no_data_branch(t) for t in (*parts, inp.q, inp.k, inp.v, inp.mask, inp.bias) if t is not None):
                 return True
             raise
 
@@ -616,7 +623,8 @@ def _empty(inp: AttnInputs, backend: str | None) -> Tensor:
 
 def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
     out = _run(inp, chosen, backend)
-    if not inp.checks_finite or not _checkable(inp) or _all_finite(inp, out):
+    mode = inp.finite_check
+    if mode is None or not _checkable(inp) or _all_finite(inp, out, mode):
         return out
     # rare: run the finite part (non-finite entries and keys no query may attend set to 0), then mark the
     # rows that see a NaN/inf: no kernel's masking can leak it
@@ -637,6 +645,8 @@ class _Entry:
     mask_shape: tuple[int, ...] | None  # the 4-D views' shapes
     bias_shape: tuple[int, ...] | None
     options: tuple  # AttnInputs' non-tensor fields, resolved: causal, scale, dropout_p, deterministic, ...
+    # the backend's runner for this signature (`Backend.plan`): calls with nothing to mask, lower or check
+    fast: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     @classmethod
     def of(cls, backend: Backend, inp: AttnInputs, auto: bool, mask_2d: bool) -> _Entry:
@@ -646,7 +656,9 @@ class _Entry:
             inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite, inp.window,
             None, None, None, inp.score,
         )  # fmt: skip  (AttnInputs' fields after bias, in order; documents never take the cached path)
-        return cls(backend, auto, mask_2d, mask_shape, bias_shape, options)
+        plain = inp.mask is None and inp.bias is None and inp.score == "dot" and inp.finite_check is None
+        fast = backend.plan(inp) if plain and not inp.structured else None
+        return cls(backend, auto, mask_2d, mask_shape, bias_shape, options, fast)
 
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> AttnInputs:
         if mask is not None:
@@ -663,7 +675,7 @@ def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
     if torch.compiler.is_compiling():
         return None
     try:
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _autocast_on(q.device.type):
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _any_autocast():
             return None
         hash(options)  # an unhashable option (a list for `scale`) is for validate() to reject, by name
         return (
@@ -701,8 +713,14 @@ def call(
     key = None if documents is not None else _call_key(q, k, v, mask, bias, (options, backend, fused_only))
     entry = None if key is None else _cache.get(key)
     if entry is not None and entry.generation == generation:
-        inp, e = lower_score(entry.value.inputs(q, k, v, mask, bias))
-        return _narrow(_execute(inp, entry.value.backend, backend), e)
+        value = entry.value
+        if value.fast is not None:
+            try:
+                return value.fast(q, k, v)
+            except (RuntimeError, MemoryError):
+                pass  # the full path below runs it again, with the run policy's narrow fallback
+        inp, e = lower_score(value.inputs(q, k, v, mask, bias))
+        return _narrow(_execute(inp, value.backend, backend), e)
     inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)

@@ -81,7 +81,8 @@ def recompute_grads(
 
 class TwiceDifferentiable(torch.autograd.Function):
     """A gate on the output of a PyTorch kernel that has only a first-order backward:
-    `TwiceDifferentiable.apply(out, inp, q, k, v, bias)` returns `out` (a view).
+    `TwiceDifferentiable.apply(out, inp, q, k, v, bias)` returns `out` (a view). Only `inp`'s non-tensor fields
+    (and its mask) are read: the backward puts the saved q, k, v, bias in.
 
     Its backward hands the output gradient straight on to the kernel's own backward node (in the same pass of
     the autograd engine: no nested backward, no recompute, nothing kept), unless autograd records the backward

@@ -109,8 +109,9 @@ class AttnInputs:
     dropout_p: float = 0.0
     deterministic: bool = False
     mask_kind: str = "none"  # "none" | "key_padding" | "bool"
-    # NaN/inf in q, k, v reach exactly the rows that see them (dispatch's exact path). None = where it costs no
-    # host sync: on CPU, not on CUDA (or other accelerators); True forces it there too, False turns it off
+    # NaN/inf (contract item 3). None (default): the guard on CPU (a call that masks anything checks its output,
+    # so nothing a row may not see reaches it), nothing elsewhere (a CUDA check costs a host sync); True: the
+    # exact check everywhere (q, k, v read; NaN exactly in the rows that see one); False: the kernel alone
     check_finite: bool | None = None
     # structure (masks.Structure lowers it per block; nothing builds a (b, h, i, j) tensor for it):
     # `window` (left, right), each an int >= 0 or None (unbounded), already merged with causal (right <= 0);
@@ -129,11 +130,16 @@ class AttnInputs:
         return self.window is not None or self.q_docs is not None or self.q_pos is not None
 
     @property
-    def checks_finite(self) -> bool:
-        """Does this call run the NaN/inf check (`check_finite`, None resolved by device)?"""
-        if self.check_finite is None:
-            return self.device.type == "cpu"
-        return self.check_finite
+    def finite_check(self) -> str | None:
+        """The NaN/inf check this call runs (`check_finite` resolved): "exact" (q, k, v read: True), "guard"
+        (the default on CPU for a call that masks anything: its output read), or None (False; an unmasked CPU
+        call; any other device by default)."""
+        if self.check_finite is not None:
+            return "exact" if self.check_finite else None
+        if self.device.type != "cpu":
+            return None
+        masks = self.mask is not None or self.bias is not None or self.causal or self.structured
+        return "guard" if masks else None
 
     # derived, so backends never re-derive them differently
 

@@ -164,9 +164,9 @@ Attend.__doc__ = (
         deterministic: only backends declared deterministic may run this module, so two runs give
             bitwise-identical outputs and gradients (what `torch.use_deterministic_algorithms(True)`
             does for every module); `explain` names the backends it excludes.
-        check_finite: NaN/inf in q, k, v reach exactly the output rows that see them. None (default): on
-            CPU, off on CUDA (no host sync per call); True: everywhere; False: off (one extra read of q, k,
-            v per call saved where inputs are known finite). `attention`'s docstring has the details.
+        check_finite: the NaN/inf check, as in `attention`. None (default): on CPU a call that masks
+            anything reads its output (nothing a row may not see reaches it), off on CUDA (no host sync per
+            call); True: exact everywhere (q, k, v read: NaN exactly in the rows that see one); False: off.
 
     forward(q, k, v, mask=None, bias=None, causal=None, documents=None, window=None) -> out
         documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.

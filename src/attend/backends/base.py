@@ -10,6 +10,7 @@ generator and the error messages all read the same declarations, so they cannot 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -153,6 +154,14 @@ class Backend:
 
     def lowering(self, inp: AttnInputs) -> str | None:
         """How `run` handles a window or documents (what `explain` prints), or None: nothing to say."""
+        return None
+
+    def plan(self, inp: AttnInputs) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        """A runner for every later call of this signature (`dispatch.call`'s fast path), or None (the default:
+        each call goes through `run`). Asked only for calls with no mask, bias, structure or NaN/inf check
+        (`inp.finite_check` None) whose score is "dot"; `plan(inp)(q, k, v)` must equal `run` on the same
+        inputs with q, k, v of `inp`'s shapes, dtypes, devices and grad state, deciding nothing per call
+        that `run` would decide the same way every time."""
         return None
 
     def supports(self, inp: AttnInputs) -> bool:

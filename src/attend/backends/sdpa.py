@@ -181,6 +181,28 @@ _SWITCHES = (
 )  # fmt: skip
 
 
+_FLASH_ON, _EFFICIENT_ON, _MATH_ON, _CUDNN_ON = (enabled for _, enabled, _ in _SWITCHES)
+
+
+def _switch_state() -> tuple[bool, bool, bool, bool]:
+    """The global SDPA kernel switches, in `_SWITCHES` order (four C calls: this runs once per call)."""
+    return _FLASH_ON(), _EFFICIENT_ON(), _MATH_ON(), _CUDNN_ON()
+
+
+def _picks(inp: AttnInputs, kwargs: dict[str, Any]) -> SDPBackend | None:
+    """The kernel PyTorch's own SDPA would run for these inputs under the current switches, or None where
+    it cannot say (`torch._fused_sdp_choice` missing, or without the `enable_gqa` keyword)."""
+    choice = getattr(torch, "_fused_sdp_choice", None)
+    if choice is None:
+        return None
+    try:
+        extra = {name: kwargs[name] for name in ("scale", "enable_gqa") if name in kwargs}
+        index = choice(inp.q, inp.k, inp.v, None, inp.dropout_p, inp.causal, **extra)
+    except (TypeError, RuntimeError):
+        return None
+    return next((variant for variant, _, _ in _SWITCHES if int(variant) == index), None)
+
+
 class _Only:
     """`sdpa_kernel([variant])` for eager calls: only `variant` enabled inside, every switch restored after.
     (A class, not a generator-based context manager, and only the switches that differ are touched: the
@@ -285,6 +307,39 @@ class SdpaBackend(Backend):
             # a first-order kernel: its own backward for training, the reference's for create_graph
             return TwiceDifferentiable.apply(out, inp, inp.q, inp.k, inp.v, inp.bias)
         return out
+
+    def plan(self, inp: AttnInputs) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        """One SDPA call with this signature's arguments bound: what `run` does for an unmasked call (plain or
+        aligned causal; native GQA), without deciding it again. On CPU the kernel switches are left alone
+        while they are as they were here and PyTorch's own choice was this kernel (`torch._fused_sdp_choice`):
+        toggling them costs about 1.5 us per call."""
+        if inp.structured or inp.mask is not None or inp.bias is not None or torch.compiler.is_compiling():
+            return None
+        caps = self.caps_for(inp.device)
+        if caps is None or (inp.causal and inp.i != inp.j) or (inp.gqa and not caps.native_gqa):
+            return None
+        kwargs: dict[str, Any] = {"scale": inp.scale, "dropout_p": inp.dropout_p, "is_causal": inp.causal}
+        if inp.gqa:
+            kwargs["enable_gqa"] = True
+        gate = not caps.grad2 and inp.needs_grad  # a first-order kernel under training: TwiceDifferentiable
+        variant = self.variant
+        # the gate reads only the non-tensor fields (its backward puts the call's own q, k, v in): the plan, kept
+        # in the dispatch cache, must not hold the first call's activations
+        nothing = torch.empty(0, device="meta")
+        template = replace(inp, q=nothing, k=nothing, v=nothing)
+        switches = _switch_state() if inp.device.type == "cpu" and _picks(inp, kwargs) == variant else None
+
+        def fast(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if switches is not None and _switch_state() == switches:
+                out = _sdpa(q, k, v, **kwargs)
+            else:
+                with _Only(variant):
+                    out = _sdpa(q, k, v, **kwargs)
+            if gate and _plain_eager(q):
+                return TwiceDifferentiable.apply(out, template, q, k, v, None)
+            return out
+
+        return fast
 
     def lowering(self, inp: AttnInputs) -> str | None:
         if not inp.structured:

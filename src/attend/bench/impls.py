@@ -4,8 +4,10 @@ Shape legend: b batch, h query heads, g key/value heads, i query positions, j ke
 d head dim (q and k), e value head dim.
 
 * `attend`      `attend.attention(...)`, backend chosen by auto (the row's subject)
-* `attend:unchecked` the same with `check_finite=False` (no NaN/inf check: one sum per input and a
-                host sync): its ratio is that check's cost
+* `attend:unchecked` the same with `check_finite=False` (no NaN/inf check): its ratio is the default
+                check's cost (on CPU one read of the output for a call that masks anything; none for an
+                unmasked call; none on CUDA)
+* `attend:module` the same through an `attend.Attend()` module (`nn.Module.__call__` included)
 * `<backend>`   `attend.attention(..., backend=name)` for every registered backend that can run the case:
                 the same mask semantics on every SDPA variant, lowered by the backend itself
 * `seed:einsum` the seed's einsum path: einsum with the softmax in the input dtype
@@ -30,11 +32,15 @@ from ..backends.einsum import einsum_attention
 from ..dispatch import get_backend, list_backends
 from ..functional import attention
 from ..inputs import AttnInputs, validate
+from ..module import Attend
 
-__all__ = ["SEEDS", "UNCHECKED", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes", "holds_scores"]
+__all__ = [
+    "SEEDS", "UNCHECKED", "MODULE", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes", "holds_scores"
+]  # fmt: skip
 
 SEEDS = ("seed:einsum", "seed:sdpa")
 UNCHECKED = "attend:unchecked"
+MODULE = "attend:module"
 
 # helpers
 
@@ -119,6 +125,12 @@ def make_call(
 
         def fwd():
             return attention(q, k, v, mask=mask, bias=bias, causal=causal, check_finite=False)
+
+    elif name == MODULE:
+        module = Attend(causal=causal)
+
+        def fwd():
+            return module(q, k, v, mask=mask, bias=bias)
 
     elif name == "seed:einsum":
 

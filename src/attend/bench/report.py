@@ -60,7 +60,7 @@ def _ratio_columns(rows: list[dict]) -> list[str]:
     """Candidates every ratio column is about: attend without its NaN/inf check, the seed's, then the
     SDPA variants, in a fixed order."""
     seen = {n for r in rows for n in r["results"] if n != "attend"}
-    first = [n for n in ("attend:unchecked", "seed:einsum", "seed:sdpa", "torch:sdpa") if n in seen]
+    first = [n for n in ("attend:unchecked", "attend:module", "seed:einsum", "seed:sdpa", "torch:sdpa") if n in seen]
     rest = sorted(n for n in seen if n not in first)
     return first + rest
 

@@ -23,7 +23,7 @@ from ..inputs import validate
 from ..testing import Case
 from .cases import DECODE_SUITES, STRUCTURED_SUITES, SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
-from .impls import SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
+from .impls import MODULE, SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
@@ -212,7 +212,8 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
         inp = validate(q, k, v, mask=mask, bias=bias, causal=case.causal)
         report = explain_inputs(inp)
         backends, skipped = _candidates(cfg, inp)
-    names = ["attend", UNCHECKED] + [n for n in backends if n != "attend"] + list(SEEDS)
+    names = ["attend", UNCHECKED] + ([MODULE] if cfg.suite == "small" else []) + [n for n in backends if n != "attend"]
+    names += list(SEEDS)
     if device.type == "cuda":
         names.append("torch:sdpa")
 
@@ -274,8 +275,11 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
     speedup = {
         n: r["median_ms"] / own for n, r in results.items() if n != "attend" and own and r["median_ms"] is not None
     }
-    # attend:unchecked is attend minus its NaN/inf check, not a kernel to pick: it competes for no star
-    timed = {n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None and n != UNCHECKED}
+    # attend:unchecked (attend minus its NaN/inf check) and attend:module (attend through Attend) are not
+    # kernels to pick: they compete for no star
+    timed = {
+        n: r["median_ms"] for n, r in results.items() if r["median_ms"] is not None and n not in (UNCHECKED, MODULE)
+    }
     return {
         "case": case.name,
         "label": case.label(),

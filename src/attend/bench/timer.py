@@ -7,6 +7,7 @@ bracketed by `torch.cuda.synchronize()`, so the time is the kernels' time, not t
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -85,6 +86,14 @@ def time_interleaved(
                 if t is not None and t >= 2 * min_time:
                     need[name] = min(min_runs, 2)
 
+    # a quick candidate's first call may have paid one-time costs (attend validating and choosing for a new
+    # signature, a lazy import): one more call gives the time its calls per round are sized on
+    for name in fns:
+        if name not in errors and first.get(name, min_time) < min_time:
+            t = call(name)
+            if t is not None:
+                first[name] = t
+
     # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
     # candidate gathers its samples over the same stretch of time (a burst of load from elsewhere then hits
     # all of them alike, not whichever happened to be sampling then)
@@ -96,10 +105,11 @@ def time_interleaved(
         return name in errors or len(s) >= max_runs or (len(s) >= need[name] and sum(s) >= min_time)
 
     names = list(fns)
-    rnd = 0
+    order = random.Random(0)  # seeded: a rerun makes the same calls in the same order
     while not all(done(n) for n in names):
-        # rotate the order every round: no candidate always runs right after the same neighbour
-        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+        # a new order every round: no candidate always runs right after the same neighbour (a rotation would
+        # keep the neighbours; what ran just before can cost the next call tens of microseconds)
+        for name in order.sample(names, len(names)):
             # fast candidates (reps > 1) go on sampling until every candidate is done
             if name in errors or len(samples[name]) >= max_runs or (done(name) and reps[name] == 1):
                 continue
@@ -108,7 +118,6 @@ def time_interleaved(
                 if t is None:
                     break
                 samples[name].append(t)
-        rnd += 1
         if on_round is not None:
             on_round()
     return {
