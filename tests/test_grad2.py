@@ -25,6 +25,7 @@ FEATURES = {
     "bias-grad": (2, 2, 3, 4, {"bias": "grad"}),
     "gqa": (4, 2, 3, 4, {"causal": True}),
     "dropout": (2, 2, 3, 4, {"dropout_p": 0.3}),
+    "l2": (2, 2, 3, 4, {"score": "l2", "causal": True}),  # masks.lower_score's column Function, second order too
 }
 
 

@@ -208,12 +208,39 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
         # padded keys (NaN, inf, 1e30) cannot move it. Detached: the true gradient of a constant is zero.
         center = torch.nanmedian(torch.where(torch.isfinite(sq), sq, math.nan), dim=-2, keepdim=True).values
         center = center.nan_to_num(0.0)
-    q = _with_column(inp.q, 1.0)
-    k = _with_column(inp.k, ((sq - center) * -0.5).to(inp.dtype))
-    v, e = inp.v, None
-    if inp.e == inp.d:
-        v, e = _with_column(inp.v, 0.0), inp.e
-    return replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot"), e
+    pad_v = inp.e == inp.d
+    q, k, v = _L2Columns.apply(inp.q, inp.k, inp.v, sq, center, pad_v)
+    return replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot"), inp.e if pad_v else None
+
+
+class _L2Columns(torch.autograd.Function):
+    """(q, k, v, |k|^2, c, pad_v) -> ([q, 1], [k, -(|k|^2 - c) / 2], [v, 0] or v), with a backward that slices
+    the wide gradients back (views) and adds the column's chain rule, -k * dk'[..., -1], to dk: about a third
+    of the copies autograd makes through `_with_column`'s slice writes. Built of differentiable ops, so a
+    recorded backward (create_graph) differentiates again exactly. |k|^2 enters as computed by the caller, so
+    its gradient flows through the caller's graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sq, center, pad_v):
+        ctx.pad_v = pad_v
+        ctx.dims = (q.shape[-1], v.shape[-1])
+        column = ((sq - center) * -0.5).to(k.dtype)
+        return _with_column(q, 1.0), _with_column(k, column), _with_column(v, 0.0) if pad_v else v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        d, e = ctx.dims
+        dsq = None
+        if dk is not None and ctx.needs_input_grad[3]:
+            dsq = dk[..., d:].to(torch.float64 if dk.dtype == torch.float64 else torch.float32) * -0.5
+        return (
+            None if dq is None else dq[..., :d],
+            None if dk is None else dk[..., :d],
+            None if dv is None else (dv[..., :e] if ctx.pad_v else dv),
+            dsq,
+            None,
+            None,
+        )
 
 
 def causal_keep(i: int, j: int, device: torch.device, rows: slice | None = None, cols: int | None = None) -> Tensor:
