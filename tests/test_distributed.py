@@ -1,8 +1,9 @@
 """attend.distributed: context parallel attention over torch.distributed, checked on CPU with gloo.
 
-Each world size spawns its processes once (torch.multiprocessing, spawn) and every worker runs all the cases:
-the sharded outputs and gradients must equal single-process `attend.attention` on the unsharded tensors (the
-reference is computed in every worker from the same seed), sliced to the worker's shard.
+Each world size spawns its processes once (torch.multiprocessing, spawn) and every worker runs all the cases,
+with both strategies ("allgather", "ring"): the sharded outputs and gradients must equal single-process
+`attend.attention` on the unsharded tensors (the reference is computed in every worker from the same seed),
+sliced to the worker's shard; and the communication of every call is counted (`_Counter`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attend
+import attend.distributed as attend_distributed
 from attend.distributed import context_parallel_attention, shard, unshard
 from attend.testing import tolerance
 
@@ -44,11 +46,19 @@ def _worker(rank: int, world: int, port: int, job: str) -> None:
 
 
 class _Counter:
-    """Counts the collectives `attend.distributed` calls (it looks them up on torch.distributed per call)."""
+    """Counts the collectives and point-to-point ops `attend.distributed` calls (it looks them up on
+    torch.distributed per call). `batch_isend_irecv` also counts the ops in its list ("p2p isend", "p2p irecv")
+    and the elements they send ("sent elements")."""
+
+    NAMES = (
+        "all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "broadcast", "all_to_all",
+        "all_to_all_single", "isend", "irecv", "send", "recv", "batch_isend_irecv",
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        self.counts = {"all_gather": 0, "all_gather_into_tensor": 0, "all_reduce": 0, "reduce_scatter": 0}
-        self.originals = {name: getattr(dist, name) for name in self.counts}
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        self.counts.update({"p2p isend": 0, "p2p irecv": 0, "sent elements": 0})
+        self.originals = {name: getattr(dist, name) for name in self.NAMES}
 
     def __enter__(self) -> _Counter:
         for name, fn in self.originals.items():
@@ -58,6 +68,11 @@ class _Counter:
     def _wrap(self, name: str, fn: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             self.counts[name] += 1
+            if name == "batch_isend_irecv":
+                for op in args[0]:
+                    send = op.op is dist.distributed_c10d.isend
+                    self.counts["p2p isend" if send else "p2p irecv"] += 1
+                    self.counts["sent elements"] += op.tensor.numel() if send else 0
             return fn(*args, **kwargs)
 
         return wrapped
@@ -100,14 +115,25 @@ def _case_inputs(n: int, feats: dict[str, Any], world: int, layout: str) -> dict
         pad[0, :border] = True
         pad[1, : max(border - 1, 1)] = True
         full["mask"] = pad
+    if feats.get("left_padding"):
+        # padding first: under causal the rows before an element's first key see nothing (output and grads 0)
+        parts = world if layout == "contiguous" else 2 * world
+        border = len(torch.arange(n).tensor_split(parts)[0])
+        pad = torch.ones(b, n, dtype=torch.bool)
+        pad[0, :border] = False
+        pad[1, : border + 1] = False
+        full["mask"] = pad
     if feats.get("bool_mask"):
         full["mask"] = torch.rand(b, 1, n, n, generator=gen) > 0.3
     if feats.get("bias"):
         full["bias"] = torch.randn(1, h, n, n, generator=gen)
     if feats.get("documents"):
-        starts = torch.rand(b, n, generator=gen) < 0.25
-        starts[:, 0] = False
-        full["documents"] = starts.long().cumsum(1)
+        if feats["documents"] == "unsorted":  # ids that come back: blocks compare them, no interval
+            full["documents"] = torch.randint(0, 3, (b, n), generator=gen)
+        else:
+            starts = torch.rand(b, n, generator=gen) < 0.25
+            starts[:, 0] = False
+            full["documents"] = starts.long().cumsum(1)
     return full
 
 
@@ -120,7 +146,41 @@ CASES: list[dict[str, Any]] = [
     {"causal": True, "bias": True, "documents": True},
     {"documents": True, "padding": True, "window": (2, 2)},
     {"bool_mask": True, "causal": True},
+    {"gqa": True, "causal": True, "left_padding": True, "bias": True},
+    {"documents": "unsorted", "causal": True, "window": (None, 1)},
 ]
+
+
+def _ring_counts(rank: int, lengths: list[int], kv: int, fields: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The communication of one ring call on this rank, forward and backward. `kv`: elements of k and v per
+    position (b * g * (d + e)); `fields`: int64 elements of key padding / document ids per position.
+
+    Forward: 1 all_gather (the shapes and options), then W-1 steps; at step s this rank holds the block of rank
+    (rank - s) % W and passes it on in P pieces (`torch.tensor_split`'s rule), one exchange per piece: k, v (and
+    the ids when given) of the piece sent, the same piece of the next block received; empty pieces are not
+    sent. Backward: the same W-1 steps of k and v, and W exchanges of each piece's dk/dv accumulator (the last
+    brings them home)."""
+    world, pieces = len(lengths), attend_distributed._PIECES
+    counts = [{"all_gather": 1}, {}]
+    if world == 1:
+        return counts[0], counts[1]
+
+    def piece(step: int, p: int) -> int:  # length of piece p of the block held at `step`
+        return len(torch.arange(lengths[(rank - step) % world]).tensor_split(pieces)[p])
+
+    passes = [(0, world - 1, 2 + (1 if fields else 0), kv + fields), (1, world - 1, 2, kv), (1, world, 2, kv)]
+    for which, steps, tensors, per_position in passes:  # forward k/v; backward k/v; backward dk/dv
+        got = counts[which]
+        for step in range(steps):
+            for p in range(pieces):
+                send, recv = piece(step, p), piece(step + 1, p)
+                for name, value in (
+                    ("batch_isend_irecv", int(send > 0 or recv > 0)), ("p2p isend", tensors * (send > 0)),
+                    ("p2p irecv", tensors * (recv > 0)), ("sent elements", send * per_position),
+                ):  # fmt: skip
+                    if value:
+                        got[name] = got.get(name, 0) + value
+    return counts[0], counts[1]
 
 
 def _check_case(rank: int, world: int, n: int, layout: str, feats: dict[str, Any], counter: _Counter) -> None:
@@ -135,45 +195,119 @@ def _check_case(rank: int, world: int, n: int, layout: str, feats: dict[str, Any
         documents=full.get("documents"), **opts,
     )  # fmt: skip
     (ref * full["w"]).sum().backward()
-
-    # this rank's shard
-    local = {name: shard(t, 2, layout).clone().requires_grad_() for name, t in full.items() if name in leaves}
-    mask = full.get("mask")
-    if mask is not None:
-        mask = shard(mask, 1, layout) if mask.dim() == 2 else shard(mask, 2, layout)
-    documents = None if "documents" not in full else shard(full["documents"], 1, layout)
-    counter.take()
-    out = context_parallel_attention(
-        local["q"], local["k"], local["v"], mask=mask, bias=local.get("bias"), documents=documents,
-        layout=layout, strategy="allgather", **opts,
-    )  # fmt: skip
-    gathered = 1 if (mask is not None and mask.dim() == 2) or documents is not None else 0
-    assert counter.take() == {"all_gather": 2 + gathered}, where
-    (out * shard(full["w"], 2, layout)).sum().backward()
-    assert counter.take() == {"all_reduce": 1}, where
-
-    tol = tolerance(torch.float32)
-    atol, rtol = tol["atol"], tol["rtol"]
-    got = {"out": out, **{f"d{name}": local[name].grad for name in leaves}}
     want = {
         "out": shard(ref.detach(), 2, layout),
         **{f"d{name}": shard(leaf.grad, 2, layout) for name, leaf in leaves.items() if leaf.grad is not None},
     }
-    assert got.keys() == want.keys(), where
-    for key, value in got.items():
-        assert value is not None, f"{key} missing, {where}"
-        torch.testing.assert_close(value, want[key], atol=atol, rtol=rtol, msg=_prefixed(f"{key}, {where}"))
+    mask = full.get("mask")
+    if mask is not None:
+        mask = shard(mask, 1, layout) if mask.dim() == 2 else shard(mask, 2, layout)
+    documents = None if "documents" not in full else shard(full["documents"], 1, layout)
+    lengths = [len(shard_of) for shard_of in _all_shards(n, world, layout)]
+    tol = tolerance(torch.float32)
+    atol, rtol = tol["atol"], tol["rtol"]
+
+    for strategy in ("allgather", "ring"):
+        here = f"{where}, strategy={strategy}"
+        # this rank's shard
+        local = {name: shard(t, 2, layout).clone().requires_grad_() for name, t in full.items() if name in leaves}
+        counter.take()
+        out = context_parallel_attention(
+            local["q"], local["k"], local["v"], mask=mask, bias=local.get("bias"), documents=documents,
+            layout=layout, strategy=strategy, **opts,
+        )  # fmt: skip
+        fwd = counter.take()
+        (out * shard(full["w"], 2, layout)).sum().backward()
+        bwd = counter.take()
+        fields = int(mask is not None and mask.dim() == 2) + int(documents is not None)
+        if strategy == "allgather":
+            assert fwd == {"all_gather": 2 + (1 if fields else 0)}, here
+            assert bwd == {"all_reduce": 1}, here
+        else:
+            b, g, d, e = local["k"].shape[0], local["k"].shape[1], local["k"].shape[3], local["v"].shape[3]
+            want_fwd, want_bwd = _ring_counts(rank, lengths, b * g * (d + e), b * fields)
+            assert fwd == want_fwd, f"forward communication, {here}: got {fwd}, expected {want_fwd}"
+            assert bwd == want_bwd, f"backward communication, {here}: got {bwd}, expected {want_bwd}"
+
+        got = {"out": out, **{f"d{name}": local[name].grad for name in leaves}}
+        assert got.keys() == want.keys(), here
+        for key, value in got.items():
+            assert value is not None, f"{key} missing, {here}"
+            torch.testing.assert_close(value, want[key], atol=atol, rtol=rtol, msg=_prefixed(f"{key}, {here}"))
+
+
+def _all_shards(n: int, world: int, layout: str) -> list[list[int]]:
+    """Every rank's global positions under `layout` (the rule `shard` follows)."""
+    parts = world if layout == "contiguous" else 2 * world
+    chunks = [c.tolist() for c in torch.arange(n).tensor_split(parts)]
+    if layout == "contiguous":
+        return chunks
+    return [chunks[r] + chunks[2 * world - 1 - r] for r in range(world)]
 
 
 def _job_attention(rank: int, world: int) -> None:
     with _Counter() as counter:
         for layout in LAYOUTS:
             for n in (4 * world, 4 * world + 3):
-                for feats in CASES:
-                    _check_case(rank, world, n, layout, feats, counter)
+                # ring: chunked's default tiles hold a whole block here; with n % 4 == 3 tiles of 2 queries x 3
+                # keys, so the runs are cut in several tiles (partly visible ones masked, invisible ones skipped)
+                tiles = {"cpu": (2, 3)} if n % 4 else attend_distributed.TILES
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(attend_distributed, "TILES", tiles)
+                    for feats in CASES:
+                        _check_case(rank, world, n, layout, feats, counter)
             # fewer positions than chunks: some ranks hold none (and still take part in every collective)
             for feats in CASES[:3]:
                 _check_case(rank, world, 3, layout, feats, counter)
+    _check_ring_skips(rank, world)
+    _check_ring_q_grad_only(rank, world)
+
+
+def _check_ring_q_grad_only(rank: int, world: int) -> None:
+    """Ring with only q requiring grad (lengths that differ across ranks): dq as one process gives it, and no
+    dk/dv accumulator travels (backward: only the W-1 steps of k and v)."""
+    n, layout = 4 * world + 3, "headtail"
+    full = _case_inputs(n, {"padding": True}, world, layout)
+    q = full["q"].clone().requires_grad_()
+    (attend.attention(q, full["k"], full["v"], mask=full["mask"], causal=True) * full["w"]).sum().backward()
+    local_q = shard(full["q"], 2, layout).clone().requires_grad_()
+    k, v, mask, w = (shard(full[name], 2 if name != "mask" else 1, layout) for name in ("k", "v", "mask", "w"))
+    out = context_parallel_attention(local_q, k, v, mask=mask, causal=True, layout=layout)
+    with _Counter() as counter:
+        (out * w).sum().backward()
+    # the backward's k/v steps are the forward's (without ids), and no dk/dv exchange follows them
+    lengths = [len(positions) for positions in _all_shards(n, world, layout)]
+    forward, _ = _ring_counts(rank, lengths, kv=1, fields=0)
+    want = {name: count for name, count in forward.items() if name not in ("all_gather", "sent elements")}
+    got = {name: count for name, count in counter.take().items() if name != "sent elements"}
+    assert got == want, f"rank {rank}/{world}: backward communication {got}, expected {want}"
+    assert q.grad is not None
+    torch.testing.assert_close(local_q.grad, shard(q.grad, 2, layout), **tolerance(torch.float32))
+
+
+def _check_ring_skips(rank: int, world: int) -> None:
+    """Ring, causal, contiguous: rank r computes only on the blocks of ranks 0..r (the later ones hold keys
+    after all its queries), forward and backward; every block still travels (the counts in `_check_case`)."""
+    calls = {"forward": 0, "backward": 0}
+    real_forward, real_backward = attend_distributed._forward, attend_distributed._backward_into
+
+    def forward(*args: Any) -> Any:
+        calls["forward"] += 1
+        return real_forward(*args)
+
+    def backward(*args: Any) -> Any:
+        calls["backward"] += 1
+        return real_backward(*args)
+
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    attend_distributed._forward, attend_distributed._backward_into = forward, backward
+    try:
+        context_parallel_attention(q, q, q, causal=True).sum().backward()
+    finally:
+        attend_distributed._forward, attend_distributed._backward_into = real_forward, real_backward
+    # each block in P pieces of consecutive positions: a kernel call per (non-empty) piece of blocks 0..r
+    want = (rank + 1) * min(attend_distributed._PIECES, q.shape[2])
+    assert calls == {"forward": want, "backward": want}, f"rank {rank}/{world}: {calls}"
 
 
 def _job_shard(rank: int, world: int) -> None:
@@ -203,10 +337,14 @@ def _job_shard(rank: int, world: int) -> None:
 
 def _job_errors(rank: int, world: int) -> None:
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="'ring' strategy is not built yet"):
-        context_parallel_attention(q, q, q)
-    with pytest.raises(NotImplementedError, match="dropout is not supported yet"):
-        context_parallel_attention(q, q, q, strategy="allgather", dropout_p=0.1)
+    for strategy in ("allgather", "ring"):
+        with pytest.raises(NotImplementedError, match="dropout is not supported yet"):
+            context_parallel_attention(q, q, q, strategy=strategy, dropout_p=0.1)
+    # ring: first-order only; every rank raises in its backward before any communication
+    leaf = q.clone().requires_grad_()
+    out = context_parallel_attention(leaf, leaf, leaf, causal=True)
+    with pytest.raises(RuntimeError, match="expected a first-order backward"):
+        torch.autograd.grad(out.sum(), leaf, create_graph=True)
     with pytest.raises(ValueError, match="expected `strategy` to be one of"):
         context_parallel_attention(q, q, q, strategy="alltoall")
     with pytest.raises(ValueError, match="i_local == j_local"):
@@ -232,9 +370,10 @@ def _job_errors(rank: int, world: int) -> None:
         with pytest.raises(ValueError, match="'headtail' rule"):
             unshard(ql, 2, layout="headtail")
         # ...which contiguous takes as it is: the global positions are the prefix sums of the lengths
-        out = context_parallel_attention(ql, ql, ql, strategy="allgather", causal=True)
         full = unshard(ql, 2)
-        torch.testing.assert_close(out, attention_rows(full, rank, [4 + 2 * (r == 0) for r in range(world)]))
+        for strategy in ("allgather", "ring"):
+            out = context_parallel_attention(ql, ql, ql, strategy=strategy, causal=True)
+            torch.testing.assert_close(out, attention_rows(full, rank, [4 + 2 * (r == 0) for r in range(world)]))
     with pytest.raises(ValueError, match="key padding"):
         context_parallel_attention(q, q, q, mask=torch.ones(1, 3, dtype=torch.bool), strategy="allgather")
 
@@ -244,20 +383,45 @@ def attention_rows(full: torch.Tensor, rank: int, lengths: list[int]) -> torch.T
     return attend.attention(full, full, full, causal=True)[:, :, start : start + lengths[rank]]
 
 
-JOBS = {"attention": _job_attention, "shard": _job_shard, "errors": _job_errors}
+def _job_example(rank: int, world: int) -> None:
+    """examples/context_parallel.py's main at a tiny size, in this (already initialised) group: it checks the
+    sharded loss against one process's itself; here also that training lowers the loss."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "context_parallel.py"
+    spec = importlib.util.spec_from_file_location("context_parallel_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--seq-len", "37", "--steps", "3", "--dim", "16", "--heads", "2", "--layers", "1"])
+    assert result["world"] == world
+    losses = result["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0], f"rank {rank}: losses {losses}"
+
+
+JOBS = {"attention": _job_attention, "shard": _job_shard, "errors": _job_errors, "example": _job_example}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_matches_single_process_attention(world):
-    """Outputs and gradients (q, k, v, bias) equal attend.attention on the full sequence, every layout and
-    mask, lengths divisible by 2W and not; and the collectives per call: 2 all_gathers (+1 for a key padding
-    mask or documents) forward, 1 all_reduce backward."""
+    """Outputs and gradients (q, k, v, bias) equal attend.attention on the full sequence, both strategies, every
+    layout and mask, lengths divisible by 2W and not (and fewer positions than ranks); the communication per
+    call: allgather 2 all_gathers (+1 for a key padding mask or documents) forward, 1 all_reduce backward; ring
+    1 all_gather (shapes) and only point-to-point exchanges of pieces of k/v (`_ring_counts`); ring skips the
+    blocks no local query sees, and with only q requiring grad no dk/dv travels."""
     _spawn("attention", world)
 
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_shard_unshard_round_trip(world):
     _spawn("shard", world)
+
+
+def test_example_trains_across_ranks():
+    """`torchrun --nproc-per-node 4 examples/context_parallel.py` at a tiny size, world 2: the example's own
+    check (sharded loss = single-process loss) passes and the loss goes down."""
+    _spawn("example", 2)
 
 
 def test_errors_across_ranks():

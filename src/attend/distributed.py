@@ -8,9 +8,9 @@ gets the output rows of its own queries::
 
     q (b, h, i_local, d)   k (b, g, j_local, d)   v (b, g, j_local, e)   ->   out (b, h, i_local, e)
 
-    mask       bool (b, j_local): key padding of this rank's keys (gathered); any other shape is passed as it
-               is, broadcastable to (b, h, i_local, j) with j all keys in global order
-    documents  int (b|1, j_local): document ids of this rank's positions (gathered)
+    mask       bool (b, j_local): key padding of this rank's keys (gathered, or passed on with them); any other
+               shape is passed as it is, broadcastable to (b, h, i_local, j) with j all keys in global order
+    documents  int (b|1, j_local): document ids of this rank's positions (gathered, or passed on with them)
     bias       float, broadcastable to (b, h, i_local, j): this rank's query rows, every key in global order
 
 Layouts (`shard` cuts a full tensor, `unshard` puts it back together; both agree with the attention):
@@ -30,24 +30,52 @@ Strategies:
                   2 `all_gather` (the shapes, then k and v together), plus 1 when a key padding mask or
                   documents are given; backward 1 `all_reduce` (the gradient of the gathered k and v) when k
                   or v requires grad. Every rank must call backward (the all_reduce is collective).
-    "ring"        not built yet: raises NotImplementedError.
+    "ring"        (the default) k and v stay sharded: each rank's block (its k, v, key padding, document ids)
+                  goes around the ring, W steps; at step s rank r holds the block of rank (r - s) % W and runs
+                  chunked's tile kernel (`attend.backends.chunked`) for its queries against it, with every mask:
+                  the key padding of the block's owner, causal / window by global positions, documents, a bool
+                  mask or bias sliced to the block's keys, GQA (k/v travel with g heads, never expanded). The
+                  partial outputs are merged by their log-sum-exp in float32; a row that sees no key gets 0 (and
+                  zero gradients). Blocks that no local query can see (all padding, after every local query
+                  under causal, outside every window, no document in common) are not computed on but still
+                  passed on, and only the query rows that can see a block are. A block travels in P = 8 pieces
+                  of consecutive positions: while a rank computes on a piece, the next block's same piece is on
+                  its way (`batch_isend_irecv`: gloo on CPU, coalesced on NCCL), so communication overlaps
+                  compute. Backward (a torch.autograd.Function; first order only, create_graph=True raises):
+                  the blocks go around again, and each piece's dk/dv accumulator follows it one exchange behind
+                  (a rank adds its queries' part, from their global out and log-sum-exp); the W-th exchange brings
+                  every accumulator home. Every rank must call backward.
+                  Communication per call on a rank (W > 1; pieces of no position are not sent): forward 1
+                  `all_gather` (the shapes and options, as above) and (W-1) * P `batch_isend_irecv`, each with one
+                  isend and one irecv of a piece of k and of v, plus one of an int64 (b, piece, f) tensor of key
+                  padding / document ids when given: W-1 blocks sent, no all_gather of k or v. Backward, no
+                  collective: (W-1) * P exchanges of k and v again, and W * P of dk and dv (two isends each) when
+                  k or v requires grad: W-1 blocks of k/v and W blocks of dk/dv sent. Memory per rank O(n / W):
+                  its q, k, v, out and dq, plus (1 + 1/P) blocks of k/v and (1 + 1/P) of dk/dv in flight; at
+                  (1, 16, 32768, 128) float32, causal + key padding, forward + backward, a rank of 4 peaks at
+                  0.38x one process's RSS (benchmarks/results/cpu-context-parallel.md).
 
-Dropout (`dropout_p > 0`) is not supported yet (NotImplementedError).
+Dropout (`dropout_p > 0`) is not supported yet by either strategy (NotImplementedError).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import bisect
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._helpers import fmt_dtype, fmt_shape
+from ._helpers import accum_dtype, fmt_dtype, fmt_shape
+from .backends.chunked import TILES, _backward_into, _forward, _grouped, _Plan, _read_facts
 from .dispatch import run
 from .functional import autocast_inputs
+from .grad2 import records_graph
 from .inputs import Options, validate
+from .masks import Structure
 
 __all__ = ["context_parallel_attention", "shard", "unshard", "LAYOUTS", "STRATEGIES"]
 
@@ -284,6 +312,485 @@ def _local_checks(
     return meta, key_pad, docs
 
 
+# the ring strategy
+
+# P2POp accepts only torch.distributed's own isend / irecv (compared by identity): take them from c10d, so that a
+# wrapper put on `dist.isend` (the tests count with one) cannot break the ops
+_ISEND, _IRECV = dist.distributed_c10d.isend, dist.distributed_c10d.irecv
+# message tags of one exchange (gloo matches a receive by peer and tag; NCCL by order, which is the same)
+_TAG_K, _TAG_V, _TAG_META, _TAG_DK, _TAG_DV = range(5)
+# each rank's block travels in this many pieces (runs of its local positions), one after the other: while a piece
+# is computed on, the next block's same piece is on its way, so a rank holds the block it computes on plus one
+# piece of the next, (1 + 1/P) blocks of k/v instead of a double buffer's 2, and (1 + 1/P) blocks of dk/dv. P = 8
+# brought a rank's peak at (1, 16, 32768, 128) over 4 ranks from 0.47x one process's (whole blocks) to 0.38x;
+# more pieces cost more, smaller kernel calls (benchmarks/context_parallel.py)
+_PIECES = 8
+
+_Part = tuple[int, int, int]  # (offset in its piece, global start, length): one run of consecutive positions
+# a part some local query can see: (its plan, offset in the piece, global start, length, query rows r0, r1)
+_Planned = tuple[_Plan, int, int, int, int, int]
+
+
+@dataclass
+class _Ring:
+    """One ring call: what its forward and backward share (no k/v data: the blocks travel)."""
+
+    group: Any
+    rank: int
+    world: int
+    # per rank, its block's pieces: (offset in the block, length, the runs of consecutive positions in it)
+    pieces: list[list[tuple[int, int, list[_Part]]]]
+    b: int
+    h: int
+    g: int
+    scale: float | None
+    window: tuple[int | None, int | None] | None  # causal merged in (right 0); None: no window, no causal
+    q_pos: Tensor  # (i_local,) global positions of this rank's queries (ascending: both layouts keep the order)
+    q_list: list[int]  # the same, for bisect
+    q_docs: Tensor | None  # (b, i_local) int64 document ids of this rank's positions
+    meta: Tensor | None  # (b, j_local, f) int64: this rank's key padding (as 0/1) and / or document ids
+    pad_col: int | None  # the column of `meta` that holds the key padding
+    doc_col: int | None  # the column of `meta` that holds the document ids
+    mask4: Tensor | None  # a bool mask (b|1, h|1, i_local|1, n|1): this rank's rows, every key in global order
+    q_tile: int
+    k_tile: int
+    # filled by the forward, reused by the backward: per (owner rank, piece), the plans of its runs that some
+    # local query can see (a plan holds no k/v data)
+    plans: dict[tuple[int, int], list[_Planned]] | None = None
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.world
+
+    @property
+    def prev(self) -> int:
+        return (self.rank - 1) % self.world
+
+    def owner(self, step: int) -> int:
+        """The rank whose block this rank holds at ring step `step` (its own at step 0 and at step W)."""
+        return (self.rank - step) % self.world
+
+    def length(self, owner: int, piece: int) -> int:
+        return self.pieces[owner][piece][1]
+
+
+def _cut_pieces(runs: list[tuple[int, int]]) -> list[tuple[int, int, list[_Part]]]:
+    """A block's positions (its runs of global positions, in local order) in `_PIECES` pieces of consecutive
+    local positions (`torch.tensor_split`'s rule): (offset, length, parts), a part per run the piece overlaps
+    (a "headtail" block has two runs, so one piece may have two parts)."""
+    pieces = []
+    offset = 0
+    for length in _chunk_lengths(sum(n for _, n in runs), _PIECES):
+        parts, local = [], 0  # the runs' overlap with [offset, offset + length)
+        for start, n in runs:
+            lo, hi = max(offset, local), min(offset + length, local + n)
+            if hi > lo:
+                parts.append((lo - offset, start + lo - local, hi - lo))
+            local += n
+        pieces.append((offset, length, parts))
+        offset += length
+    return pieces
+
+
+class _Exchange:
+    """One exchange in flight: each (tag, tensor) of `send` to the next rank, each of `recv` from the previous
+    one, in one `batch_isend_irecv` (NCCL coalesces it; gloo runs the ops side by side). Empty tensors are not
+    sent: both ends know every piece's length. Holds the tensors until `wait` returns."""
+
+    def __init__(self, ring: _Ring, send: list[tuple[int, Tensor]], recv: list[tuple[int, Tensor]]):
+        group, nxt, prev = ring.group, ring.next, ring.prev
+        ops = [dist.P2POp(_ISEND, t, group=group, group_peer=nxt, tag=tag) for tag, t in send if t.numel()]
+        ops += [dist.P2POp(_IRECV, t, group=group, group_peer=prev, tag=tag) for tag, t in recv if t.numel()]
+        self.requests = list(dist.batch_isend_irecv(ops)) if ops else []
+        self.tensors: list[Tensor] = [t for _, t in send + recv]
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        self.requests, self.tensors = [], []
+
+
+def _key_cols(t: Tensor | None, start: int, length: int) -> Tensor | None:
+    """A mask or bias with every key in global order, sliced to the keys [start, start + length)."""
+    if t is None or t.shape[3] == 1:
+        return t
+    return t[..., start : start + length]
+
+
+def _rows(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
+    """A mask or bias with this rank's query rows, sliced to the rows [r0, r1)."""
+    if t is None or t.shape[2] == 1:
+        return t
+    return t[:, :, r0:r1]
+
+
+def _plan_part(
+    ring: _Ring, q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, bias4: Tensor | None, part: _Part
+) -> tuple[_Plan, int, int] | None:
+    """chunked's plan for the local queries that may see one run of keys (k, v and `meta`, the key padding /
+    document ids, sliced to it): (plan, r0, r1) for the query rows [r0, r1) (local order: positions ascend), or
+    None where no local query can see any of its keys (all padding, outside every query's causal / window
+    range by global positions, no document in common). The rows outside [r0, r1) see none of them."""
+    _, start, length = part
+    r0, r1 = 0, q.shape[2]
+    if length == 0 or r1 == 0:
+        return None
+    if ring.window is not None:  # query p sees [p - left, p + right]: rows whose range meets the run's keys
+        left, right = ring.window
+        if right is not None:
+            r0 = bisect.bisect_left(ring.q_list, start - right)
+        if left is not None:
+            r1 = bisect.bisect_right(ring.q_list, start + length - 1 + left)
+    if r0 >= r1:
+        return None
+    pad = k_docs = None
+    if meta is not None and ring.pad_col is not None:
+        pad = meta[..., ring.pad_col].bool()
+        if not bool(pad.any()):
+            return None  # every key of the run is padding
+    if meta is not None and ring.doc_col is not None:
+        assert ring.q_docs is not None
+        k_docs = meta[..., ring.doc_col]
+        q_docs = ring.q_docs[:, r0:r1]
+        shared = ((q_docs >= k_docs.amin(1, keepdim=True)) & (q_docs <= k_docs.amax(1, keepdim=True))).any(0)
+        rows = shared.nonzero()
+        if not len(rows):
+            return None  # no document in common with any local query
+        r0, r1 = r0 + int(rows[0]), r0 + int(rows[-1]) + 1
+    q_rows = q[:, :, r0:r1]
+    mask = pad if pad is not None else _rows(_key_cols(ring.mask4, start, length), r0, r1)
+    inp = validate(
+        q_rows, k, v, mask=mask, bias=_rows(_key_cols(bias4, start, length), r0, r1),
+        documents=None if k_docs is None or ring.q_docs is None else (ring.q_docs[:, r0:r1], k_docs),
+        options=Options(scale=ring.scale, window=ring.window),
+    )  # fmt: skip
+    facts = _read_facts(inp.mask, inp.bias, length, ring.k_tile)
+    if inp.structured:
+        if ring.window is not None:  # causal and the window by global positions, in the run's key coordinates
+            inp = replace(inp, q_pos=(ring.q_pos[r0:r1] - start)[None])
+        structure = Structure(inp)
+        if structure.lo is not None and structure.hi is not None and not bool((structure.hi > structure.lo).any()):
+            return None  # no query sees a key of the run (documents)
+        facts = facts._replace(structure=structure)
+    plan = _Plan(q_rows, inp.k, inp.v, inp.mask, inp.bias, False, inp.scale, 0.0, 0, ring.q_tile, ring.k_tile, facts)
+    return plan, r0, r1
+
+
+def _merge(out: Tensor, lse: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
+    """out, lse (views, updated in place) and a partial result (out_s, lse_s) over more keys, merged by
+    log-sum-exp in the accumulation dtype (out_s is consumed). lse -inf: the row has seen no key yet (out 0)."""
+    lse_s = lse_s.masked_fill_(lse_s == math.inf, -math.inf)  # chunked marks a row with no key by lse = +inf
+    new = torch.logaddexp(lse, lse_s)
+    ref = new.masked_fill(new == -math.inf, 0.0)  # rows with nothing seen: exp(-inf - 0) = 0, no NaN
+    out.mul_((lse - ref).exp_().unsqueeze(-1))
+    out.add_(out_s.mul_((lse_s - ref).exp_().unsqueeze(-1)))
+    lse.copy_(new)
+
+
+class _Pool:
+    """Buffers for the pieces in flight (k/v pieces, or dk/dv accumulators), reused from step to step: `slots`
+    slots of `slot` bytes carved from one allocation, plus a standalone buffer if ever more are taken at once.
+
+    One allocation, freed whole by `release`: pieces allocated one by one sit below glibc's dynamic mmap
+    threshold (up to 32 MiB) and land in its heap, where the small tensors a call keeps (plans, masks) pin them;
+    the RSS of a rank then kept growing from step to step (+300 MiB at (1, 16, 32768, 128) over 4 ranks)."""
+
+    def __init__(self, slot: int, slots: int, device: torch.device):
+        self.slot, self.slots, self.device = max(slot, 1), slots, device  # (>= 1 byte: addresses of their own)
+        self.slab: Tensor | None = None  # allocated by the first `take` (at world 1 nothing is)
+        self.free: list[Tensor] = []
+        self.standalone: dict[int, Tensor] = {}  # by storage address
+
+    def take(self, *specs: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
+        """Contiguous tensors of the given shapes and dtypes, one after the other in one slot (uninitialised)."""
+        if self.slab is None:
+            self.slab = torch.empty(self.slot * self.slots, dtype=torch.uint8, device=self.device)
+            self.free = [self.slab[s * self.slot : (s + 1) * self.slot] for s in range(self.slots)][::-1]
+        if self.free:
+            flat = self.free.pop()
+        else:
+            flat = torch.empty(self.slot, dtype=torch.uint8, device=self.device)
+            self.standalone[flat.untyped_storage().data_ptr()] = flat
+        views, offset = [], 0
+        for shape, dtype in specs:
+            size = math.prod(shape) * dtype.itemsize
+            views.append(flat[offset : offset + size].view(dtype).view(shape))
+            offset += size
+        return tuple(views)
+
+    def give(self, t: Tensor) -> None:
+        """Hand back the slot of the first tensor a `take` returned."""
+        address = t.untyped_storage().data_ptr()
+        if self.slab is not None and address == self.slab.untyped_storage().data_ptr():
+            s = t.storage_offset() * t.element_size() // self.slot
+            self.free.append(self.slab[s * self.slot : (s + 1) * self.slot])
+        else:
+            self.free.append(self.standalone.pop(address))
+
+    def release(self) -> None:
+        """Drop the pool's references: its memory goes once the tensors still in use from it do."""
+        self.slab, self.free, self.standalone = None, [], {}
+
+
+def _pool_for(ring: _Ring, k: Tensor, v: Tensor, dtype: torch.dtype) -> _Pool:
+    """A pool whose slots hold the largest piece of k and v (or of dk and dv) in `dtype`, as many as a ring
+    phase holds at once: the pieces of one block plus the one arriving (`_PIECES` + 1)."""
+    longest = max(n for pieces in ring.pieces for _, n, _ in pieces)
+    slot = ring.b * ring.g * longest * (k.shape[3] + v.shape[3]) * dtype.itemsize
+    return _Pool(slot, _PIECES + 1, k.device)
+
+
+_Piece = tuple[Tensor, Tensor, Tensor | None]  # k (b, g, n, d), v (b, g, n, e), meta (b, n, f) of one piece
+
+
+def _own_pieces(ring: _Ring, k: Tensor, v: Tensor) -> list[_Piece | None]:
+    """This rank's block in pieces: views of k and v (copied into a pool buffer only to be sent)."""
+    meta = ring.meta
+    return [
+        (k.narrow(2, o, n), v.narrow(2, o, n), None if meta is None else meta.narrow(1, o, n))
+        for o, n, _ in ring.pieces[ring.rank]
+    ]
+
+
+def _pass_on(
+    ring: _Ring, pool: _Pool, piece: _Piece, step: int, p: int, with_meta: bool
+) -> tuple[_Exchange, _Piece, Tensor | None]:
+    """Send `piece` (piece p of the block held at `step`) to the next rank and receive piece p of the block
+    held at step + 1 from the previous one. Returns the exchange in flight, the piece it fills (pool buffers)
+    and the pool buffer of the copy sent (a non-contiguous piece of this rank's own k/v), if any."""
+    k, v, meta = piece
+    b, g, d, e = k.shape[0], k.shape[1], k.shape[3], v.shape[3]
+    n = ring.length(ring.owner(step + 1), p)
+    new_k, new_v = pool.take(((b, g, n, d), k.dtype), ((b, g, n, e), v.dtype))
+    new_meta = meta.new_empty(b, n, meta.shape[2]) if with_meta and meta is not None else None
+    copy = None
+    if not (k.is_contiguous() and v.is_contiguous()):
+        copy_k, copy_v = pool.take((tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype))
+        k, v, copy = copy_k.copy_(k), copy_v.copy_(v), copy_k
+    send = [(_TAG_K, k), (_TAG_V, v)]
+    recv = [(_TAG_K, new_k), (_TAG_V, new_v)]
+    if new_meta is not None and meta is not None:
+        send, recv = [*send, (_TAG_META, meta.contiguous())], [*recv, (_TAG_META, new_meta)]
+    return _Exchange(ring, send, recv), (new_k, new_v, new_meta), copy
+
+
+def _ring_forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None) -> tuple[Tensor, Tensor]:
+    """out (b*g, r, i_local, e) and lse (b*g, r, i_local) in the accumulation dtype (lse +inf on a row that sees
+    no key, as chunked's). W steps of `_PIECES` phases: a phase sends this piece on and starts receiving the
+    next block's same piece, computes on this piece, then waits for the exchange."""
+    world, acc = ring.world, accum_dtype(q.dtype)
+    b, g, i, e = ring.b, ring.g, q.shape[2], v.shape[3]
+    plans: dict[tuple[int, int], list[_Planned]] = {}
+    out = q.new_zeros(b * g, ring.h // g, i, e, dtype=acc)
+    lse = q.new_full((b * g, ring.h // g, i), -math.inf, dtype=acc)
+    # each part's result, written into one buffer per call (rows [0, r1 - r0)): parts of every size allocated
+    # one by one fragmented glibc's heap, and a rank kept up to 200 MiB more after the forward
+    out_s, lse_s = torch.empty_like(out), torch.empty_like(lse)
+    pool = _pool_for(ring, k, v, k.dtype)
+    cur = _own_pieces(ring, k, v)
+    for step in range(world):
+        owner = ring.owner(step)
+        arriving: list[_Piece | None] = []
+        for p, (_, _, parts) in enumerate(ring.pieces[owner]):
+            piece, cur[p] = cur[p], None
+            assert piece is not None
+            exchange = copy = None
+            if step < world - 1:
+                exchange, arrived, copy = _pass_on(ring, pool, piece, step, p, with_meta=True)
+                arriving.append(arrived)
+                del arrived
+            plans[(owner, p)] = []
+            for part in parts:
+                off, start, length = part
+                k_r, v_r = piece[0].narrow(2, off, length), piece[1].narrow(2, off, length)
+                meta_r = None if piece[2] is None else piece[2].narrow(1, off, length)
+                planned = _plan_part(ring, q, k_r, v_r, meta_r, bias4, part)
+                if planned is not None:
+                    plan, r0, r1 = planned
+                    plans[(owner, p)].append((plan, off, start, length, r0, r1))
+                    rows = r1 - r0
+                    _forward(plan, q[:, :, r0:r1], k_r, v_r, out_s[:, :, :rows], lse_s[:, :, :rows])
+                    _merge(out[:, :, r0:r1], lse[:, :, r0:r1], out_s[:, :, :rows], lse_s[:, :, :rows])
+                del k_r, v_r
+            if exchange is not None:
+                exchange.wait()
+            if copy is not None:  # sent and computed on: the slots are free
+                pool.give(copy)
+            if step > 0:
+                pool.give(piece[0])
+            del piece, copy  # (no reference to a slot may outlive the pool's release)
+        cur = arriving
+    pool.release()
+    del out_s, lse_s
+    ring.plans = plans
+    return out, lse.masked_fill_(lse == -math.inf, math.inf)  # +inf: a row that sees no key (chunked's mark)
+
+
+def _ring_backward(
+    ring: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None, out: Tensor, lse: Tensor,
+    kv_grad: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """dq, dk, dv (None unless kv_grad), dbias (None unless bias_grad), shaped like q, k, v, bias4.
+
+    The k/v blocks go around the ring a second time, piece by piece as in the forward (the next block's piece
+    arriving while this one is computed on). Each piece's dk/dv accumulator follows it: a rank adds its queries'
+    part (chunked's tile backward, from the global out and lse of its queries) and passes it on right after,
+    waiting for that exchange only after its next phase's compute; the W-th exchange brings every accumulator
+    home to its owner."""
+    assert ring.plans is not None
+    b, g, world = ring.b, ring.g, ring.world
+    r, i, d, e = ring.h // g, q.shape[2], k.shape[3], v.shape[3]
+    bg, acc = b * g, accum_dtype(q.dtype)
+    dog = dout.reshape(bg, r, i, e)
+    lse3 = lse.view(bg, r, i)
+    # D = rowsum(dout * out) of the whole attention, once for every block
+    delta = (dog.to(acc) * out.view(bg, r, i, e)).sum(dim=-1)
+    dq = q.new_zeros(bg, r, i, d, dtype=acc)  # unscaled until the end (`_backward_into`)
+    dbias4 = None if bias4 is None or not bias_grad else bias4.new_zeros(bias4.shape, dtype=acc)
+    scale = 1.0
+    pool, acc_pool = _pool_for(ring, k, v, k.dtype), _pool_for(ring, k, v, acc)  # k/v pieces; dk/dv
+
+    def accumulator(n: int) -> tuple[Tensor, Tensor]:  # zeros: dk (b*g, n, d) and dv (b*g, n, e), pooled
+        dk_p, dv_p = acc_pool.take(((bg, n, d), acc), ((bg, n, e), acc))
+        return dk_p.zero_(), dv_p.zero_()
+
+    own = ring.pieces[ring.rank]
+    home: tuple[Tensor, Tensor] | None = None  # this rank's dk, dv (b*g, j_local, d|e)
+    if world == 1 and kv_grad:  # nothing travels: the accumulators are views of it
+        home = q.new_zeros(bg, k.shape[2], d, dtype=acc), q.new_zeros(bg, k.shape[2], e, dtype=acc)
+        dkv: list[tuple[Tensor, Tensor] | None] = [(home[0][:, o : o + n], home[1][:, o : o + n]) for o, n, _ in own]
+    else:
+        dkv = [accumulator(n) for _, n, _ in own]
+    finals: list[tuple[Tensor, Tensor] | None] = [None] * len(own)  # own pieces' accumulators, back home
+    # the dk/dv exchange of the previous phase and the accumulator it sends: waited for after this phase's
+    # compute, so that a rank whose phase ran longer does not hold its neighbour at every phase
+    pending: tuple[_Exchange, Tensor] | None = None
+    cur = _own_pieces(ring, k, v)
+    for step in range(world):
+        owner = ring.owner(step)
+        arriving: list[_Piece | None] = []
+        for p in range(len(ring.pieces[owner])):
+            piece, cur[p] = cur[p], None
+            accumulators, dkv[p] = dkv[p], None
+            assert piece is not None and accumulators is not None
+            exchange = copy = None
+            if step < world - 1:
+                exchange, arrived, copy = _pass_on(ring, pool, piece, step, p, with_meta=False)
+                arriving.append(arrived)
+                del arrived
+            dk_p, dv_p = accumulators
+            for plan, off, start, length, r0, r1 in ring.plans[(owner, p)]:
+                k_r, v_r = piece[0].narrow(2, off, length), piece[1].narrow(2, off, length)
+                qg, kk, vv = plan.split(q[:, :, r0:r1], k_r, v_r)
+                dbias = None if dbias4 is None else _grouped(_rows(_key_cols(dbias4, start, length), r0, r1), g, r)
+                rows, hi = slice(r0, r1), off + length
+                _backward_into(
+                    plan, dog[:, :, rows], qg, kk, vv, lse3[:, :, rows], delta[:, :, rows], dq[:, :, rows],
+                    dk_p[:, off:hi], dv_p[:, off:hi], dbias,
+                )  # fmt: skip
+                scale = plan.scale
+                del qg, kk, vv, k_r, v_r
+            if exchange is not None:
+                exchange.wait()
+            if copy is not None:  # sent and computed on: the slots are free
+                pool.give(copy)
+            if step > 0:
+                pool.give(piece[0])
+            del piece, copy  # (no reference to a slot may outlive the pool's release)
+            if pending is not None:
+                pending[0].wait()
+                acc_pool.give(pending[1])
+                pending = None
+            if world == 1:
+                continue
+            n = ring.length(ring.owner(step + 1), p)  # piece p of the block held next (last step: this rank's)
+            if kv_grad:
+                new_dk, new_dv = acc_pool.take(((bg, n, d), acc), ((bg, n, e), acc))
+                send, recv = [(_TAG_DK, dk_p), (_TAG_DV, dv_p)], [(_TAG_DK, new_dk), (_TAG_DV, new_dv)]
+                pending = _Exchange(ring, send, recv), dk_p
+                if step < world - 1:
+                    dkv[p] = (new_dk, new_dv)
+                else:
+                    finals[p] = (new_dk, new_dv)
+                del send, recv
+            else:
+                if step < world - 1:  # no k/v gradient wanted: fresh scratch for the next piece
+                    dkv[p] = accumulator(n)
+                acc_pool.give(dk_p)
+            del dk_p, dv_p, accumulators
+        cur = arriving
+    if pending is not None:
+        pending[0].wait()
+        acc_pool.give(pending[1])
+        pending = None
+    pool.release()  # no k/v piece is in use any more: their memory goes before this rank's dk/dv is assembled
+    if kv_grad and home is None:
+        home = tuple(torch.cat([f[c] for f in finals if f is not None], dim=1) for c in (0, 1))  # type: ignore[assignment]
+    del finals, dkv
+    acc_pool.release()
+    dq = dq.mul_(scale).view(b, ring.h, i, d).to(q.dtype)
+    dbias_out = None if dbias4 is None or bias4 is None else dbias4.to(bias4.dtype)
+    if home is None:
+        return dq, None, None, dbias_out
+    return dq, home[0].view(b, g, -1, d).to(k.dtype), home[1].view(b, g, -1, e).to(v.dtype), dbias_out
+
+
+class _RingFn(torch.autograd.Function):
+    """(q, k, v, bias4, ring) -> this rank's output (b, h, i_local, e); first-order backward across ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None, ring: _Ring) -> Tensor:
+        out, lse = _ring_forward(ring, q, k, v, bias4)
+        out4 = out.view(ring.b, ring.h, q.shape[2], v.shape[3])
+        result = out4 if out4.dtype == q.dtype else out4.to(q.dtype)
+        # out in the accumulation dtype: the backward's D = rowsum(dout * out) cancels (see chunked._forward)
+        ctx.save_for_backward(q, k, v, bias4, out4, lse)
+        ctx.ring = ring
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        if records_graph():
+            raise RuntimeError(
+                "expected a first-order backward through context_parallel_attention(strategy='ring'), got "
+                "create_graph=True (double backward); hint: strategy='allgather' is differentiable twice"
+            )
+        q, k, v, bias4, out, lse = ctx.saved_tensors
+        kv_grad = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        bias_grad = bias4 is not None and bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dbias = _ring_backward(ctx.ring, dout, q, k, v, bias4, out, lse, kv_grad, bias_grad)
+        return dq, dk, dv, dbias, None
+
+
+def _ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, group: Any, rank: int, lengths: list[int], layout: str,
+    key_pad: Tensor | None, docs: Tensor | None, mask: Tensor | None, bias: Tensor | None, scale: float | None,
+    left: int | None, right: int | None,
+) -> Tensor:  # fmt: skip
+    """strategy="ring" once the inputs are checked on every rank (`context_parallel_attention`)."""
+    runs = _rank_runs(lengths, layout)
+    q_pos = _positions(runs[rank], q.device)
+    fields: list[Tensor] = []
+    pad_col = doc_col = None
+    if key_pad is not None:
+        pad_col, fields = len(fields), [*fields, key_pad.long()]
+    if docs is not None:
+        doc_col, fields = len(fields), [*fields, docs]
+    as4d = lambda t: t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # noqa: E731
+    q_tile, k_tile = TILES.get(q.device.type, TILES["cpu"])
+    window = None if left is None and right is None else (left, right)
+    ring = _Ring(
+        group=group, rank=rank, world=len(lengths), pieces=[_cut_pieces(rank_runs) for rank_runs in runs],
+        b=q.shape[0], h=q.shape[1], g=k.shape[1], scale=scale, window=window, q_pos=q_pos,
+        q_list=q_pos.tolist(),
+        q_docs=docs, meta=torch.stack(fields, dim=-1).contiguous() if fields else None, pad_col=pad_col,
+        doc_col=doc_col, mask4=None if mask is None else as4d(mask), q_tile=q_tile, k_tile=k_tile,
+    )  # fmt: skip
+    # contiguous once (the blocks are sent as they are, and every plan views q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _RingFn.apply(q, k, v, None if bias is None else as4d(bias), ring)
+
+
 # public API
 
 
@@ -357,8 +864,10 @@ def context_parallel_attention(
             document (packed sequences); causal and the window stay position-based.
         scale: logit scale, default d ** -0.5.
         dropout_p: must be 0 (dropout is not supported yet).
-        layout: "contiguous" or "headtail" (module docstring): how the positions are spread over the ranks.
-        strategy: "allgather" (k and v all-gathered; every mask works) or "ring" (not built yet).
+        layout: "contiguous" or "headtail" (module docstring): how the positions are spread over the ranks;
+            "headtail" gives every rank the same causal work.
+        strategy: "ring" (k/v blocks passed around the ranks, memory O(n / W) per rank, first-order backward)
+            or "allgather" (k and v all-gathered on every rank; differentiable twice); both take every mask.
 
     Equals `attend.attention(q_full, k_full, v_full, ...)` on the unsharded tensors, at this rank's rows
     (`shard(out_full, 2, layout)`), and so do the gradients of q, k, v (and bias, at its rows).
@@ -366,19 +875,14 @@ def context_parallel_attention(
     Raises:
         RuntimeError: no initialised process group.
         TypeError, ValueError: bad input, or shapes / options that differ across ranks ("expected X, got Y").
-        NotImplementedError: strategy="ring", or dropout_p > 0.
+        NotImplementedError: dropout_p > 0.
+        RuntimeError (in backward): create_graph=True through strategy="ring".
     """
     layout = _check_layout(layout)
     if strategy not in STRATEGIES:
         raise ValueError(
-            f"expected `strategy` to be one of {STRATEGIES}, got {_describe(strategy)}; "
-            "hint: 'allgather' is the one built"
-        )
-    if strategy == "ring":
-        raise NotImplementedError(
-            "context_parallel_attention: the 'ring' strategy is not built yet (k/v passed around the ring with "
-            "log-sum-exp merging); hint: pass strategy='allgather', which all-gathers k and v and supports "
-            "every mask"
+            f"expected `strategy` to be one of {STRATEGIES}, got {_describe(strategy)}; hint: 'ring' passes "
+            "k/v blocks around the ranks (memory O(n / W) per rank), 'allgather' gathers every key on every rank"
         )
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or dropout_p != 0:
         raise NotImplementedError(
@@ -426,6 +930,11 @@ def context_parallel_attention(
                     f"global order, got a key axis of {size} on rank {r}; hint: a 2-D mask (b, j_local) is this "
                     "rank's key padding"
                 )
+    if strategy == "ring":
+        return _ring_attention(
+            q, k, v, group=group, rank=rank, lengths=lengths, layout=layout, key_pad=key_pad, docs=docs,
+            mask=None if key_pad is not None else mask, bias=bias, scale=scale, left=left, right=right,
+        )  # fmt: skip
     order = _to_global_order(lengths, layout, q.device)
 
     def global_order(t: Tensor, dim: int) -> Tensor:

@@ -410,16 +410,21 @@ class _Plan:
         return qt.to(self.mm).reshape((bs.stop - bs.start) * self.g, self.r * (r1 - r0), self.d)
 
 
-def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """out (b*g, r, i, e) and lse (b*g, r, i), both in the accumulation dtype (lse +inf: no key).
+def _forward(
+    plan: _Plan, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """out (b*g, r, i, e) and lse (b*g, r, i), both in the accumulation dtype (lse +inf: no key); written into
+    `out` and `lse` when given (views of the caller's buffers: context parallel's ring reuses one per call).
 
     `out` stays in the accumulation dtype because the backward's D = rowsum(dout * out) cancels heavily:
     from a float16/bfloat16-rounded out it put dk off by 12% in a bfloat16 property case (d=2, scale=1.5).
     """
     qg, kk, vv = plan.split(q, k, v)
     g, r, acc = plan.g, plan.r, plan.acc
-    out = torch.empty(plan.b * g, r, plan.i, plan.e, dtype=acc, device=q.device)
-    lse = torch.empty(plan.b * g, r, plan.i, dtype=acc, device=q.device)
+    if out is None:
+        out = torch.empty(plan.b * g, r, plan.i, plan.e, dtype=acc, device=q.device)
+    if lse is None:
+        lse = torch.empty(plan.b * g, r, plan.i, dtype=acc, device=q.device)
     for bs in plan.batches():
         gs = slice(bs.start * g, bs.stop * g)
         kb, vb = kk[gs], vv[gs]
@@ -506,7 +511,34 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
     dk = dout.new_zeros(plan.b * g, plan.j, plan.d, dtype=acc)
     dv = dout.new_zeros(plan.b * g, plan.j, plan.e, dtype=acc)
     dbias = dout.new_zeros(plan.bias5.shape, dtype=acc) if bias_grad else None
-    fused = plan.tracing or not _wrapped(dout)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
+    _backward_into(plan, dog, qg, kk, vv, lse, delta, dq, dk, dv, dbias, accumulate_dq=False)
+    dq.mul_(plan.scale)
+    return dq, dk, dv, dbias
+
+
+def _backward_into(
+    plan: _Plan,
+    dog: Tensor,
+    qg: Tensor,
+    kk: Tensor,
+    vv: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dbias: Tensor | None,
+    accumulate_dq: bool = True,
+) -> None:
+    """The tile loop of `_backward`, adding into given accumulators (in the accumulation dtype): dk (b*g, j, d),
+    dv (b*g, j, e), dbias (the plan's grouped bias shape) always add; dq (b*g, r, i, d) adds too, *unscaled*
+    (the caller multiplies by `plan.scale` once), or is overwritten with `accumulate_dq=False` (`_backward`).
+
+    dog (b*g, r, i, e), lse and delta (b*g, r, i): the output gradient, the log-sum-exp and D = rowsum(dout *
+    out) of the *whole* attention, so a plan over one block of keys gives exactly that block's part of the
+    gradients (context parallel's ring backward runs one plan per key block); qg, kk, vv from `plan.split`."""
+    g, r, acc = plan.g, plan.r, plan.acc
+    fused = plan.tracing or not _wrapped(dog)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
     keep_scale = 1.0 / (1.0 - plan.dropout_p)
     for bs in plan.batches():
         gs = slice(bs.start * g, bs.stop * g)
@@ -518,7 +550,7 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
             dot = dog[gs, :, r0:r1].to(plan.mm).reshape(nbg, r * n, plan.e)
             lse_t = lse[gs, :, r0:r1].reshape(nbg, r * n, 1)
             delta_t = delta[gs, :, r0:r1].reshape(nbg, r * n, 1)
-            dqt = dout.new_zeros(nbg, r * n, plan.d, dtype=acc)
+            dqt = dog.new_zeros(nbg, r * n, plan.d, dtype=acc)
             for c0, c1, crosses in plan.key_tiles(r0, r1):
                 s, drops = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
                 p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
@@ -545,9 +577,10 @@ def _backward(plan: _Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias
                 dsm = ds.to(plan.mm)
                 _add_bmm(dqt, dsm, kb[:, c0:c1], fused)
                 _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt, fused)  # qt carries the scale already
-            dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
-    dq.mul_(plan.scale)
-    return dq, dk, dv, dbias
+            if accumulate_dq:
+                dq[gs, :, r0:r1] += dqt.view(nbg, r, n, plan.d)
+            else:
+                dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds5: Tensor, bs: slice, r0, r1, c0, c1) -> None:
