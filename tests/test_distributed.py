@@ -249,11 +249,11 @@ def _job_attention(rank: int, world: int) -> None:
     with _Counter() as counter:
         for layout in LAYOUTS:
             for n in (4 * world, 4 * world + 3):
-                # ring: chunked's default tiles hold a whole block here; with n % 4 == 3 tiles of 2 queries x 3
-                # keys, so the runs are cut in several tiles (partly visible ones masked, invisible ones skipped)
-                tiles = {"cpu": (2, 3)} if n % 4 else attend_distributed.TILES
+                # ring: the default tiles hold a whole block here; with n % 4 == 3 tiles of 2 queries x 3 keys,
+                # so the runs are cut in several tiles (partly visible ones masked, invisible ones skipped)
+                tiles = {"cpu": (2, 3)} if n % 4 else attend_distributed._RING_TILES
                 with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(attend_distributed, "TILES", tiles)
+                    patch.setattr(attend_distributed, "_RING_TILES", tiles)
                     for feats in CASES:
                         _check_case(rank, world, n, layout, feats, counter)
             # fewer positions than chunks: some ranks hold none (and still take part in every collective)

@@ -325,6 +325,12 @@ _TAG_K, _TAG_V, _TAG_META, _TAG_DK, _TAG_DV = range(5)
 # brought a rank's peak at (1, 16, 32768, 128) over 4 ranks from 0.47x one process's (whole blocks) to 0.38x;
 # more pieces cost more, smaller kernel calls (benchmarks/context_parallel.py)
 _PIECES = 8
+# (q_tile, k_tile) of the ring's kernel calls per device type: chunked's, with CPU key tiles of 256 instead of 512.
+# The backward's per-tile temporaries (two score tiles and more) come and go in glibc's heap, and the small
+# tensors a ring call keeps between them (plans, masks) stop the heap from shrinking: at (1, 16, 32768, 128) over
+# 4 ranks the peak varied 790-890 MiB per rank with 512-key tiles, 760-790 MiB with 256 (one process: 2190 and
+# 2145 MiB), for a few per cent more time (benchmarks/context_parallel.py)
+_RING_TILES: dict[str, tuple[int, int]] = {**TILES, "cpu": (256, 256)}
 
 _Part = tuple[int, int, int]  # (offset in its piece, global start, length): one run of consecutive positions
 # a part some local query can see: (its plan, offset in the piece, global start, length, query rows r0, r1)
@@ -777,7 +783,7 @@ def _ring_attention(
     if docs is not None:
         doc_col, fields = len(fields), [*fields, docs]
     as4d = lambda t: t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # noqa: E731
-    q_tile, k_tile = TILES.get(q.device.type, TILES["cpu"])
+    q_tile, k_tile = _RING_TILES.get(q.device.type, _RING_TILES["cpu"])
     window = None if left is None and right is None else (left, right)
     ring = _Ring(
         group=group, rank=rank, world=len(lengths), pieces=[_cut_pieces(rank_runs) for rank_runs in runs],
