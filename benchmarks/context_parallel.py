@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from attend.bench.memory import _reset_peak  # resets the RSS high-water mark (Linux /proc/self/clear_refs)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
 
@@ -45,16 +47,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _reset_peak() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _max_rss() -> int:
