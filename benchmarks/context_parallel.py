@@ -126,10 +126,30 @@ def _worker(rank: int, world: int, port: int, task: dict[str, Any], queue: Any) 
 
 
 def _spawn(world: int, task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run `world` ranks of `_worker`; their results, by rank. A rank that dies before reporting raises; one that
+    dies after (a gloo thread aborting at interpreter exit, seen now and then on this machine, also without
+    this benchmark) is reported on stderr and its result kept."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_worker, args=(world, _free_port(), task, queue), nprocs=world, join=True)
-    results = [queue.get() for _ in range(world)]
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, world, port, task, queue)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results: list[dict[str, Any]] = []
+    while len(results) < world:
+        if queue.empty():
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead and queue.empty():
+                for proc in procs:
+                    proc.kill()
+                raise RuntimeError(f"a rank died before reporting (exit codes {[p.exitcode for p in procs]})")
+            time.sleep(0.1)
+            continue
+        results.append(queue.get())
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            print(f"warning: a rank exited with code {proc.exitcode} after reporting its result", file=sys.stderr)
     return sorted(results, key=lambda r: r["rank"])
 
 

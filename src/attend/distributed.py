@@ -53,7 +53,8 @@ Strategies:
                   k or v requires grad: W-1 blocks of k/v and W blocks of dk/dv sent. Memory per rank O(n / W):
                   its q, k, v, out and dq, plus (1 + 1/P) blocks of k/v and (1 + 1/P) of dk/dv in flight; at
                   (1, 16, 32768, 128) float32, causal + key padding, forward + backward, a rank of 4 peaks at
-                  0.38x one process's RSS (benchmarks/results/cpu-context-parallel.md).
+                  0.37x one process's RSS (benchmarks/results/cpu-context-parallel.md); at world 2 a call takes
+                  1.13x one process's time on the same two cores (communication overlapped, not a speed-up).
 
 Dropout (`dropout_p > 0`) is not supported yet by either strategy (NotImplementedError).
 """
@@ -321,9 +322,10 @@ _ISEND, _IRECV = dist.distributed_c10d.isend, dist.distributed_c10d.irecv
 _TAG_K, _TAG_V, _TAG_META, _TAG_DK, _TAG_DV = range(5)
 # each rank's block travels in this many pieces (runs of its local positions), one after the other: while a piece
 # is computed on, the next block's same piece is on its way, so a rank holds the block it computes on plus one
-# piece of the next, (1 + 1/P) blocks of k/v instead of a double buffer's 2, and (1 + 1/P) blocks of dk/dv. P = 8
-# brought a rank's peak at (1, 16, 32768, 128) over 4 ranks from 0.47x one process's (whole blocks) to 0.38x;
-# more pieces cost more, smaller kernel calls (benchmarks/context_parallel.py)
+# piece of the next, (1 + 1/P) blocks of k/v instead of a double buffer's 2, and (1 + 1/P) blocks of dk/dv. A rank's
+# peak at (1, 16, 32768, 128) over 4 ranks was 0.47x one process's with whole blocks, 0.37x with P = 8 (and the
+# pooled buffers and 256-key tiles below); more pieces cost more, smaller kernel calls
+# (benchmarks/context_parallel.py)
 _PIECES = 8
 # (q_tile, k_tile) of the ring's kernel calls per device type: chunked's, with CPU key tiles of 256 instead of 512.
 # The backward's per-tile temporaries (two score tiles and more) come and go in glibc's heap, and the small
