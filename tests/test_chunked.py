@@ -51,7 +51,9 @@ def check(q, k, v, *, q_tile, k_tile, bias=None, **kw):
     dtype = q.dtype
     golden = run_with_grads(einsum_attention, q, k, v, torch.float64, bias=bias, **kw)
     baseline = run_with_grads(einsum_attention, q, k, v, dtype, bias=bias, **kw)
-    cand = run_with_grads(lambda inp: chunked_attention(inp, q_tile=q_tile, k_tile=k_tile), q, k, v, dtype, bias=bias, **kw)
+    cand = run_with_grads(
+        lambda inp: chunked_attention(inp, q_tile=q_tile, k_tile=k_tile), q, k, v, dtype, bias=bias, **kw
+    )
     for name, c, gd, bl in zip(["out", "dq", "dk", "dv", "dbias"], cand, golden, baseline):
         assert torch.isfinite(c).all(), name
         assert_matches_reference(c, gd, bl, name=name)
@@ -188,11 +190,11 @@ def _masked_reference(inp, keep):
 
 
 def test_dropout_matches_reference_with_the_same_keep_mask():
-    """Forward and backward use the keep-mask `dropout_keep_mask` reports, tile for tile."""
+    """Forward and backward use the keep-mask `dropout_keep_mask` reports."""
     q, k, v = (t.requires_grad_() for t in make(b=2, h=4, g=2, i=11, j=13, dtype=torch.float64))
     inp = validate(q, k, v, causal=True, dropout_p=0.25)
     out = chunked_attention(inp, q_tile=4, k_tile=5, seed=99)
-    keep = dropout_keep_mask(inp, 99, q_tile=4, k_tile=5)
+    keep = dropout_keep_mask(inp, 99)
     ref = _masked_reference(inp, keep)
     torch.testing.assert_close(out, ref)
     dout = torch.randn_like(out)
@@ -208,13 +210,14 @@ def test_dropout_statistics():
     q, k, _ = make(b=2, h=4, i=64, j=96)
     v = torch.ones(2, 1, 96, 5)
     inp = validate(q, k, v, dropout_p=p)
-    keep = dropout_keep_mask(inp, 7, q_tile=16, k_tile=32)
+    keep = dropout_keep_mask(inp, 7)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
     out = chunked_attention(inp, q_tile=16, k_tile=32, seed=7)
     assert abs(out.mean().item() - 1.0) < 0.01
     # neighbouring tiles draw different masks
     assert not torch.equal(keep[..., :16, :32], keep[..., 16:32, :32])
+    assert not torch.equal(keep[..., :16, :32], keep[..., :16, 32:64])
 
 
 def test_dropout_reproducible_and_only_when_asked():
@@ -235,18 +238,70 @@ def test_dropout_reproducible_and_only_when_asked():
 
 @pytest.mark.parametrize("seed", [0, 1234, 2**31 - 1, 2**31, 2**32 - 1, -5, 2**40 + 7])
 def test_seed_as_a_tensor_gives_the_same_keep_mask(seed):
-    """Under torch.compile the drawn seed stays an int32 tensor (no host read): the tile hash computed with
-    tensor ops from it must equal the Python-int hash eager uses (and the backward regenerates), bit for bit.
-    Only seed mod 2**32 counts."""
-    from attend.backends.chunked import _dropout_keep
+    """Under torch.compile the drawn seed stays an int32 tensor (no host read): the row keys computed from it
+    must equal the ones a Python-int seed gives (eager, and the backward regenerates them), bit for bit. Only
+    seed mod 2**32 counts."""
+    from attend.backends.chunked import _col_terms, _dropout_keep, _row_keys
 
-    index = torch.arange(6 * 40 * 24, dtype=torch.int32)
     as_tensor = torch.tensor(seed % 2**32, dtype=torch.int64).to(torch.int32)  # two's complement bits
-    for r0, c0, b0 in [(0, 0, 0), (256, 512, 3), (7, 1024, 1)]:
-        eager = _dropout_keep(index, (6, 40, 24), 0.3, seed, r0, c0, b0)
-        traced = _dropout_keep(index, (6, 40, 24), 0.3, as_tensor, r0, c0, b0)
+    cols = _col_terms(torch.arange(300, 324))
+    for b0, rows in [(0, torch.arange(40)), (3, torch.arange(256, 296)), (1, torch.arange(7, 87, 2))]:
+        eager = _dropout_keep(_row_keys(seed, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
+        traced = _dropout_keep(_row_keys(as_tensor, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
         assert torch.equal(eager, traced)
-        assert torch.equal(eager, _dropout_keep(index, (6, 40, 24), 0.3, seed + 2**32, r0, c0, b0))
+        assert torch.equal(eager, _dropout_keep(_row_keys(seed + 2**32, b0, b0 + 2, 3, rows)[..., None], cols, 0.3))
+
+
+def test_dropout_keep_mask_does_not_depend_on_the_tiles():
+    """The same seed drops the same entries with any tile sizes (and batch slices), forward and backward."""
+    q, k, v = (t.requires_grad_() for t in make(b=3, h=4, g=2, i=37, j=45, dtype=torch.float64))
+    inp = validate(q, k, v, causal=True, dropout_p=0.3)
+    runs = [chunked_attention(inp, q_tile=qt, k_tile=kt, seed=5) for qt, kt in [(4, 5), (16, 32), (37, 45), (1, 7)]]
+    dout = torch.randn_like(runs[0])
+    grads = [torch.autograd.grad(out, (q, k, v), dout) for out in runs]
+    for out, grad in zip(runs[1:], grads[1:]):
+        torch.testing.assert_close(out, runs[0])
+        for a, b in zip(grad, grads[0]):
+            torch.testing.assert_close(a, b)
+
+
+def test_dropout_positions_place_rows_in_the_whole_mask():
+    """`positions` gives query rows their place in the keep-mask: a call on some rows of q, with those rows'
+    positions, drops what the whole call drops on them (what context parallel attention relies on)."""
+    q, k, v = make(b=2, h=4, g=2, i=30, j=30, dtype=torch.float64)
+    whole = validate(q, k, v, dropout_p=0.4)
+    keep = dropout_keep_mask(whole, 11)
+    rows = torch.tensor([3, 4, 5, 17, 29])
+    part = validate(q[:, :, rows], k, v, dropout_p=0.4)
+    assert torch.equal(dropout_keep_mask(part, 11, positions=rows), keep[:, :, rows])
+    out = chunked_attention(whole, seed=11, q_tile=8, k_tile=8)
+    got = chunked_attention(part, seed=11, positions=rows, q_tile=2, k_tile=16)
+    torch.testing.assert_close(got, out[:, :, rows])
+    # second order: the recomputing backward (create_graph) rebuilds the same keep-mask, positions included
+    qr = q[:, :, rows].clone().requires_grad_()
+    leaves = (qr, k.clone().requires_grad_(), v.clone().requires_grad_())
+    out = chunked_attention(validate(*leaves, dropout_p=0.4), seed=11, positions=rows)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(out, leaves, dout, create_graph=True), first):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"expected `positions` to be an integer tensor of shape \(i,\) = \(5,\)"):
+        chunked_attention(part, seed=11, positions=torch.arange(4))
+
+
+def test_dropout_keep_mask_rows_heads_batches_are_independent():
+    """No two rows, heads or batch elements share a keep-mask: neighbours agree on about (1-p)^2 + p^2 of
+    their entries, as independent draws do, and the keep rate is 1 - p in every (batch, head)."""
+    p = 0.5
+    q, k, v = make(b=4, h=8, i=64, j=512)
+    keep = dropout_keep_mask(validate(q, k, v, dropout_p=p), 2024).float()  # (4, 8, 64, 512)
+    agree = (1 - p) ** 2 + p**2
+    for a, b in [(keep[:, :, 1:], keep[:, :, :-1]), (keep[:, 1:], keep[:, :-1]), (keep[1:], keep[:-1]),
+                 (keep[..., 1:], keep[..., :-1])]:  # fmt: skip
+        rate = (a == b).float().mean().item()
+        assert abs(rate - agree) < 4 * (agree * (1 - agree) / a.numel()) ** 0.5, rate
+    per_head = keep.mean(dim=(2, 3))
+    assert (per_head - (1 - p)).abs().max() < 5 * (p * (1 - p) / (64 * 512)) ** 0.5
 
 
 # contract items 2 and 3
@@ -280,8 +335,12 @@ def test_garbage_in_padding_never_leaks(garbage):
     k2, v2 = k.clone(), v.clone()
     k2[~pad[:, None, :, None].expand_as(k2)] = garbage
     v2[~pad[:, None, :, None].expand_as(v2)] = -garbage
-    clean = run_with_grads(lambda inp: chunked_attention(inp, q_tile=4, k_tile=5), q, k, v, torch.float32, mask=pad, causal=True)
-    dirty = run_with_grads(lambda inp: chunked_attention(inp, q_tile=4, k_tile=5), q, k2, v2, torch.float32, mask=pad, causal=True)
+    clean = run_with_grads(
+        lambda inp: chunked_attention(inp, q_tile=4, k_tile=5), q, k, v, torch.float32, mask=pad, causal=True
+    )
+    dirty = run_with_grads(
+        lambda inp: chunked_attention(inp, q_tile=4, k_tile=5), q, k2, v2, torch.float32, mask=pad, causal=True
+    )
     for name, a, c in zip(["out", "dq", "dk", "dv"], clean, dirty):
         assert torch.isfinite(c).all(), name
         keys = pad[:, None, :, None]
@@ -290,7 +349,6 @@ def test_garbage_in_padding_never_leaks(garbage):
             assert (c * ~keys == 0).all()
         else:
             torch.testing.assert_close(c, a)
-
 
 
 @pytest.mark.parametrize("check_finite", [True, False])
@@ -530,6 +588,8 @@ def test_instance_tiles_and_name():
     tuned = ChunkedBackend(q_tile=3, k_tile=4, name="chunked:3x4")
     assert tuned.name == "chunked:3x4" and ChunkedBackend().name == "chunked"
     q, k, v = make(i=7, j=9)
-    torch.testing.assert_close(tuned.run(validate(q, k, v, causal=True)), einsum_attention(validate(q, k, v, causal=True)))
+    torch.testing.assert_close(
+        tuned.run(validate(q, k, v, causal=True)), einsum_attention(validate(q, k, v, causal=True))
+    )
     with pytest.raises(ValueError, match="expected `q_tile` to be a positive int"):
         ChunkedBackend(q_tile=0)

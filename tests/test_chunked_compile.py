@@ -163,9 +163,7 @@ def test_backend_alone_dynamic_lengths_share_a_graph():
 # what the sweeps do not cover: other masks, i != j, small tiles, -inf bias
 
 
-@pytest.mark.parametrize(
-    "kind", ["bool-mask", "kv-cache", "neg-inf-bias", "small-tiles"], ids=lambda kind: kind
-)
+@pytest.mark.parametrize("kind", ["bool-mask", "kv-cache", "neg-inf-bias", "small-tiles"], ids=lambda kind: kind)
 def test_fullgraph_variants_match_eager(kind):
     """One length each, training: a bool (b, 1, i, j) mask; i != j (bottom-right causal, a 5-key cache); a
     bias with -inf entries and 3e38 garbage in the keys it rules out; many small tiles (ragged, causal
@@ -229,7 +227,7 @@ def test_dropout_with_a_given_seed_rebuilds_with_dropout_keep_mask():
     out = torch.compile(fn, fullgraph=True, backend=_counter())(q, k, v)
     torch.testing.assert_close(out, fn(q, k, v))
     inp = validate(q, k, v, causal=True, dropout_p=0.25)
-    keep = dropout_keep_mask(inp, 1234, q_tile=4, k_tile=5)
+    keep = dropout_keep_mask(inp, 1234)
     kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
     sim = torch.einsum("b h i d, b h j d -> b h i j", q, kk) * inp.scale
     sim = sim.masked_fill(~torch.ones(13, 13, dtype=torch.bool).tril(), float("-inf"))

@@ -148,7 +148,11 @@ CASES: list[dict[str, Any]] = [
     {"bool_mask": True, "causal": True},
     {"gqa": True, "causal": True, "left_padding": True, "bias": True},
     {"documents": "unsorted", "causal": True, "window": (None, 1)},
+    # dropout: the keep-mask of one process's chunked call under rank 0's generator state
+    {"dropout": 0.3, "causal": True, "padding": True},
+    {"dropout": 0.2, "gqa": True, "bias": True, "documents": True, "window": (3, 1)},
 ]
+_DROPOUT_SEED = 77  # the reference's and rank 0's generator seed; the other ranks' differ (rank 0's seed is used)
 
 
 def _ring_counts(rank: int, lengths: list[int], kv: int, fields: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -185,14 +189,15 @@ def _ring_counts(rank: int, lengths: list[int], kv: int, fields: int) -> tuple[d
 
 def _check_case(rank: int, world: int, n: int, layout: str, feats: dict[str, Any], counter: _Counter) -> None:
     full = _case_inputs(n, feats, world, layout)
-    opts = {"causal": feats.get("causal", False), "window": feats.get("window")}
+    opts = {"causal": feats.get("causal", False), "window": feats.get("window"), "dropout_p": feats.get("dropout", 0.0)}
     where = f"rank {rank}/{world}, n={n}, layout={layout}, case={feats}"
 
-    # reference: the whole sequence in one process
+    # reference: the whole sequence in one process (with dropout: chunked's keep-mask, from the seeded generator)
     leaves = {name: full[name].clone().requires_grad_() for name in ("q", "k", "v", "bias") if name in full}
+    torch.manual_seed(_DROPOUT_SEED)
     ref = attend.attention(
         leaves["q"], leaves["k"], leaves["v"], mask=full.get("mask"), bias=leaves.get("bias"),
-        documents=full.get("documents"), **opts,
+        documents=full.get("documents"), backend="chunked" if opts["dropout_p"] else None, **opts,
     )  # fmt: skip
     (ref * full["w"]).sum().backward()
     want = {
@@ -212,6 +217,7 @@ def _check_case(rank: int, world: int, n: int, layout: str, feats: dict[str, Any
         # this rank's shard
         local = {name: shard(t, 2, layout).clone().requires_grad_() for name, t in full.items() if name in leaves}
         counter.take()
+        torch.manual_seed(_DROPOUT_SEED if rank == 0 else 1000 + rank)
         out = context_parallel_attention(
             local["q"], local["k"], local["v"], mask=mask, bias=local.get("bias"), documents=documents,
             layout=layout, strategy=strategy, **opts,
@@ -338,8 +344,11 @@ def _job_shard(rank: int, world: int) -> None:
 def _job_errors(rank: int, world: int) -> None:
     q = torch.randn(1, 2, 4, 8)
     for strategy in ("allgather", "ring"):
-        with pytest.raises(NotImplementedError, match="dropout is not supported yet"):
-            context_parallel_attention(q, q, q, strategy=strategy, dropout_p=0.1)
+        with pytest.raises(ValueError, match=r"expected `dropout_p` in \[0, 1\), got 1.5"):
+            context_parallel_attention(q, q, q, strategy=strategy, dropout_p=1.5)
+        if world > 1:
+            with pytest.raises(ValueError, match=r"the same dropout_p \(in units of 2\*\*-24\)"):
+                context_parallel_attention(q, q, q, strategy=strategy, dropout_p=0.1 if rank else 0.2)
     # ring: first-order only; every rank raises in its backward before any communication
     leaf = q.clone().requires_grad_()
     out = context_parallel_attention(leaf, leaf, leaf, causal=True)

@@ -323,7 +323,7 @@ def test_structure_property(lengths, left, right, causal, use_docs, score, name)
 )
 def test_chunked_dropout_with_structure_uses_its_reported_keep_mask(kw):
     """Dropout with a window or documents: chunked's forward and backward apply the keep-mask
-    `dropout_keep_mask` reports, tile for tile (skipped tiles included), as the reference does with it."""
+    `dropout_keep_mask` reports (its entries in skipped tiles included), as the reference does with it."""
     from attend.backends.chunked import chunked_attention, dropout_keep_mask
     from attend.backends.einsum import einsum_attention
     from attend.inputs import validate
@@ -331,7 +331,7 @@ def test_chunked_dropout_with_structure_uses_its_reported_keep_mask(kw):
     q, k, v = (t.requires_grad_() for t in _inputs(i=40, j=40))
     inp = validate(q, k, v, dropout_p=0.25, **kw)
     out = chunked_attention(inp, q_tile=4, k_tile=5, seed=3)
-    keep = dropout_keep_mask(inp, 3, q_tile=4, k_tile=5)
+    keep = dropout_keep_mask(inp, 3)
     ref = einsum_attention(inp, dropout_keep=keep)
     torch.testing.assert_close(out, ref)
     dout = torch.randn_like(out)

@@ -56,7 +56,11 @@ Strategies:
                   0.37x one process's RSS (benchmarks/results/cpu-context-parallel.md); at world 2 a call takes
                   1.13x one process's time on the same two cores (communication overlapped, not a speed-up).
 
-Dropout (`dropout_p > 0`) is not supported yet by either strategy (NotImplementedError).
+Dropout (`dropout_p > 0`, both strategies): every rank draws a seed from its default generator, as one
+process's call would, and all use rank 0's (it travels with the first all_gather, no extra collective). The
+keep-mask is chunked's (`attend.backends.chunked`), a hash of (seed, batch, head, query position, key position)
+over global positions, so with the same generator state on rank 0 the ranks drop exactly the entries that
+`attention(q_full, k_full, v_full, dropout_p=p, backend="chunked")` drops in one process, forward and backward.
 """
 
 from __future__ import annotations
@@ -71,7 +75,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._helpers import accum_dtype, fmt_dtype, fmt_shape
-from .backends.chunked import TILES, _backward_into, _forward, _grouped, _Plan, _read_facts
+from .backends.chunked import (
+    TILES,
+    _backward_into,
+    _draw_seed,
+    _forward,
+    _grouped,
+    _Plan,
+    _read_facts,
+    chunked_attention,
+)
 from .dispatch import run
 from .functional import autocast_inputs
 from .grad2 import records_graph
@@ -85,7 +98,8 @@ STRATEGIES = ("allgather", "ring")
 # what every rank sends and checks (`_local_checks`): the local length first, the key axes of mask and bias last
 _META = (
     "length", "b", "h", "g", "d", "e", "causal", "window left", "window right", "key padding mask given",
-    "documents given", "k/v requires grad", "layout", "dtype", "mask key axis", "bias key axis",
+    "documents given", "k/v requires grad", "layout", "dtype", "dropout_p (in units of 2**-24)", "mask key axis",
+    "bias key axis",
 )  # fmt: skip
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # checked to agree across ranks
 
@@ -260,12 +274,13 @@ def _norm_dim(x: Any, dim: Any, name: str) -> int:
 
 
 def _local_checks(
-    q: Any, k: Any, v: Any, mask: Any, bias: Any, documents: Any, causal: Any, scale: Any, window: Any, layout: str
+    q: Any, k: Any, v: Any, mask: Any, bias: Any, documents: Any, options: Options, layout: str
 ) -> tuple[list[int], Tensor | None, Tensor | None]:
     """Every check that needs only this rank's inputs. Returns the ints every rank must agree on (`_META`; the
     first is the local length), the key padding mask (b, j_local) or None, and the document ids or None."""
     # attend's own checks and messages, on this rank's shapes
-    local = validate(q, k, v, options=Options(causal=causal, scale=scale, window=window))
+    local = validate(q, k, v, options=options)
+    causal = options.causal
     b, h, i_local, d, g, j_local, e = local.b, local.h, local.i, local.d, local.g, local.j, local.e
     if i_local != j_local:
         raise ValueError(
@@ -308,7 +323,7 @@ def _local_checks(
         i_local, b, h, g, d, e, int(bool(causal)), -1 if left is None else left, -1 if right is None else right,
         int(key_pad is not None), int(docs is not None),
         int(torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)),
-        LAYOUTS.index(layout), _DTYPES.index(q.dtype), mask_j, bias_j,
+        LAYOUTS.index(layout), _DTYPES.index(q.dtype), round(local.dropout_p * 2**24), mask_j, bias_j,
     ]  # fmt: skip
     return meta, key_pad, docs
 
@@ -362,6 +377,8 @@ class _Ring:
     mask4: Tensor | None  # a bool mask (b|1, h|1, i_local|1, n|1): this rank's rows, every key in global order
     q_tile: int
     k_tile: int
+    dropout_p: float
+    seed: int  # rank 0's dropout seed (every rank uses it: chunked's keep-mask over global positions)
     # filled by the forward, reused by the backward: per (owner rank, piece), the plans of its runs that some
     # local query can see (a plan holds no k/v data)
     plans: dict[tuple[int, int], list[_Planned]] | None = None
@@ -480,7 +497,11 @@ def _plan_part(
         if structure.lo is not None and structure.hi is not None and not bool((structure.hi > structure.lo).any()):
             return None  # no query sees a key of the run (documents)
         facts = facts._replace(structure=structure)
-    plan = _Plan(q_rows, inp.k, inp.v, inp.mask, inp.bias, False, inp.scale, 0.0, 0, ring.q_tile, ring.k_tile, facts)
+    # dropout: the keep-mask at the rows' and the keys' global positions
+    plan = _Plan(
+        q_rows, inp.k, inp.v, inp.mask, inp.bias, False, inp.scale, ring.dropout_p, ring.seed, ring.q_tile,
+        ring.k_tile, facts, rows=ring.q_pos[r0:r1], col0=start,
+    )  # fmt: skip
     return plan, r0, r1
 
 
@@ -773,9 +794,10 @@ class _RingFn(torch.autograd.Function):
 def _ring_attention(
     q: Tensor, k: Tensor, v: Tensor, *, group: Any, rank: int, lengths: list[int], layout: str,
     key_pad: Tensor | None, docs: Tensor | None, mask: Tensor | None, bias: Tensor | None, scale: float | None,
-    left: int | None, right: int | None,
+    left: int | None, right: int | None, dropout: tuple[float, int],
 ) -> Tensor:  # fmt: skip
-    """strategy="ring" once the inputs are checked on every rank (`context_parallel_attention`)."""
+    """strategy="ring" once the inputs are checked on every rank (`context_parallel_attention`); `dropout`: the
+    probability and rank 0's seed."""
     runs = _rank_runs(lengths, layout)
     q_pos = _positions(runs[rank], q.device)
     fields: list[Tensor] = []
@@ -793,6 +815,7 @@ def _ring_attention(
         q_list=q_pos.tolist(),
         q_docs=docs, meta=torch.stack(fields, dim=-1).contiguous() if fields else None, pad_col=pad_col,
         doc_col=doc_col, mask4=None if mask is None else as4d(mask), q_tile=q_tile, k_tile=k_tile,
+        dropout_p=dropout[0], seed=dropout[1],
     )  # fmt: skip
     # contiguous once (the blocks are sent as they are, and every plan views q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -871,19 +894,21 @@ def context_parallel_attention(
         documents: int (b|1, j_local): document ids of this rank's positions; a query sees only keys of its own
             document (packed sequences); causal and the window stay position-based.
         scale: logit scale, default d ** -0.5.
-        dropout_p: must be 0 (dropout is not supported yet).
+        dropout_p: dropout on the attention probabilities (applied whenever > 0; pass `p if training else 0.0`).
+            The keep-mask is the one `attention(..., backend="chunked")` draws on the unsharded tensors after
+            the same `torch.manual_seed` on rank 0 (module docstring).
         layout: "contiguous" or "headtail" (module docstring): how the positions are spread over the ranks;
             "headtail" gives every rank the same causal work.
         strategy: "ring" (k/v blocks passed around the ranks, memory O(n / W) per rank, first-order backward)
             or "allgather" (k and v all-gathered on every rank; differentiable twice); both take every mask.
 
     Equals `attend.attention(q_full, k_full, v_full, ...)` on the unsharded tensors, at this rank's rows
-    (`shard(out_full, 2, layout)`), and so do the gradients of q, k, v (and bias, at its rows).
+    (`shard(out_full, 2, layout)`), and so do the gradients of q, k, v (and bias, at its rows); with dropout,
+    `attention(..., backend="chunked")` under rank 0's generator state.
 
     Raises:
         RuntimeError: no initialised process group.
         TypeError, ValueError: bad input, or shapes / options that differ across ranks ("expected X, got Y").
-        NotImplementedError: dropout_p > 0.
         RuntimeError (in backward): create_graph=True through strategy="ring".
     """
     layout = _check_layout(layout)
@@ -892,22 +917,21 @@ def context_parallel_attention(
             f"expected `strategy` to be one of {STRATEGIES}, got {_describe(strategy)}; hint: 'ring' passes "
             "k/v blocks around the ranks (memory O(n / W) per rank), 'allgather' gathers every key on every rank"
         )
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or dropout_p != 0:
-        raise NotImplementedError(
-            f"context_parallel_attention: dropout is not supported yet, got dropout_p={dropout_p!r}; "
-            "hint: pass dropout_p=0.0"
-        )
     group, rank, world = _group_info(group)
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     # local checks first, then one small collective: every rank's shapes and options, checked to agree. A rank
     # whose own checks fail still joins it (with a flag), so every rank raises and none waits on a collective.
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
     failure: Exception | None = None
+    options = Options(causal=causal, scale=scale, window=window, dropout_p=dropout_p)
     try:
-        meta, key_pad, docs = _local_checks(q, k, v, mask, bias, documents, causal, scale, window, layout)
+        meta, key_pad, docs = _local_checks(q, k, v, mask, bias, documents, options, layout)
     except (TypeError, ValueError) as err:
         failure, meta, key_pad, docs = err, [0] * len(_META), None, None
-    flagged = _gather_meta([int(failure is not None), *meta], group, device)
+    # dropout: every rank draws a seed from its default generator (as one process's `attention` would), and all
+    # use rank 0's, which travels with the checks: the keep-mask is one hash of it over global positions
+    seed = int(_draw_seed()) if failure is None and dropout_p > 0 else 0
+    flagged = _gather_meta([int(failure is not None), seed, *meta], group, device)
     if failure is not None:
         raise failure
     bad = [r for r, m in enumerate(flagged) if m[0]]
@@ -916,7 +940,8 @@ def context_parallel_attention(
             f"expected every rank of the group to pass its input checks, got errors on rank(s) {bad}; hint: see "
             "the error raised there (every rank raises, so none waits on a collective)"
         )
-    metas = [m[1:] for m in flagged]
+    metas = [m[2:] for m in flagged]
+    seed = flagged[0][1]
     d = meta[_META.index("d")]
     left, right = (None if x < 0 else x for x in meta[7:9])  # causal merged in: right 0
     for r, other in enumerate(metas):
@@ -942,6 +967,7 @@ def context_parallel_attention(
         return _ring_attention(
             q, k, v, group=group, rank=rank, lengths=lengths, layout=layout, key_pad=key_pad, docs=docs,
             mask=None if key_pad is not None else mask, bias=bias, scale=scale, left=left, right=right,
+            dropout=(float(dropout_p), seed),
         )  # fmt: skip
     order = _to_global_order(lengths, layout, q.device)
 
@@ -963,9 +989,13 @@ def context_parallel_attention(
             docs_full = packed[..., -1]
     q_pos_local = _positions(_rank_runs(lengths, layout)[rank], q.device)
     documents_arg = None if docs is None else (docs, docs_full)
-    options = Options(scale=scale, window=None if left is None and right is None else (left, right))
+    options = Options(
+        scale=scale, window=None if left is None and right is None else (left, right), dropout_p=dropout_p
+    )
     inp = validate(q, k_full, v_full, mask=mask_full, bias=bias, documents=documents_arg, options=options)
     if inp.window is not None:
         # causal and the window are about global positions: each query's diagonal is its own position
         inp = replace(inp, q_pos=q_pos_local[None])
+    if inp.dropout_p > 0:  # chunked's keep-mask, hashed over global positions: the one a single process draws
+        return chunked_attention(inp, seed=seed, positions=q_pos_local)
     return run(inp)

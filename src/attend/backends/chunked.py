@@ -40,10 +40,10 @@ masks too, as in the reference (a key whose logit overflowed to inf must not giv
 the backward zeroes ds wherever the forward masked.
 
 Dropout draws one seed per call from torch's default generator (so `torch.manual_seed` makes it
-reproducible). Each tile's keep-mask is a counter-based hash of (seed mod 2**32, tile origin, position in
-the tile), so the backward regenerates exactly the forward's mask without ever storing it;
-`dropout_keep_mask` rebuilds it densely for tests. The mask depends on the tile sizes: the same seed with
-other tiles gives another (equally valid) mask.
+reproducible). Each keep-mask entry is a counter-based hash of (seed mod 2**32, batch, head, query position,
+key position), so the backward regenerates exactly the forward's mask without ever storing it, any tile
+sizes give the same mask, and the ranks of context parallel attention (which pass their global positions)
+drop exactly what one process would; `dropout_keep_mask` rebuilds it densely for tests.
 
 torch.compile (fullgraph=True, static or dynamic shapes) traces the same algorithm without a branch on
 tensor values: the exact running max instead of the lazy reference, every key padding tile masked instead
@@ -104,45 +104,51 @@ def _i32(x: int) -> int:
     return x - 2**32 if x >= 2**31 else x
 
 
-def _fmix32(x):
-    """murmur3's 32-bit finaliser of an int in [0, 2**32), or of an int32 tensor holding the same bits."""
-    if isinstance(x, Tensor):
-        # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
-        x = x ^ ((x >> 16) & 0xFFFF)
-        x = x * _i32(0x85EBCA6B)
-        x = x ^ ((x >> 13) & 0x7FFFF)
-        x = x * _i32(0xC2B2AE35)
-        return x ^ ((x >> 16) & 0xFFFF)
-    x ^= x >> 16
-    x = x * 0x85EBCA6B & _M32
-    x ^= x >> 13
-    x = x * 0xC2B2AE35 & _M32
-    return x ^ (x >> 16)
+def _fmix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser of an int32 tensor (the bits of unsigned 32-bit ints)."""
+    # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _i32(0x85EBCA6B)
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _i32(0xC2B2AE35)
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
-def _tile_key(seed: int | Tensor, r0: int, c0: int, b0: int) -> int | Tensor:
-    """The 32-bit hash key of the tile at query r0, key c0, batch b0: a signed int32 Python int, or a 0-dim
-    int32 tensor with the same bits when the seed is a tensor (torch.compile: no host read of the seed)."""
-    salt = (r0 * 0x85EBCA77 + c0 * 0xC2B2AE3D + b0 * 0x27D4EB2F + 1) & _M32
+def _row_keys(seed: int | Tensor, b0: int, b1: int, h: int, rows: Tensor) -> Tensor:
+    """The 32-bit key of each (batch, head, query position) row of the dropout keep-mask: (b1 - b0, h, n) int32,
+    a chain of murmur3 finalisers over the seed (only its value mod 2**32 counts), the batch index in [b0, b1),
+    the head in [0, h) and the row's position (`rows`, (n,) integers). A tensor seed (torch.compile: no host
+    read) gives the same bits."""
+    dev = rows.device
     if isinstance(seed, Tensor):
-        return _fmix32(seed * _i32(0x9E3779B1) + _i32(salt))  # int32 arithmetic wraps like `& _M32`
-    return _i32(_fmix32((seed * 0x9E3779B1 + salt) & _M32))
+        s: int | Tensor = seed * _i32(0x9E3779B1)  # int32 arithmetic wraps like `& _M32`
+    else:
+        s = _i32(seed * 0x9E3779B1)
+    x = _fmix32(torch.arange(b0, b1, dtype=torch.int32, device=dev) * _i32(0x27D4EB2F) + s)
+    x = _fmix32(x[:, None] + torch.arange(h, dtype=torch.int32, device=dev) * _i32(0xC2B2AE3D))
+    return _fmix32(x[..., None] + rows.to(torch.int32) * _i32(0x85EBCA77))
 
 
-def _dropout_keep(index: Tensor, shape, p: float, seed: int | Tensor, r0: int, c0: int, b0: int) -> Tensor:
-    """Bool keep-mask of one tile, a pure function of (seed mod 2**32, tile origin, position in the tile).
+def _col_terms(cols: Tensor) -> Tensor:
+    """(n,) int32: what each key position adds to its row's key before the last finaliser."""
+    return cols.to(torch.int32) * _i32(0x9E3779B1)
 
-    A counter-based hash (murmur3's 32-bit finaliser over the element index, keyed by the tile) in int32
-    tensor ops: about 6x cheaper on CPU than drawing `torch.rand` from a freshly seeded generator per tile,
-    and the backward regenerates it exactly. The low 24 bits are uniform: keep iff they are >= p * 2**24.
+
+def _dropout_keep(row_keys: Tensor, col_terms: Tensor, p: float) -> Tensor:
+    """Bool keep-mask: row_keys (..., n, 1) int32 (`_row_keys`) and col_terms (c,) (`_col_terms`) -> (..., n, c).
+
+    Each entry is a pure function of (seed mod 2**32, batch, head, query position, key position), whatever
+    tiles the backend cuts: the same mask with any tile sizes, in the backward (regenerated, never stored) and
+    across the ranks of context parallel attention. A counter-based hash in int32 tensor ops (murmur3's
+    finaliser of row key + key term): about 6x cheaper on CPU than drawing `torch.rand` from a freshly seeded
+    generator per tile. The low 24 bits are uniform: keep iff they are >= p * 2**24.
     """
-    key = _tile_key(seed, r0, c0, b0)
-    x = index.mul(_i32(0x9E3779B1)).bitwise_xor_(key)  # index: arange(numel) in int32, cached per shape
+    x = row_keys + col_terms
     # `>>` on int32 is arithmetic: mask the sign bits back out to get murmur3's logical shifts
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(0x85EBCA6B))
     x.bitwise_xor_(x.bitwise_right_shift(13).bitwise_and_(0x7FFFF)).mul_(_i32(0xC2B2AE35))
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    return x.bitwise_and_(0xFFFFFF).ge(round(p * 2**24)).view(shape)
+    return x.bitwise_and_(0xFFFFFF).ge(round(p * 2**24))
 
 
 def _draw_seed() -> int | Tensor:
@@ -189,13 +195,7 @@ def _read_facts(mask: Tensor | None, bias: Tensor | None, j: int, k_tile: int) -
     elsewhere every tile masks its -inf entries, one compare each)? Nothing is read while torch.compile
     traces, through torch.func wrappers, or from fake tensors: the defaults give the same result."""
     pad_all = pad_none = None
-    if (
-        mask is not None
-        and mask.shape[1] == 1
-        and mask.shape[2] == 1
-        and mask.shape[3] != 1
-        and _values_readable(mask)
-    ):
+    if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] != 1 and _values_readable(mask):
         keys = mask.reshape(-1, j)
         if j <= k_tile:  # one key tile (short sequences, decoding): two reductions and one read
             every, some = torch.stack((keys.all(), keys.any())).tolist()
@@ -261,7 +261,9 @@ class _Plan:
     reference, every tile masked, the seed as a tensor) and keeps no per-shape caches (sizes are symbolic).
     """
 
-    def __init__(self, q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts=_NO_FACTS):
+    def __init__(
+        self, q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts=_NO_FACTS, rows=None, col0=0
+    ):
         self.b, self.h, self.i, self.d = q.shape
         self.g, self.j, self.e = k.shape[1], k.shape[2], v.shape[3]
         self.r = self.h // self.g
@@ -291,7 +293,12 @@ class _Plan:
         step = MAX_TILE_BYTES // (self.h * q_tile * k_tile * 4)
         self.batch_step = self.b if step >= self.b else max(step, 1)
         self._causal_tiles: dict[tuple[int, int, int], Tensor] = {}
-        self._index: dict[int, Tensor] = {}  # dropout: arange(numel) per tile size
+        # dropout: the keep-mask's coordinates of the query rows ((i,) integers; None: 0..i-1) and of key 0
+        # (context parallel: global positions), and the last tile's row keys and the key tiles' terms
+        self.drop_rows: Tensor | None = rows
+        self.drop_col0 = col0
+        self._row_keys: tuple[tuple[int, int, int], Tensor] | None = None
+        self._col_terms: dict[tuple[int, int], Tensor] = {}
         self.pad_all, self.pad_none = facts.pad_all, facts.pad_none
         self.bias_inf = facts.bias_inf and bias is not None
         self.structure: Structure | None = facts.structure
@@ -384,16 +391,32 @@ class _Plan:
             s5.masked_fill_(drop, _NEG_INF)
         return s, drops
 
-    def keep(self, shape, bs: slice, r0: int, c0: int) -> Tensor:
-        n = 1
-        for size in shape:
-            n = n * size
-        index = None if self.tracing else self._index.get(n)
-        if index is None:
-            index = torch.arange(n, dtype=torch.int32, device=self.device)
-            if not self.tracing:
-                self._index[n] = index
-        return _dropout_keep(index, shape, self.dropout_p, self.seed, r0, c0, bs.start)
+    def keep_rows(self, bs: slice, r0: int, r1: int) -> Tensor:
+        """Row keys of the dropout keep-mask (nb, h, r1 - r0) for the batch slice and query rows [r0, r1)."""
+        if self.drop_rows is not None:
+            rows = self.drop_rows[r0:r1]
+        else:
+            rows = torch.arange(r0, r1, dtype=torch.int32, device=self.device)
+        return _row_keys(self.seed, bs.start, bs.stop, self.h, rows)
+
+    def keep_cols(self, c0: int, c1: int) -> Tensor:
+        """Key terms of the dropout keep-mask (c1 - c0,) for the keys [c0, c1)."""
+        start = self.drop_col0 + c0
+        return _col_terms(torch.arange(start, start + (c1 - c0), dtype=torch.int32, device=self.device))
+
+    def keep(self, bs: slice, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Bool (nb*g, r*(r1 - r0), c1 - c0): the dropout keep-mask of one tile (True = kept), see `_dropout_keep`."""
+        nbg, rows = (bs.stop - bs.start) * self.g, self.r * (r1 - r0)
+        if self.tracing:
+            row_keys, col_terms = self.keep_rows(bs, r0, r1), self.keep_cols(c0, c1)
+        else:  # the row keys are reused across a query tile's key tiles, the key terms across query tiles
+            where = (bs.start, r0, r1)
+            if self._row_keys is None or self._row_keys[0] != where:
+                self._row_keys = (where, self.keep_rows(bs, r0, r1))
+            row_keys = self._row_keys[1]
+            cached = self._col_terms.get((c0, c1))
+            col_terms = cached if cached is not None else self._col_terms.setdefault((c0, c1), self.keep_cols(c0, c1))
+        return _dropout_keep(row_keys.view(nbg, rows, 1), col_terms, self.dropout_p)
 
     def split(self, q: Tensor, k: Tensor, v: Tensor):
         """Fold heads: q (b, h, i, d) -> (b*g, r, i, d); k (b*g, j, d); v (b*g, j, e), in the matmul dtype."""
@@ -464,7 +487,7 @@ def _forward(
                     alpha = None if first else (m - m_safe).exp_()
                     m, ref = m_new, m_safe
                 if plan.dropout_p > 0:
-                    keep = plan.keep(p.shape, bs, r0, c0)
+                    keep = plan.keep(bs, r0, r1, c0, c1)
                 if first:
                     # nothing to rescale yet: write l and o instead of scaling zeros (two fewer passes)
                     l = p.sum(dim=-1)
@@ -557,7 +580,7 @@ def _backward_into(
                 vt = vb[:, c0:c1].transpose(1, 2)
                 if plan.dropout_p > 0:
                     dp = torch.bmm(dot, vt).to(acc)
-                    keep = plan.keep(p.shape, bs, r0, c0)
+                    keep = plan.keep(bs, r0, r1, c0, c1)
                     pd = p * keep * keep_scale
                     dp.mul_(keep).mul_(keep_scale).sub_(delta_t)
                 elif dot.dtype == acc:
@@ -630,9 +653,9 @@ class _ChunkedFn(torch.autograd.Function):
     In the `setup_context` form, with a `vmap` rule, so torch.func transforms (vmap, grad, jacrev) work."""
 
     @staticmethod
-    def forward(q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts):
+    def forward(q, k, v, bias, mask, causal, scale, dropout_p, seed, positions, q_tile, k_tile, facts):
         # (named parameters, not *inputs: dynamo's no-grad path counts them to tell the ctx-less form apart)
-        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts, rows=positions)
         out_acc, lse = _forward(plan, q, k, v)
         out_acc = out_acc.view(plan.b, plan.h, plan.i, plan.e)
         lse = lse.view(plan.b, plan.h, plan.i)
@@ -644,30 +667,39 @@ class _ChunkedFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts = inputs
+        q, k, v, bias, mask, causal, scale, dropout_p, seed, positions, q_tile, k_tile, facts = inputs
         out, lse, *extra = output
         out_acc = extra[0] if extra else out
         ctx.mark_non_differentiable(lse, *extra)
         seed_t = seed if isinstance(seed, Tensor) else None
-        ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse, seed_t)
+        ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse, seed_t, positions)
         ctx.args = (causal, scale, dropout_p, None if seed_t is not None else seed, q_tile, k_tile, facts)
 
     @staticmethod
     def backward(ctx, dout, *_):
-        q, k, v, bias, mask, out, lse, seed_t = ctx.saved_tensors
+        q, k, v, bias, mask, out, lse, seed_t, positions = ctx.saved_tensors
         causal, scale, dropout_p, seed, q_tile, k_tile, facts = ctx.args
         seed = seed_t if seed_t is not None else seed
-        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        plan = _Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts, rows=positions)
         if records_graph() and any(_differentiable(t) for t in (q, k, v, bias)):
             # create_graph: the tile loop below is first-order only; recompute through the reference with
             # this call's own dropout keep-mask, so the gradients are exact and differentiable again.
             # (Where no saved input can be differentiated again, as in torch.func.vjp's vjp_fn and jacrev,
             # the tile loop runs: its result is still differentiable in dout.)
-            inp = AttnInputs(q, k, v, mask=mask, bias=bias, causal=plan.causal, scale=plan.scale,
-                             dropout_p=plan.dropout_p, **(plan.structure.fields if plan.structure else {}))
+            inp = AttnInputs(
+                q,
+                k,
+                v,
+                mask=mask,
+                bias=bias,
+                causal=plan.causal,
+                scale=plan.scale,
+                dropout_p=plan.dropout_p,
+                **(plan.structure.fields if plan.structure else {}),
+            )
             keep = _dense_keep(plan) if plan.dropout_p > 0 else None
             grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep)
-            return (*grads, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None, None)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _backward(plan, dout, q, k, v, out, lse, bias_grad)
         b, h, g = plan.b, plan.h, plan.g
@@ -676,10 +708,10 @@ class _ChunkedFn(torch.autograd.Function):
         dv = dv.view(b, g, plan.j, plan.e).to(v.dtype)
         if dbias is not None:
             dbias = dbias.reshape(bias.shape).to(bias.dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, bias, mask, causal, scale, dropout_p, seed, q_tile, k_tile, facts):
+    def vmap(info, in_dims, q, k, v, bias, mask, causal, scale, dropout_p, seed, positions, q_tile, k_tile, facts):
         """Attention is independent per batch element: fold the vmapped dim into b, run once, unfold.
 
         (A tile then spans size * b batch entries; the memory bound per tile is unchanged, see `batches`.)"""
@@ -690,7 +722,12 @@ class _ChunkedFn(torch.autograd.Function):
         bias, mask = _fold_batch(bias, bb, size, b), _fold_batch(mask, bm, size, b)
         if bm is not None:  # padding facts (if any) were read from one element's mask: not for the fold
             facts = facts._replace(pad_all=None, pad_none=None)
-        args = (causal, scale, dropout_p, seed, q_tile, k_tile, facts)
+        if in_dims[9] is not None:
+            raise ValueError(
+                "expected the dropout `positions` of chunked_attention shared by every vmapped element, got them "
+                "vmapped; hint: pass one (i,) tensor"
+            )
+        args = (causal, scale, dropout_p, seed, positions, q_tile, k_tile, facts)
         seed_dim = in_dims[8]
         if dropout_p > 0 and (info.randomness == "same" or seed_dim is not None):
             # randomness="same": one keep-mask for every vmapped element; "different" with a seed drawn under
@@ -718,14 +755,22 @@ _ChunkedFn.forward.__signature__ = inspect.signature(_ChunkedFn.forward)  # type
 
 
 def chunked_attention(
-    inp: AttnInputs, *, q_tile: int | None = None, k_tile: int | None = None, seed: int | None = None
+    inp: AttnInputs,
+    *,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+    seed: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Attention by tiles with an online softmax; differentiable with a tile-recomputing backward.
 
     q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) -> (b, h, i, e) in q's dtype. Never holds more than one
     (batch slice, h, q_tile, k_tile) score tile. `seed` fixes the dropout mask (only its value modulo 2**32
     counts; default: drawn from torch's default generator); `dropout_keep_mask(inp, seed, ...)` rebuilds
-    that mask densely, for tests.
+    that mask densely, for tests. The mask does not depend on the tile sizes: each entry is a hash of (seed,
+    batch, head, query position, key position). `positions` (i,) integers: the query rows' positions in it
+    (default 0..i-1); context parallel attention passes each rank's global positions, so the ranks drop what
+    one process would.
 
     torch.compile (fullgraph, dynamic shapes) traces it: there it keeps the exact running max instead of the
     lazy reference, masks every key padding tile instead of skipping all-padding ones, and keeps a drawn
@@ -739,38 +784,35 @@ def chunked_attention(
     facts = _read_facts(inp.mask, inp.bias, inp.j, k_tile)
     if inp.structured:
         facts = facts._replace(structure=Structure(inp))
+    if positions is not None and (
+        not isinstance(positions, Tensor) or positions.shape != (inp.i,) or positions.is_floating_point()
+    ):
+        raise ValueError(
+            f"expected `positions` to be an integer tensor of shape (i,) = ({inp.i},), the query rows' positions "
+            f"in the dropout keep-mask, got {positions!r:.80}; hint: leave it None for 0..i-1"
+        )
     return _ChunkedFn.apply(
-        inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, q_tile, k_tile, facts
-    )[0]
+        inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, positions, q_tile,
+        k_tile, facts,
+    )[0]  # fmt: skip
 
 
-def dropout_keep_mask(inp: AttnInputs, seed: int, *, q_tile: int | None = None, k_tile: int | None = None) -> Tensor:
-    """The dense bool (b, h, i, j) keep-mask `chunked_attention(inp, seed=seed)` applies (True = kept).
+def dropout_keep_mask(inp: AttnInputs, seed: int, *, positions: Tensor | None = None) -> Tensor:
+    """The dense bool (b, h, i, j) keep-mask `chunked_attention(inp, seed=seed, positions=positions)` applies
+    (True = kept), with any tile sizes.
 
-    Testing only: it materialises the (i, j) tensor the backend itself never builds. Tiles the backend
-    skips (above the causal diagonal, all padding) are True; their probabilities are 0 anyway.
+    Testing only: it materialises the (i, j) tensor the backend itself never builds (entries the backend never
+    visits, above the causal diagonal or in all-padding tiles, have probability 0 anyway).
     """
-    default_q, default_k = TILES.get(inp.device.type, TILES["cpu"])
-    q_tile, k_tile = q_tile or default_q, k_tile or default_k
-    facts = _read_facts(inp.mask, None, inp.j, k_tile)  # the keep-mask does not depend on the bias
-    if inp.structured:
-        facts = facts._replace(structure=Structure(inp))
-    plan = _Plan(
-        inp.q, inp.k, inp.v, inp.mask, inp.bias, inp.causal, inp.scale, inp.dropout_p, seed, q_tile, k_tile, facts
-    )
+    plan = _Plan(inp.q, inp.k, inp.v, None, None, False, inp.scale, inp.dropout_p, seed, 1, 1, rows=positions)
     return _dense_keep(plan)
 
 
 def _dense_keep(plan: _Plan) -> Tensor:
-    """The plan's dropout keep-mask as one bool (b, h, i, j) tensor (tiles never visited stay True)."""
-    keep = torch.ones(plan.b, plan.g, plan.r, plan.i, plan.j, dtype=torch.bool, device=plan.device)
-    for bs in plan.batches():
-        for r0, r1 in plan.query_tiles():
-            for c0, c1, _ in plan.key_tiles(r0, r1):
-                nb = bs.stop - bs.start
-                tile = plan.keep((nb * plan.g, plan.r * (r1 - r0), c1 - c0), bs, r0, c0)
-                keep[bs, :, :, r0:r1, c0:c1] = tile.view(nb, plan.g, plan.r, r1 - r0, c1 - c0)
-    return keep.view(plan.b, plan.h, plan.i, plan.j)
+    """The plan's dropout keep-mask as one bool (b, h, i, j) tensor."""
+    whole = slice(0, plan.b)
+    row_keys = plan.keep_rows(whole, 0, plan.i)  # (b, h, i)
+    return _dropout_keep(row_keys[..., None], plan.keep_cols(0, plan.j), plan.dropout_p)
 
 
 # main class
