@@ -922,18 +922,18 @@ def context_parallel_attention(
     # local checks first, then one small collective: every rank's shapes and options, checked to agree. A rank
     # whose own checks fail still joins it (with a flag), so every rank raises and none waits on a collective.
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    failure: Exception | None = None
     options = Options(causal=causal, scale=scale, window=window, dropout_p=dropout_p)
     try:
         meta, key_pad, docs = _local_checks(q, k, v, mask, bias, documents, options, layout)
-    except (TypeError, ValueError) as err:
-        failure, meta, key_pad, docs = err, [0] * len(_META), None, None
+    except (TypeError, ValueError):
+        # re-raised from here, never kept in a local: an exception held by its own frame is a reference cycle
+        # that keeps the process group alive past destroy_process_group (gloo then aborts at interpreter exit)
+        _gather_meta([1, 0, *[0] * len(_META)], group, device)
+        raise
     # dropout: every rank draws a seed from its default generator (as one process's `attention` would), and all
     # use rank 0's, which travels with the checks: the keep-mask is one hash of it over global positions
-    seed = int(_draw_seed()) if failure is None and dropout_p > 0 else 0
-    flagged = _gather_meta([int(failure is not None), seed, *meta], group, device)
-    if failure is not None:
-        raise failure
+    seed = int(_draw_seed()) if dropout_p > 0 else 0
+    flagged = _gather_meta([0, seed, *meta], group, device)
     bad = [r for r, m in enumerate(flagged) if m[0]]
     if bad:
         raise ValueError(
