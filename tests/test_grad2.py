@@ -134,18 +134,57 @@ def test_first_order_backward_keeps_the_kernels_own_backward(monkeypatch):
     assert calls == [1]
 
 
-def test_the_kernels_graph_is_freed_with_the_node_and_kept_with_retain_graph():
-    """The fused kernel's own graph lives in the wrapper node's saved tensors: a plain backward frees it at
-    once (as PyTorch frees any node's), retain_graph=True keeps it for a second backward."""
-    q, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
+def test_the_kernels_graph_is_freed_after_backward_and_kept_with_retain_graph():
+    """The gate keeps the fused kernel's own node (a post-hook on it, no wrapper node): a plain backward frees
+    its graph at once (as PyTorch frees any node's), retain_graph=True keeps it for a second backward, and the
+    hook keeps q, k, v no longer than the node does."""
+    import gc
+    import weakref
+
+    x, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
+    q = x * 1.0  # not a leaf: the hook must not keep it (and its graph) alive after the output is gone
     out = attention(q, k, v, backend="sdpa:flash")
-    assert type(out.grad_fn).__name__ == "TwiceDifferentiableBackward"
+    assert type(out.grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
     out.sum().backward(retain_graph=True)
-    first = q.grad.clone()
+    first = x.grad.clone()
     out.sum().backward()  # the second backward through the kept graph
-    torch.testing.assert_close(q.grad, 2 * first)
-    with pytest.raises(RuntimeError, match="freed"):
-        _ = out.grad_fn.saved_tensors
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="second time"):
+        out.sum().backward()
+    alive = weakref.ref(q)
+    del q, out
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_gate_wraps_what_is_not_the_kernels_own_node():
+    """`grad2.gate` hooks the kernel's node only where the output comes straight from it and its inputs are
+    q, k, v; anything else (here the output of a later op, or a kernel fed an expanded k) goes through the
+    `TwiceDifferentiable` wrapper. Both are exact to second order."""
+    import torch.nn.functional as F
+
+    from attend.grad2 import gate
+
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True, dtype=torch.float64) for _ in range(3))
+    inp = validate(q, k, v)
+
+    def hooked(q, k, v):
+        return gate(F.scaled_dot_product_attention(q, k, v), inp, q, k, v, None)
+
+    def after_an_op(q, k, v):
+        return gate(F.scaled_dot_product_attention(q, k, v) * 1.0, inp, q, k, v, None)
+
+    def expanded(q, k, v):
+        return gate(F.scaled_dot_product_attention(q, k.expand(1, 2, 6, 8), v), inp, q, k, v, None)
+
+    kinds = {fn: type(fn(q, k, v).grad_fn).__name__ for fn in (hooked, after_an_op, expanded)}
+    assert kinds == {
+        hooked: "ScaledDotProductFlashAttentionForCpuBackward0",
+        after_an_op: "TwiceDifferentiableBackward",
+        expanded: "TwiceDifferentiableBackward",
+    }
+    for fn in kinds:
+        assert gradgradcheck(fn, (q, k, v))
 
 
 def test_recorded_backward_through_an_unrecoverable_dropout_mask_says_what_to_do():

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._helpers import accum_dtype
-from ..grad2 import TwiceDifferentiable
+from ..grad2 import gate
 from ..inputs import AttnInputs
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
@@ -239,7 +239,7 @@ def _plain_eager(t: Tensor) -> bool:
 class _BlockGrads(torch.autograd.Function):
     """Query blocks of one call, each against its own keys, with a backward that writes each block's
     dq, dk, dv into preallocated full tensors (a slice-add per block) instead of letting autograd sum one
-    full-size gradient per block. First-order only: `TwiceDifferentiable` handles create_graph above it."""
+    full-size gradient per block. First-order only: `grad2.gate` handles create_graph above it."""
 
     @staticmethod
     def forward(ctx, block, blocks, q, k, v):
@@ -305,7 +305,7 @@ class SdpaBackend(Backend):
         out = self._kernel(inp, caps)
         if not caps.grad2 and inp.needs_grad and _plain_eager(inp.q):
             # a first-order kernel: its own backward for training, the reference's for create_graph
-            return TwiceDifferentiable.apply(out, inp, inp.q, inp.k, inp.v, inp.bias)
+            return gate(out, inp, inp.q, inp.k, inp.v, inp.bias)
         return out
 
     def plan(self, inp: AttnInputs) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
@@ -321,7 +321,7 @@ class SdpaBackend(Backend):
         kwargs: dict[str, Any] = {"scale": inp.scale, "dropout_p": inp.dropout_p, "is_causal": inp.causal}
         if inp.gqa:
             kwargs["enable_gqa"] = True
-        gate = not caps.grad2 and inp.needs_grad  # a first-order kernel under training: TwiceDifferentiable
+        gated = not caps.grad2 and inp.needs_grad  # a first-order kernel under training: grad2.gate
         variant = self.variant
         # the gate reads only the non-tensor fields (its backward puts the call's own q, k, v in): the plan, kept
         # in the dispatch cache, must not hold the first call's activations
@@ -335,8 +335,8 @@ class SdpaBackend(Backend):
             else:
                 with _Only(variant):
                     out = _sdpa(q, k, v, **kwargs)
-            if gate and _plain_eager(q):
-                return TwiceDifferentiable.apply(out, template, q, k, v, None)
+            if gated and _plain_eager(q):
+                return gate(out, template, q, k, v, None)
             return out
 
         return fast
