@@ -91,6 +91,28 @@ def test_forward_arguments_override_module_defaults():
     torch.testing.assert_close(attn(q, k, v, causal=False), ref(q, k, v))
 
 
+def test_an_attribute_set_after_a_call_takes_effect_on_the_next():
+    """`Attend` builds the options of a plain call once; setting any attribute they read (or train/eval)
+    drops them, so the next call sees it."""
+    q, k, v = make_qkv(i=12, j=12, dtype=torch.float64)
+    attn = Attend()
+    ref = Attend(backend="einsum")
+    torch.testing.assert_close(attn(q, k, v), ref(q, k, v))
+    attn.causal, attn.scale = True, 0.3
+    torch.testing.assert_close(attn(q, k, v), Attend(causal=True, scale=0.3, backend="einsum")(q, k, v))
+    attn.window = (2, None)
+    want = Attend(causal=True, scale=0.3, window=(2, None), backend="einsum")(q, k, v)
+    torch.testing.assert_close(attn(q, k, v), want)
+    attn.dropout = 0.5  # a new module is in training mode: dropout applies at once
+    assert not torch.allclose(attn(q, k, v), want)
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), want)
+    attn.train()
+    assert not torch.allclose(attn(q, k, v), want)
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), want)
+
+
 def test_module_is_stateless_and_repr():
     attn = Attend(dropout=0.1, flash=True)
     assert attn.state_dict() == {} and list(attn.parameters()) == []

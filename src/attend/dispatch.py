@@ -671,13 +671,13 @@ class _Entry:
 def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
     """Everything validation and eligibility read from a call, or None when the call takes the slow path
     (torch.compile tracing; a non-tensor, sparse or nested input; a last dim that is not contiguous, which
-    validation copies; autocast, which casts)."""
+    validation copies; autocast, which casts). An unhashable option (a list for `scale`) makes the key
+    unhashable: `call` then takes the slow path, where validate() rejects it by name."""
     if torch.compiler.is_compiling():
         return None
     try:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _any_autocast():
             return None
-        hash(options)  # an unhashable option (a list for `scale`) is for validate() to reject, by name
         return (
             q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
             q.requires_grad, k.requires_grad, v.requires_grad,
@@ -707,11 +707,14 @@ def call(
 ) -> Tensor:
     """Validate, choose and run: what `attention` and `Attend` do per call. The first call of a signature
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
-    from the cached entry and run (`CACHE_SIZE` signatures are kept, least recently used first out).
+    from the cached entry and run (`CACHE_SIZE` signatures are kept, the oldest first out).
     Calls with `documents` always validate (the ids are data)."""
     generation = _generation  # read first: a registry change during this call must not be cached after it
     key = None if documents is not None else _call_key(q, k, v, mask, bias, (options, backend, fused_only))
-    entry = None if key is None else _cache.get(key)
+    try:
+        entry = None if key is None else _cache.get(key)
+    except TypeError:  # an unhashable option
+        key = entry = None
     if entry is not None and entry.generation == generation:
         value = entry.value
         if value.fast is not None:

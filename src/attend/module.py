@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,10 @@ from .inputs import Options, validate
 __all__ = ["Attend"]
 
 log = logging.getLogger("attend")
+# the attributes `Attend._options` reads: setting one drops the cached options of a plain call
+_OPTION_ATTRS = frozenset(
+    {"causal", "scale", "dropout", "window", "score", "deterministic", "check_finite", "training"}
+)
 
 
 class Attend(nn.Module):
@@ -87,7 +92,21 @@ class Attend(nn.Module):
             f"backend={self.backend!r}{extra}, deterministic={self.deterministic}, check_finite={self.check_finite}"
         )
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _OPTION_ATTRS:  # `train()` / `eval()` set `training` here too
+            self.__dict__["_default_options"] = None
+
     def _options(self, causal: bool | None, window: tuple[int | None, int | None] | None = None) -> Options:
+        if causal is None and window is None:
+            # the options of a call that overrides nothing: built once, until an attribute they read changes
+            cached = self.__dict__.get("_default_options")
+            if cached is None:
+                cached = self.__dict__["_default_options"] = self._build_options(None, None)
+            return cached
+        return self._build_options(causal, window)
+
+    def _build_options(self, causal: bool | None, window: tuple[int | None, int | None] | None) -> Options:
         return Options(
             causal=default(causal, self.causal),
             scale=self.scale,
