@@ -98,8 +98,9 @@ class Attend(nn.Module):
             self.__dict__["_default_options"] = None
 
     def _options(self, causal: bool | None, window: tuple[int | None, int | None] | None = None) -> Options:
-        if causal is None and window is None:
+        if causal is None and window is None and not torch.compiler.is_compiling():
             # the options of a call that overrides nothing: built once, until an attribute they read changes
+            # (not while torch.compile traces: a guard on the cached value would recompile once it is set)
             cached = self.__dict__.get("_default_options")
             if cached is None:
                 cached = self.__dict__["_default_options"] = self._build_options(None, None)
