@@ -157,6 +157,40 @@ def test_the_kernels_graph_is_freed_after_backward_and_kept_with_retain_graph():
     assert alive() is None
 
 
+def test_the_gate_lets_go_of_q_k_v_when_the_backward_releases_the_graph():
+    """The training loop keeps `loss` (and every node) until the next step's loss replaces it: the gate's hook
+    must let go of the activations when the kernel's own saved tensors go (a backward without retain_graph),
+    not when the node dies; and keep them through a retained backward, for a later create_graph one."""
+    import gc
+    import weakref
+
+    x, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
+
+    def call() -> tuple[torch.Tensor, weakref.ref]:
+        q = x * 1.0
+        return attention(q, k, v, backend="sdpa:flash"), weakref.ref(q)
+
+    out, alive = call()
+    loss = (out * 2).sum()
+    loss.backward()
+    gc.collect()
+    assert alive() is None, "the activations outlived the backward (the loss still holds the graph)"
+
+    out, alive = call()
+    out.sum().backward(retain_graph=True)
+    gc.collect()
+    assert alive() is not None
+    # first order with retain_graph, then create_graph: still the reference's, differentiable again
+    grads = torch.autograd.grad(out.sum(), (x, k, v), create_graph=True)
+    assert all(g.grad_fn is not None for g in grads)
+    want = torch.autograd.grad(attention(x * 1.0, k, v, backend="einsum").sum(), (x, k, v), create_graph=True)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, **tolerance(torch.float32))
+    out.sum().backward()
+    gc.collect()
+    assert alive() is None
+
+
 def test_the_gate_wraps_what_is_not_the_kernels_own_node():
     """`grad2.gate` hooks the kernel's node only where the output comes straight from it and its inputs are
     q, k, v; anything else (here the output of a later op, or a kernel fed an expanded k) goes through the

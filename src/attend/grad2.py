@@ -127,16 +127,28 @@ def _node_takes(node: torch.autograd.graph.Node, inputs: tuple[Tensor, Tensor, T
     return True
 
 
+# Does the running backward keep its graph (retain_graph)? A private engine query (torch 2.13 has it); without
+# it `gate` cannot tell when to let go of q, k, v and wraps every output instead
+_keep_graph = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
+
+
 def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """`out` of a first-order PyTorch kernel on (q, k, v, bias), made exactly twice differentiable: the
     kernel's own backward for training, `recompute_grads` under create_graph. Only `inp`'s non-tensor fields
     (and its mask) are read; q, k, v, bias are this call's.
 
     Where `out` is the kernel node's first output and the node's inputs are exactly q, k, v (no bias), the
-    node gets a post-hook that replaces its gradients under create_graph (the hook holds q, k, v as the node
-    itself does); otherwise `out` goes through `TwiceDifferentiable`."""
+    node gets a post-hook that replaces its gradients under create_graph; otherwise `out` goes through
+    `TwiceDifferentiable`. The hook holds q, k, v as the node's saved tensors do: until a backward that does
+    not keep the graph has run through it (the node itself lives on, with the caller's loss)."""
     node = out.grad_fn
-    if bias is None and node is not None and out.output_nr == 0 and _node_takes(node, (q, k, v)):
+    if (
+        bias is None
+        and node is not None
+        and out.output_nr == 0
+        and _keep_graph is not None
+        and _node_takes(node, (q, k, v))
+    ):
         node.register_hook(_SecondOrder(inp, q, k, v))
         return out
     return TwiceDifferentiable.apply(out, inp, q, k, v, bias)
@@ -149,12 +161,18 @@ class _SecondOrder:
     __slots__ = ("inp", "q", "k", "v")
 
     def __init__(self, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor):
-        self.inp, self.q, self.k, self.v = inp, q, k, v
+        self.inp: AttnInputs | None = inp
+        self.q, self.k, self.v = q, k, v
 
     def __call__(self, grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+        # (the kernel's node ran first: had its saved tensors been released, it would have raised already)
+        inp, q, k, v = self.inp, self.q, self.k, self.v
+        assert inp is not None
+        if not _keep_graph():  # the node's saved tensors go now: so do ours (activations, and inp's mask)
+            self.inp = self.q = self.k = self.v = None  # type: ignore[assignment]
         if not records_graph():
             return None
         wanted = tuple(g is not None for g in grad_inputs)
-        run = replace(self.inp, q=self.q, k=self.k, v=self.v, bias=None)
+        run = replace(inp, q=q, k=k, v=v, bias=None)
         dq, dk, dv, _ = recompute_grads(run, grad_outputs[0], (wanted[0], wanted[1], wanted[2], False))
         return dq, dk, dv
