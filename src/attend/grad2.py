@@ -31,6 +31,7 @@ comes straight from the kernel's autograd node and that node's inputs are q, k, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import cast
 
@@ -129,7 +130,9 @@ def _node_takes(node: torch.autograd.graph.Node, inputs: tuple[Tensor, Tensor, T
 
 # Does the running backward keep its graph (retain_graph)? A private engine query (torch 2.13 has it); without
 # it `gate` cannot tell when to let go of q, k, v and wraps every output instead
-_keep_graph = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
+_keep_graph: Callable[[], bool] | None = getattr(
+    getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None
+)
 
 
 def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
@@ -168,7 +171,9 @@ class _SecondOrder:
         # (the kernel's node ran first: had its saved tensors been released, it would have raised already)
         inp, q, k, v = self.inp, self.q, self.k, self.v
         assert inp is not None
-        if not _keep_graph():  # the node's saved tensors go now: so do ours (activations, and inp's mask)
+        # a backward that does not keep the graph: the node's saved tensors go now, and so do ours (activations,
+        # and inp's mask)
+        if _keep_graph is not None and not _keep_graph():
             self.inp = self.q = self.k = self.v = None  # type: ignore[assignment]
         if not records_graph():
             return None
