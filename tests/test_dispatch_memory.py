@@ -100,3 +100,24 @@ def test_cpu_promotes_chunked_ahead_of_math_for_large_shapes():
     assert explain(small, small, small, dropout_p=0.1).backend == "sdpa:math"
     large = torch.randn(1, 2, 512, 8)
     assert explain(large, large, large, dropout_p=0.1).backend == "chunked"
+
+
+def test_cpu_promotes_chunked_ahead_of_flash_for_long_causal_masked_training():
+    """CPU training with causal + a mask at d >= 128 and i >= 4096 runs chunked (sdpa:flash would go in query
+    blocks, each adding a full-size dk/dv); everything else stays on sdpa:flash."""
+
+    def pick(n: int, d: int, *, grad: bool = True, padded: bool = True, causal: bool = True, b: int = 1) -> str:
+        q = torch.randn(b, 1, n, d, requires_grad=grad)
+        pad = torch.ones(b, n, dtype=torch.bool)
+        pad[:, -n // 5 :] = False
+        report = explain(q, q, q, mask=pad if padded else None, causal=causal)
+        assert report.backend is not None
+        return report.backend
+
+    assert pick(4096, 128) == "chunked"
+    assert pick(8192, 256) == "chunked"
+    assert pick(2048, 128) == "sdpa:flash"  # shorter
+    assert pick(4096, 64) == "sdpa:flash"  # narrower heads
+    assert pick(4096, 128, grad=False) == "sdpa:flash"  # inference
+    assert pick(4096, 128, padded=False) == "sdpa:flash"  # causal alone: one flash call
+    assert pick(4096, 128, causal=False) == "sdpa:flash"  # a mask alone: one flash call
