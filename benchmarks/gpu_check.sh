@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One script for a session that has a CUDA GPU (about 5 minutes at most):
-#   1. the GPU tests (pytest -m gpu)
+#   1. the GPU tests (pytest -m gpu; includes context parallel over NCCL, a world of min(GPUs, 2))
 #   2. attend check --device cuda          (every backend vs the float64 reference, fwd + bwd)
 #   3. attend bench --suite gpu --device cuda, saved as JSON + PNG + markdown in benchmarks/results/
 #   4. attend bench --suite structured --device cuda (windows, packed documents, l2, varlen_attn), bfloat16

@@ -38,7 +38,12 @@ def _spawn(job: str, world: int) -> None:
 
 def _worker(rank: int, world: int, port: int, job: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    backend = "gloo"
+    if job.endswith("nccl"):
+        backend = "nccl"
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference, as in the main process
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         JOBS[job](rank, world)
         dist.barrier()
@@ -188,8 +193,10 @@ def _ring_counts(rank: int, lengths: list[int], kv: int, fields: int) -> tuple[d
     return counts[0], counts[1]
 
 
-def _check_case(rank: int, world: int, n: int, layout: str, feats: dict[str, Any], counter: _Counter) -> None:
-    full = _case_inputs(n, feats, world, layout)
+def _check_case(
+    rank: int, world: int, n: int, layout: str, feats: dict[str, Any], counter: _Counter, device: str = "cpu"
+) -> None:
+    full = {name: t.to(device) for name, t in _case_inputs(n, feats, world, layout).items()}
     opts = {"causal": feats.get("causal", False), "window": feats.get("window"), "dropout_p": feats.get("dropout", 0.0)}
     where = f"rank {rank}/{world}, n={n}, layout={layout}, case={feats}"
 
@@ -418,7 +425,19 @@ def _job_example(rank: int, world: int) -> None:
     assert len(losses) == 3 and losses[-1] < losses[0], f"rank {rank}: losses {losses}"
 
 
-JOBS = {"attention": _job_attention, "shard": _job_shard, "errors": _job_errors, "example": _job_example}
+def _job_nccl(rank: int, world: int) -> None:
+    """NCCL on CUDA (world 1 on a one-GPU machine: a loopback group): the cases with padding, GQA, bias,
+    documents, window and dropout, both layouts and strategies, against one process's attention on the GPU."""
+    with _Counter() as counter:
+        for layout in LAYOUTS:
+            for feats in (CASES[2], CASES[8], *[case for case in CASES if "dropout" in case]):
+                _check_case(rank, world, 4 * world + 3, layout, feats, counter, device="cuda")
+
+
+JOBS = {
+    "attention": _job_attention, "shard": _job_shard, "errors": _job_errors, "example": _job_example,
+    "attention nccl": _job_nccl,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -456,3 +475,9 @@ def test_errors_without_a_process_group():
         shard(q, 2, layout="zigzag")
     with pytest.raises(ValueError, match="expected `layout` to be one of"):
         context_parallel_attention(q, q, q, layout="stripe")
+
+
+@pytest.mark.gpu
+def test_nccl_matches_single_process_attention_on_cuda():
+    """The same checks over NCCL on the GPUs there are (one: a world of 1). benchmarks/gpu_check.sh runs it."""
+    _spawn("attention nccl", max(1, min(torch.cuda.device_count(), 2)))
