@@ -53,8 +53,8 @@ Strategies:
                   k or v requires grad: W-1 blocks of k/v and W blocks of dk/dv sent. Memory per rank O(n / W):
                   its q, k, v, out and dq, plus (1 + 1/P) blocks of k/v and (1 + 1/P) of dk/dv in flight; at
                   (1, 16, 32768, 128) float32, causal + key padding, forward + backward, a rank of 4 peaks at
-                  0.37x one process's RSS (benchmarks/results/cpu-context-parallel.md); at world 2 a call takes
-                  1.13x one process's time on the same two cores (communication overlapped, not a speed-up).
+                  0.36x one process's RSS (benchmarks/results/cpu-context-parallel.md); at world 2 a call takes
+                  1.1-1.3x one process's time on the same two cores (communication overlapped, not a speed-up).
 
 Dropout (`dropout_p > 0`, both strategies): every rank draws a seed from its default generator, as one
 process's call would, and all use rank 0's (it travels with the first all_gather, no extra collective). The
