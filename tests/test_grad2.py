@@ -69,8 +69,39 @@ def test_gradgradcheck(name, feature):
         extra = {"bias": bias[0]} if bias_leaf else {}
         return attention(q, k, v, backend=name, **{**kw, **extra})
 
+    # the recorded backward's values equal the plain backward's (gradgradcheck would not notice otherwise)
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    plain = torch.autograd.grad(fn(*leaves), leaves, dout)
+    recorded = torch.autograd.grad(fn(*leaves), leaves, dout, create_graph=True)
+    for a, b in zip(recorded, plain):
+        torch.testing.assert_close(a, b)
     assert gradcheck(fn, tuple(leaves))
     assert gradgradcheck(fn, tuple(leaves))
+
+
+@pytest.mark.parametrize("uses", ["x, x, x", "2x, x, x"])
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_gradgradcheck_with_one_tensor_in_several_places(name, uses):
+    """Self-attention on one tensor (`attention(x, x, x)`, or k and v the same tensor): the recomputed
+    second-order backward must give each use its own gradient, not the tensor's total once per use (it did:
+    10x off through the fused kernels)."""
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    reasons = get_backend(name).reasons_unsupported(validate(x, x, x))
+    if reasons:
+        pytest.skip(f"{name}: {'; '.join(reasons)}")
+
+    def fn(x):
+        q = x if uses == "x, x, x" else 2.0 * x
+        return attention(q, x, x, backend=name, causal=True)
+
+    # (gradgradcheck alone misses it: it differentiates the recorded backward, wrong or not, consistently)
+    dout = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    (plain,) = torch.autograd.grad(fn(x), x, dout)
+    (recorded,) = torch.autograd.grad(fn(x), x, dout, create_graph=True)
+    torch.testing.assert_close(recorded, plain)
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)
@@ -189,6 +220,46 @@ def test_the_gate_lets_go_of_q_k_v_when_the_backward_releases_the_graph():
     out.sum().backward()
     gc.collect()
     assert alive() is None
+
+
+def test_under_activation_checkpointing_the_gate_saves_through_its_hooks():
+    """torch.utils.checkpoint (non-reentrant) frees a block's activations after its forward and recomputes them
+    in backward: the gate must not hold q, k, v itself there (it saves them through the saved-tensor hooks),
+    and first- and second-order gradients stay the reference's. Outside a checkpoint, the wrapper the gate
+    falls back to (forced here by identity saved-tensor hooks) also lets go of them after the backward."""
+    import gc
+    import weakref
+
+    import torch.utils.checkpoint as checkpoint
+
+    x = torch.randn(1, 2, 64, 8, requires_grad=True)
+    alive: list[weakref.ref] = []
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        q = x * 2.0
+        alive.append(weakref.ref(q))
+        return attention(q, x, x, backend="sdpa:flash")
+
+    out = checkpoint.checkpoint(block, x, use_reentrant=False)
+    gc.collect()
+    assert alive[0]() is None, "the checkpointed block's activations outlived its forward"
+    dout = torch.randn_like(out)
+    (plain,) = torch.autograd.grad(out, x, dout, retain_graph=True)
+    (recorded,) = torch.autograd.grad(checkpoint.checkpoint(block, x, use_reentrant=False), x, dout, create_graph=True)
+    (want,) = torch.autograd.grad(attention(x * 2.0, x, x, backend="einsum"), x, dout, create_graph=True)
+    torch.testing.assert_close(plain, want, **tolerance(torch.float32))
+    torch.testing.assert_close(recorded, want, **tolerance(torch.float32))
+    small = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert gradgradcheck(lambda t: checkpoint.checkpoint(block, t, use_reentrant=False), (small,))
+
+    alive.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = block(x)
+    assert type(out.grad_fn).__name__ == "TwiceDifferentiableBackward"
+    loss = out.sum()
+    loss.backward()
+    gc.collect()
+    assert alive[0]() is None, "the wrapper kept the activations after the backward"
 
 
 def test_the_gate_wraps_what_is_not_the_kernels_own_node():

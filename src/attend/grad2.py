@@ -69,10 +69,12 @@ def recompute_grads(
     acc = accum_dtype(inp.dtype)
     leaves = (inp.q, inp.k, inp.v, inp.bias)
     with torch.enable_grad():
-        wide = [None if t is None else (t if t.dtype == acc else t.to(acc)) for t in leaves]
+        # a fresh alias of each input (a view, or the cast): with `attention(x, x, x)` or k and v the same tensor,
+        # the gradient for k must be the one through k alone, not x's total (then counted once per use)
+        wide = [None if t is None else (t.view_as(t) if t.dtype == acc else t.to(acc)) for t in leaves]
         run = replace(inp, q=cast(Tensor, wide[0]), k=cast(Tensor, wide[1]), v=cast(Tensor, wide[2]), bias=wide[3])
         out = einsum_attention(run, dropout_keep=dropout_keep)
-        targets = [t for t, want in zip(leaves, wanted) if want and t is not None]
+        targets = [w for w, want in zip(wide, wanted) if want and w is not None]
         grads = iter(torch.autograd.grad(out, targets, dout.to(out.dtype), create_graph=True, allow_unused=True))
     result: list[Tensor | None] = []
     for t, want in zip(leaves, wanted):
@@ -135,6 +137,12 @@ _keep_graph: Callable[[], bool] | None = getattr(
 )
 
 
+# Are saved-tensor hooks active (activation checkpointing, CPU offloading)? Then q, k, v must be saved through
+# them (`save_for_backward`), not held by a hook
+_saved_tensors_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+_NOTHING = torch.empty(0, device="meta")
+
+
 def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """`out` of a first-order PyTorch kernel on (q, k, v, bias), made exactly twice differentiable: the
     kernel's own backward for training, `recompute_grads` under create_graph. Only `inp`'s non-tensor fields
@@ -143,17 +151,22 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
     Where `out` is the kernel node's first output and the node's inputs are exactly q, k, v (no bias), the
     node gets a post-hook that replaces its gradients under create_graph; otherwise `out` goes through
     `TwiceDifferentiable`. The hook holds q, k, v as the node's saved tensors do: until a backward that does
-    not keep the graph has run through it (the node itself lives on, with the caller's loss)."""
+    not keep the graph has run through it (the node itself lives on, with the caller's loss). Under
+    saved-tensor hooks (activation checkpointing, offloading) the wrapper saves them through those hooks."""
     node = out.grad_fn
     if (
         bias is None
         and node is not None
         and out.output_nr == 0
         and _keep_graph is not None
+        and _saved_tensors_hooks is not None
+        and _saved_tensors_hooks(False) is None
         and _node_takes(node, (q, k, v))
     ):
         node.register_hook(_SecondOrder(inp, q, k, v))
         return out
+    if inp.q.device.type != "meta":  # the wrapper's ctx keeps `inp` as long as the node lives: no activations
+        inp = replace(inp, q=_NOTHING, k=_NOTHING, v=_NOTHING, bias=None)
     return TwiceDifferentiable.apply(out, inp, q, k, v, bias)
 
 
