@@ -262,6 +262,25 @@ def test_under_activation_checkpointing_the_gate_saves_through_its_hooks():
     assert alive[0]() is None, "the wrapper kept the activations after the backward"
 
 
+def test_the_block_path_lets_go_of_the_activations_after_backward():
+    """A window on sdpa:flash runs in query blocks (`_BlockGrads`, under the gate's wrapper): after a backward
+    without retain_graph, nothing there holds q, k, v while the caller's loss keeps the graph."""
+    import gc
+    import weakref
+
+    x = torch.randn(1, 2, 1200, 8, requires_grad=True)
+    q = x * 2.0
+    alive = weakref.ref(q)
+    out = attention(q, x, x, window=(64, 0), backend="sdpa:flash")
+    loss = out.sum()
+    del q, out
+    loss.backward()
+    gc.collect()
+    assert alive() is None, "the query blocks' node kept q after the backward"
+    (want,) = torch.autograd.grad(attention(x * 2.0, x, x, window=(64, 0), backend="einsum").sum(), x)
+    torch.testing.assert_close(x.grad, want, **tolerance(torch.float32))
+
+
 def test_the_gate_wraps_what_is_not_the_kernels_own_node():
     """`grad2.gate` hooks the kernel's node only where the output comes straight from it and its inputs are
     q, k, v; anything else (here the output of a later op, or a kernel fed an expanded k) goes through the

@@ -254,14 +254,15 @@ class _BlockGrads(torch.autograd.Function):
                 out = block(rows, cols, masked, qb, kb, vb)
                 ctx.graphs.append((out, qb, kb, vb))
                 outs.append(out.detach())
-        ctx.shapes = (q, k, v)
+        # what the backward's accumulators need, not q, k, v themselves (the node outlives the backward with the
+        # caller's loss: holding them would keep the activations until the next step)
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t.requires_grad else None for t in (q, k, v)]
         ctx.set_materialize_grads(True)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v = ctx.shapes
-        grads = [torch.zeros_like(t) if t.requires_grad else None for t in (q, k, v)]
+        grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
         for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
             wanted = [t for t in (qb, kb, vb) if t.requires_grad]
             if cols is None or not wanted or not out.requires_grad:
