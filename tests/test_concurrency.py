@@ -160,3 +160,21 @@ def test_a_choice_made_before_a_registry_change_is_not_cached(monkeypatch):
     monkeypatch.undo()
     attention(q, q, q)
     assert [cached.value.backend.name for cached in dispatch._cache.values()] == [first]
+
+
+def test_threads_leave_the_sdpa_kernel_switches_as_they_were():
+    """attend pins an SDPA variant by flipping PyTorch's process-wide kernel switches around the call: threads
+    doing it at once must not restore each other's flips (that left flash switched off for the rest of the
+    process)."""
+    from attend.backends.sdpa import _switch_state
+
+    before = _switch_state()
+    names = ("sdpa:flash", "sdpa:math")
+
+    def work(t, c):
+        q = torch.randn(1, 2, 8 + c % 3, 8)
+        attention(q, q, q, backend=names[(t + c) % 2], causal=bool(c % 2))
+
+    for _ in range(5):
+        _run_threads(work)
+        assert _switch_state() == before

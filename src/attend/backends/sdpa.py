@@ -203,10 +203,17 @@ def _picks(inp: AttnInputs, kwargs: dict[str, Any]) -> SDPBackend | None:
     return next((variant for variant, _, _ in _SWITCHES if int(variant) == index), None)
 
 
+# `_Only` holds this while the process-wide switches are changed: two threads toggling them at once would record
+# each other's changes as the state to restore, and leave a kernel switched off for the rest of the process
+_SWITCH_LOCK = threading.RLock()
+
+
 class _Only:
     """`sdpa_kernel([variant])` for eager calls: only `variant` enabled inside, every switch restored after.
     (A class, not a generator-based context manager, and only the switches that differ are touched: the
-    per-call cost falls from about 8.5 us to a few. Like `sdpa_kernel`, the switches are process-wide.)"""
+    per-call cost falls from about 8.5 us to a few.) Like `sdpa_kernel`'s, the switches are process-wide: a
+    thread inside holds `_SWITCH_LOCK`, so other threads' calls that change them wait (the fast path of
+    `SdpaBackend.plan` changes none while PyTorch would pick the variant anyway, and does not wait)."""
 
     __slots__ = ("variant", "changed")
 
@@ -215,16 +222,25 @@ class _Only:
         self.changed: list[tuple[Callable[[bool], None], bool]] = []
 
     def __enter__(self) -> None:
-        for variant, enabled, enable in _SWITCHES:
-            want = variant == self.variant
-            was = enabled()
-            if was != want:
-                enable(want)
-                self.changed.append((enable, was))
+        _SWITCH_LOCK.acquire()
+        try:
+            for variant, enabled, enable in _SWITCHES:
+                want = variant == self.variant
+                was = enabled()
+                if was != want:
+                    enable(want)
+                    self.changed.append((enable, was))
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        for enable, was in self.changed:
-            enable(was)
+        try:
+            for enable, was in reversed(self.changed):
+                enable(was)
+            self.changed.clear()
+        finally:
+            _SWITCH_LOCK.release()
 
 
 def _plain_eager(t: Tensor) -> bool:
@@ -379,16 +395,34 @@ class SdpaBackend(Backend):
                 # masked upper triangle instead
                 return self._call(inp, q, k, v, kwargs, bias_dtype, rows=None, cols=None, masked=True)
             # causal with a mask, or unaligned: each block of queries sees keys [0, last visible)
-            outs = []
-            for start in range(0, inp.i, self.query_block):
-                rows = slice(start, min(start + self.query_block, inp.i))
-                cols = max(0, min(inp.j, rows.stop + inp.j - inp.i))
-                if cols == 0:  # every query here comes before the first key: no key to attend
-                    outs.append(q.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * q[:, :, rows, :1])
-                    continue
-                block = (q[:, :, rows], k[:, :, :cols], v[:, :, :cols])
-                outs.append(self._call(inp, *block, kwargs, bias_dtype, rows, cols))
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            return self._causal_blocks(inp, q, k, v, kwargs, bias_dtype, caps)
+
+    def _causal_blocks(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype, caps: Caps) -> Tensor:
+        """Causal with a mask or bias, or unaligned: each block of `query_block` queries against the keys
+        [0, last one it may see), a key prefix."""
+        blocks = []  # (rows, the key prefix or None when no key is visible, masked)
+        for start in range(0, inp.i, self.query_block):
+            rows = slice(start, min(start + self.query_block, inp.i))
+            cols = max(0, min(inp.j, rows.stop + inp.j - inp.i))
+            blocks.append((rows, slice(0, cols) if cols else None, True))
+
+        def block(rows: slice, cols: slice | None, masked: bool, qb: Tensor, kb: Tensor, vb: Tensor) -> Tensor:
+            if cols is None:  # every query here comes before the first key: output 0 (gradient 0, connected)
+                return qb.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * qb[..., :1]
+            return self._call(inp, qb, kb, vb, kwargs, bias_dtype, rows, cols.stop)
+
+        return self._run_blocks(inp, q, k, v, caps, blocks, block)
+
+    def _run_blocks(self, inp: AttnInputs, q, k, v, caps: Caps | None, blocks: list, block) -> Tensor:
+        """The query blocks' outputs, concatenated. Training a first-order kernel (behind attend.grad2's gate for
+        create_graph): one graph per block, its gradients added into dq, dk, dv in place (autograd's own slicing
+        would add a zero-filled full-size dk, dv per block: quadratic in the number of blocks)."""
+        if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q):
+            return _BlockGrads.apply(block, blocks, q, k, v)
+        outs = []
+        for rows, cols, masked in blocks:
+            outs.append(block(rows, cols, masked, q[:, :, rows], *(k[:, :, cols], v[:, :, cols]) if cols else (k, v)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
         """Window and documents: each block of queries against only the keys it can see ([lo, hi) of
@@ -408,16 +442,7 @@ class SdpaBackend(Backend):
                 return qb.new_zeros(inp.b, inp.h, rows.stop - rows.start, inp.e) + 0 * qb[..., :1]
             return self._call(inp, qb, kb, vb, kwargs, bias_dtype, rows, cols, masked=masked, structure=structure)
 
-        caps = self.caps_for(inp.device)
-        if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q):
-            # a first-order kernel (behind attend.grad2's gate for create_graph): one graph per block, its
-            # gradients added into dq, dk, dv in place (autograd's own slicing would add a zero-filled full-size
-            # dk, dv per block: quadratic in the number of blocks)
-            return _BlockGrads.apply(block, blocks, q, k, v)
-        outs = []
-        for rows, cols, masked in blocks:
-            outs.append(block(rows, cols, masked, q[:, :, rows], *(k[:, :, cols], v[:, :, cols]) if cols else (k, v)))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return self._run_blocks(inp, q, k, v, self.caps_for(inp.device), blocks, block)
 
     def _native_lower_right(self, inp: AttnInputs, kwargs: dict) -> bool:
         """CUDA flash and efficient kernels align causal to the bottom-right natively; PyTorch reaches them
