@@ -83,13 +83,12 @@ PROMOTE: list[tuple[str, str, str, Callable[[AttnInputs], bool]]] = [
     # On a machine loaded by other processes math won at every size (chunked's per-tile ops suffer more).
     ("cpu", "chunked", "sdpa:math", lambda inp: inp.i * inp.j >= 256 * 256),
     # CPU training, causal with a mask, d >= 128, i >= 4096: sdpa:flash runs in query blocks there (causal and
-    # a mask do not combine in one call), and each block's backward adds a full-size dk/dv. Ad hoc, 2-vCPU
-    # Intel Xeon, torch 2.13.0+cpu, 2026-12-02 14:05 UTC, load 1.2-1.9, interleaved, fwd+bwd, key padding of
-    # the last 20 %: chunked / sdpa:flash = 1.32x at (1, 16, 8192, 128), 1.22x at (1, 16, 4096, 128); not
-    # taken where it does not pay: 1.07x at (1, 16, 2048, 128), 0.77x at (4, 16, 1024, 128), 1.05x at
-    # (1, 8, 8192, 64), 0.93x at (1, 8, 4096, 64); forward only 0.94x and causal without a mask 0.78x at
-    # (1, 16, 8192, 128) (benchmarks/context_parallel.py's single-process run: attention 6.21 s, chunked's tile
-    # kernel 4.77 s).
+    # a mask do not combine in one call), each block against its key prefix. Ad hoc, 2-vCPU Intel Xeon, torch
+    # 2.13.0+cpu, 2026-12-02, interleaved, fwd+bwd, key padding of the last 20 %, chunked / sdpa:flash:
+    # 14:48 UTC (load 0.8-1.5, the blocks' gradients added in place by _BlockGrads): 1.25x at (1, 16, 8192, 128),
+    # 1.12x at (1, 16, 4096, 128), 1.03x at (1, 16, 2048, 128), 0.93x at (1, 8, 8192, 64). 14:05 UTC (load
+    # 1.2-1.9, before _BlockGrads there): 1.32x, 1.22x, 1.07x, 1.05x; 0.77x at (4, 16, 1024, 128), 0.93x at
+    # (1, 8, 4096, 64); forward only 0.94x and causal without a mask 0.78x at (1, 16, 8192, 128).
     ("cpu", "chunked", "sdpa:flash", lambda inp: (
         inp.needs_grad and inp.causal and inp.mask is not None and inp.bias is None and inp.d >= 128
         and inp.i >= 4096
