@@ -17,16 +17,18 @@ WGAN-GP), meta-learning and Hessian-vector products need the second derivative. 
   or float64) on the saved inputs, with the same masks and, for dropout, the forward's own keep-mask.
   Those gradients are exact and differentiable again, to any order.
 
-Cost: only the create_graph backward pays, and it holds the (b, h, i, j) probabilities like the reference
-does (a memory-bounded double backward would need a hand-written second-order kernel).
+Cost: the create_graph backward recomputes, and holds the (b, h, i, j) probabilities like the reference
+does (a memory-bounded double backward would need a hand-written second-order kernel); ordinary training
+pays only the gate's bookkeeping below, and keeps q, k, v no longer than the kernel's own saved tensors.
 
 Backends use it in two ways. One with its own `autograd.Function` (`chunked`) calls `recompute_grads`
 from its backward. One whose kernel belongs to PyTorch (`sdpa:flash`, `sdpa:efficient`, `sdpa:cudnn`)
 goes through `gate`, which keeps the kernel's own graph for the first-order backward: where the output
 comes straight from the kernel's autograd node and that node's inputs are q, k, v, a post-hook on the node
 (`torch.autograd.graph.Node.register_hook`) swaps in the reference's gradients under create_graph (about
-5 us per training call on CPU); anywhere else the output goes through `TwiceDifferentiable`, a Python
-`autograd.Function` (about 17 us).
+5 us per training call on CPU); anywhere else, and under saved-tensor hooks (activation checkpointing,
+offloading), the output goes through `TwiceDifferentiable`, a Python `autograd.Function` (about 17 us) that
+saves q, k, v through those hooks.
 """
 
 from __future__ import annotations
