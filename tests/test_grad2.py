@@ -281,6 +281,39 @@ def test_the_block_path_lets_go_of_the_activations_after_backward():
     torch.testing.assert_close(x.grad, want, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("kind", ["causal + padding", "window"])
+def test_the_block_path_backs_up_twice_and_through_an_r1_penalty(kind):
+    """Query blocks (`_BlockGrads`) keep their graphs as long as the backward keeps the whole graph: a second
+    backward after retain_graph=True, and an R1-style loss (a create_graph gradient, then a backward through
+    both it and the output) give the reference's gradients; a third backward without retain says so."""
+    n = 600  # above sdpa's query_block: more than one block
+    pad = torch.ones(1, n, dtype=torch.bool)
+    pad[:, 500:] = False
+    kw = dict(mask=pad, causal=True) if kind == "causal + padding" else dict(window=(40, 3))
+
+    def grads(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = attention(q, k, v, backend=backend, **kw)
+        loss = (out * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
+        loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)  # the second pass through the kept graph: twice the gradient
+        twice = q.grad.clone()
+        q.grad = None
+        (g,) = torch.autograd.grad(loss, q, create_graph=True)
+        (loss + g.square().sum()).backward()
+        if backend != "einsum":
+            with pytest.raises(RuntimeError, match="second time"):
+                loss.backward()
+        return twice, q.grad
+
+    got, want = grads("sdpa:flash"), grads("einsum")
+    assert type(attention(*(torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3)), backend="sdpa:flash",
+                          **kw).grad_fn).__name__ == "_BlockGradsBackward"  # fmt: skip
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_gate_wraps_what_is_not_the_kernels_own_node():
     """`grad2.gate` hooks the kernel's node only where the output comes straight from it and its inputs are
     q, k, v; anything else (here the output of a later op, or a kernel fed an expanded k) goes through the

@@ -785,11 +785,14 @@ def chunked_attention(
     if inp.structured:
         facts = facts._replace(structure=Structure(inp))
     if positions is not None and (
-        not isinstance(positions, Tensor) or positions.shape != (inp.i,) or positions.is_floating_point()
+        not isinstance(positions, Tensor)
+        or positions.shape != (inp.i,)
+        or positions.is_floating_point()
+        or positions.device != inp.device
     ):
         raise ValueError(
-            f"expected `positions` to be an integer tensor of shape (i,) = ({inp.i},), the query rows' positions "
-            f"in the dropout keep-mask, got {positions!r:.80}; hint: leave it None for 0..i-1"
+            f"expected `positions` to be an integer tensor of shape (i,) = ({inp.i},) on {inp.device}, the query "
+            f"rows' positions in the dropout keep-mask, got {positions!r:.80}; hint: leave it None for 0..i-1"
         )
     return _ChunkedFn.apply(
         inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, positions, q_tile,

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._helpers import accum_dtype
-from ..grad2 import gate
+from ..grad2 import _keep_graph, gate
 from ..inputs import AttnInputs
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
@@ -278,18 +278,27 @@ class _BlockGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.graphs is None:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (attend's query blocks freed theirs); hint: "
+                "pass retain_graph=True to the first backward"
+            )
+        # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
+        # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
+        keep = _keep_graph is None or _keep_graph()
         grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
         for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
             wanted = [t for t in (qb, kb, vb) if t.requires_grad]
             if cols is None or not wanted or not out.requires_grad:
                 continue
-            got = iter(torch.autograd.grad(out, wanted, dout[:, :, rows], allow_unused=True))
+            got = iter(torch.autograd.grad(out, wanted, dout[:, :, rows], retain_graph=keep, allow_unused=True))
             for n, (leaf, where) in enumerate(((qb, rows), (kb, cols), (vb, cols))):
                 if leaf.requires_grad:
                     g = next(got)
                     if g is not None:
                         grads[n][:, :, where] += g
-        ctx.graphs = None
+        if not keep:
+            ctx.graphs = None
         return None, None, *grads
 
 
