@@ -72,7 +72,7 @@ def test_gradgradcheck(name, feature):
     # the recorded backward's values equal the plain backward's (gradgradcheck would not notice otherwise)
     out = fn(*leaves)
     dout = torch.randn_like(out)
-    plain = torch.autograd.grad(fn(*leaves), leaves, dout)
+    plain = torch.autograd.grad(out, leaves, dout)
     recorded = torch.autograd.grad(fn(*leaves), leaves, dout, create_graph=True)
     for a, b in zip(recorded, plain):
         torch.testing.assert_close(a, b)

@@ -603,6 +603,17 @@ def _pass_on(
     return _Exchange(ring, send, recv), (new_k, new_v, new_meta), copy
 
 
+def _settle(pool: _Pool, exchange: _Exchange | None, copy: Tensor | None, piece: _Piece, step: int) -> None:
+    """After a piece was computed on: wait for its exchange, then give back its send copy and (past the first
+    step, where the block is the rank's own) its received slots."""
+    if exchange is not None:
+        exchange.wait()
+    if copy is not None:  # sent and computed on: the slots are free
+        pool.give(copy)
+    if step > 0:
+        pool.give(piece[0])
+
+
 def _ring_forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None) -> tuple[Tensor, Tensor]:
     """out (b*g, r, i_local, e) and lse (b*g, r, i_local) in the accumulation dtype (lse +inf on a row that sees
     no key, as chunked's). W steps of `_PIECES` phases: a phase sends this piece on and starts receiving the
@@ -641,12 +652,7 @@ def _ring_forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | 
                     _forward(plan, q[:, :, r0:r1], k_r, v_r, out_s[:, :, :rows], lse_s[:, :, :rows])
                     _merge(out[:, :, r0:r1], lse[:, :, r0:r1], out_s[:, :, :rows], lse_s[:, :, :rows])
                 del k_r, v_r
-            if exchange is not None:
-                exchange.wait()
-            if copy is not None:  # sent and computed on: the slots are free
-                pool.give(copy)
-            if step > 0:
-                pool.give(piece[0])
+            _settle(pool, exchange, copy, piece, step)
             del piece, copy  # (no reference to a slot may outlive the pool's release)
         cur = arriving
     pool.release()
@@ -719,12 +725,7 @@ def _ring_backward(
                 )  # fmt: skip
                 scale = plan.scale
                 del qg, kk, vv, k_r, v_r
-            if exchange is not None:
-                exchange.wait()
-            if copy is not None:  # sent and computed on: the slots are free
-                pool.give(copy)
-            if step > 0:
-                pool.give(piece[0])
+            _settle(pool, exchange, copy, piece, step)
             del piece, copy  # (no reference to a slot may outlive the pool's release)
             if pending is not None:
                 pending[0].wait()
