@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -260,3 +262,19 @@ def test_fast_path_is_the_run_path(grad):
         (rdq,) = torch.autograd.grad(rq.sum(), q)
         torch.testing.assert_close(dq, rq, **tolerance(q.dtype))
         torch.testing.assert_close(ddq, rdq, **tolerance(q.dtype))
+
+
+@pytest.mark.parametrize("d", [32, 48, 64, 128])
+def test_the_default_scale_is_sdpas_to_the_bit(d):
+    """The default scale is 1 / sqrt(d) in double, as SDPA computes its own (`d ** -0.5` differs by an ulp at
+    d = 32, 48, 128): an unmasked `attention` call on SDPA's kernel then equals a direct SDPA call bit for bit,
+    in float64 too, on the first call (full path) and on later ones (the plan, which leaves out the scale)."""
+    import torch.nn.functional as F
+
+    dispatch.clear_cache()
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, 2, 24, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    assert validate(q, k, v).scale == 1.0 / math.sqrt(d)
+    want = F.scaled_dot_product_attention(q, k, v)
+    for _ in range(2):
+        assert torch.equal(attention(q, k, v, backend="sdpa:flash"), want)

@@ -344,6 +344,34 @@ def test_the_gate_wraps_what_is_not_the_kernels_own_node():
         assert gradgradcheck(fn, (q, k, v))
 
 
+
+def test_a_signatures_gate_remembers_whether_the_kernel_takes_q_k_v():
+    """`grad2.Gate` (one per dispatch-cache entry) checks the kernel's node at its first gated call and keeps the
+    answer: a signature whose kernel transforms an input (here an expanded k) is wrapped on every later call too,
+    one that takes q, k, v is hooked, and both stay exact to second order. Calls without a graph pass through."""
+    import torch.nn.functional as F
+
+    from attend.grad2 import Gate
+
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True, dtype=torch.float64) for _ in range(3))
+    takes, expands = Gate(validate(q, k, v)), Gate(validate(q, k, v))
+    assert takes.direct is None and takes.template.q.device.type == "meta"  # holds no activation
+
+    def hooked(q, k, v):
+        return takes(F.scaled_dot_product_attention(q, k, v), q, k, v)
+
+    def expanded(q, k, v):
+        return expands(F.scaled_dot_product_attention(q, k.expand(1, 2, 6, 8), v), q, k, v)
+
+    with torch.no_grad():
+        assert hooked(q, k, v).grad_fn is None and takes.direct is None
+    for _ in range(2):
+        assert type(hooked(q, k, v).grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
+        assert type(expanded(q, k, v).grad_fn).__name__ == "TwiceDifferentiableBackward"
+    assert (takes.direct, expands.direct) == (True, False)
+    for fn in (hooked, expanded):
+        assert gradgradcheck(fn, (q, k, v))
+
 def test_recorded_backward_through_an_unrecoverable_dropout_mask_says_what_to_do():
     """A fused CUDA kernel's dropout mask cannot be read back: the recorded backward raises, naming the way out."""
     from attend.grad2 import recompute_grads

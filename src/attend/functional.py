@@ -87,7 +87,8 @@ def attention(
     deterministic: bool = False,
     check_finite: bool | None = None,
 ) -> Tensor:
-    q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
+    if _any_autocast():  # (one C call; the function call and its tuples cost more than the check)
+        q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
     return call(q, k, v, mask, bias, documents, options=options, backend=backend)
 

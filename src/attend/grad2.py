@@ -23,12 +23,15 @@ pays only the gate's bookkeeping below, and keeps q, k, v no longer than the ker
 
 Backends use it in two ways. One with its own `autograd.Function` (`chunked`) calls `recompute_grads`
 from its backward. One whose kernel belongs to PyTorch (`sdpa:flash`, `sdpa:efficient`, `sdpa:cudnn`)
-goes through `gate`, which keeps the kernel's own graph for the first-order backward: where the output
-comes straight from the kernel's autograd node and that node's inputs are q, k, v, a post-hook on the node
-(`torch.autograd.graph.Node.register_hook`) swaps in the reference's gradients under create_graph (about
-5 us per training call on CPU); anywhere else, and under saved-tensor hooks (activation checkpointing,
-offloading), the output goes through `TwiceDifferentiable`, a Python `autograd.Function` (about 17 us) that
-saves q, k, v through those hooks.
+goes through `gate` (or `Gate`, one per dispatch-cache entry), which keeps the kernel's own graph for the
+first-order backward: where the output comes straight from the kernel's autograd node, and that node takes and
+saves q, k, v as they are, a post-hook on the node (`torch.autograd.graph.Node.register_hook`) swaps in the
+reference's gradients under create_graph, computed from the node's own saved q, k, v (read through
+`torch._C._current_autograd_node()`: the hook holds no activation). Any Python hook on a node costs about
+5-8 us per training call on CPU (registering it, and the engine calling back into Python in the backward,
+whatever the hook does), the bulk of what attend adds to a small call's forward + backward. Anywhere else, and
+under saved-tensor hooks (activation checkpointing, offloading), the output goes through `TwiceDifferentiable`,
+a Python `autograd.Function` (about 17 us) that saves q, k, v through those hooks.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ._helpers import accum_dtype
 from .backends.einsum import einsum_attention
 from .inputs import AttnInputs
 
-__all__ = ["recompute_grads", "TwiceDifferentiable", "records_graph", "gate"]
+__all__ = ["recompute_grads", "TwiceDifferentiable", "records_graph", "gate", "Gate"]
 
 
 def records_graph() -> bool:
@@ -132,16 +135,19 @@ def _node_takes(node: torch.autograd.graph.Node, inputs: tuple[Tensor, Tensor, T
     return True
 
 
-# Does the running backward keep its graph (retain_graph)? A private engine query (torch 2.13 has it); without
-# it `gate` cannot tell when to let go of q, k, v and wraps every output instead
+# Does the running backward keep its graph (retain_graph)? A private engine query (torch 2.13 has it): a per-call
+# hook lets go of its inputs' mask when the backward frees the graph (without it, when the node dies)
 _keep_graph: Callable[[], bool] | None = getattr(
     getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None
 )
-
-
-# Are saved-tensor hooks active (activation checkpointing, CPU offloading)? Then q, k, v must be saved through
-# them (`save_for_backward`), not held by a hook
+# The node the autograd engine is running (private; torch 2.13 has it): the hook reads q, k, v from the kernel
+# node's own saved tensors, so it holds no activation and they live exactly as long as the kernel keeps them
+_current_node: Callable[[], object] | None = getattr(torch._C, "_current_autograd_node", None)
+# Are saved-tensor hooks active (activation checkpointing, CPU offloading)? Then the node's saved tensors may be
+# unpacked only once (checkpoint's rule): q, k, v are saved through the hooks by the wrapper instead
 _saved_tensors_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+# the hook needs both private queries; without either, every output is wrapped
+_HOOKS = _current_node is not None and _saved_tensors_hooks is not None
 _NOTHING = torch.empty(0, device="meta")
 
 
@@ -150,49 +156,105 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
     kernel's own backward for training, `recompute_grads` under create_graph. Only `inp`'s non-tensor fields
     (and its mask) are read; q, k, v, bias are this call's.
 
-    Where `out` is the kernel node's first output and the node's inputs are exactly q, k, v (no bias), the
-    node gets a post-hook that replaces its gradients under create_graph; otherwise `out` goes through
-    `TwiceDifferentiable`. The hook holds q, k, v as the node's saved tensors do: until a backward that does
-    not keep the graph has run through it (the node itself lives on, with the caller's loss). Under
-    saved-tensor hooks (activation checkpointing, offloading) the wrapper saves them through those hooks."""
+    Where `out` is the first output of the kernel's node, and that node takes and saves exactly q, k, v (no
+    bias), the node gets a post-hook that replaces its gradients under create_graph, computed from the node's
+    own saved q, k, v (the hook holds none). Otherwise, and while saved-tensor hooks are active (activation
+    checkpointing, offloading), `out` goes through `TwiceDifferentiable`, which saves q, k, v through them."""
     node = out.grad_fn
-    if (
-        bias is None
-        and node is not None
-        and out.output_nr == 0
-        and _keep_graph is not None
-        and _saved_tensors_hooks is not None
-        and _saved_tensors_hooks(False) is None
-        and _node_takes(node, (q, k, v))
-    ):
-        node.register_hook(_SecondOrder(inp, q, k, v))
+    if node is None:
         return out
-    if inp.q.device.type != "meta":  # the wrapper's ctx keeps `inp` as long as the node lives: no activations
-        inp = replace(inp, q=_NOTHING, k=_NOTHING, v=_NOTHING, bias=None)
-    return TwiceDifferentiable.apply(out, inp, q, k, v, bias)
+    if bias is None and _hooks_usable() and _hooked(out, node, q, k, v):
+        # the hook lets go of `inp` when the backward frees the graph; where it cannot tell, it keeps no activation
+        node.register_hook(_SecondOrder(inp if _keep_graph is not None else _template(inp), release=True))
+        return out
+    return TwiceDifferentiable.apply(out, _template(inp), q, k, v, bias)
+
+
+class Gate:
+    """`gate` for the calls of one signature (shapes, dtypes, devices, grad state, options: what a dispatch
+    cache entry is keyed on), bias-free: `Gate(inp)(out, q, k, v)`. Whether the kernel's node takes and saves
+    q, k, v as they are follows from the signature (a kernel that pads, expands or scales an input does so for
+    every call of it), so it is checked at the first call and remembered, and every call's node gets the same
+    hook: about 1 us less per call than `gate`. Holds no tensor (q, k, v of `inp` become meta placeholders)."""
+
+    __slots__ = ("hook", "direct")
+
+    def __init__(self, inp: AttnInputs):
+        self.hook = _SecondOrder(_template(inp), release=False)
+        self.direct: bool | None = None  # the kernel's node takes and saves q, k, v (None: not seen yet)
+
+    @property
+    def template(self) -> AttnInputs:
+        return cast(AttnInputs, self.hook.inp)
+
+    def __call__(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        node = out.grad_fn
+        if node is None:
+            return out
+        if _hooks_usable():
+            direct = self.direct
+            if direct is None:
+                direct = self.direct = _hooked(out, node, q, k, v)
+            if direct:
+                node.register_hook(self.hook)
+                return out
+        return TwiceDifferentiable.apply(out, self.template, q, k, v, None)
+
+
+def _hooks_usable() -> bool:
+    """The hook's two private queries exist, and no saved-tensor hooks are active."""
+    return _HOOKS and _saved_tensors_hooks(False) is None  # type: ignore[misc]
+
+
+def _hooked(out: Tensor, node, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Can `node` carry the hook: `out` is its first output, its inputs are q, k, v, and it saves them as they
+    are (`_saved_qkv`)? Reads the saved tensors: only while no saved-tensor hooks are active."""
+    if out.output_nr != 0 or not _node_takes(node, (q, k, v)):
+        return False
+    saved = _saved_qkv(node)
+    return saved is not None and saved[0] is q and saved[1] is k and saved[2] is v
+
+
+def _saved_qkv(node) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The q, k, v a kernel's autograd node saved: SDPA's kernels name them (`_saved_query`...); an
+    `autograd.Function` of ours (`_BlockGrads`) saves them first (`ctx.save_for_backward(q, k, v)`)."""
+    try:
+        return node._saved_query, node._saved_key, node._saved_value
+    except AttributeError:
+        saved = getattr(node, "saved_tensors", None)
+        return None if saved is None or len(saved) < 3 else (saved[0], saved[1], saved[2])
+
+
+def _template(inp: AttnInputs) -> AttnInputs:
+    """`inp` without its activations: what the hook and the wrapper's ctx keep as long as the node lives."""
+    if inp.q.device.type == "meta":
+        return inp
+    return replace(inp, q=_NOTHING, k=_NOTHING, v=_NOTHING, bias=None)
 
 
 class _SecondOrder:
     """The post-hook `gate` puts on a kernel's autograd node: nothing for a first-order backward; under
-    create_graph, the reference's dq, dk, dv (differentiable again) in place of the kernel's."""
+    create_graph, the reference's dq, dk, dv (differentiable again) from the node's own saved q, k, v, in place
+    of the kernel's. `release`: let go of `inp` (its mask) when a backward that frees the graph runs through
+    (a per-call hook; `Gate`'s one hook serves every call of its signature)."""
 
-    __slots__ = ("inp", "q", "k", "v")
+    __slots__ = ("inp", "release")
 
-    def __init__(self, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor):
+    def __init__(self, inp: AttnInputs, release: bool):
         self.inp: AttnInputs | None = inp
-        self.q, self.k, self.v = q, k, v
+        self.release = release
 
     def __call__(self, grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
-        # (the kernel's node ran first: had its saved tensors been released, it would have raised already)
-        inp, q, k, v = self.inp, self.q, self.k, self.v
-        assert inp is not None
-        # a backward that does not keep the graph: the node's saved tensors go now, and so do ours (activations,
-        # and inp's mask)
-        if _keep_graph is not None and not _keep_graph():
-            self.inp = self.q = self.k = self.v = None  # type: ignore[assignment]
-        if not records_graph():
+        # (the kernel's node ran first: had its saved tensors been released, it would have raised already; they
+        # are released after its post-hooks)
+        inp = self.inp
+        if self.release and _keep_graph is not None and not _keep_graph():
+            self.inp = None
+        if not torch.is_grad_enabled():  # records_graph(), without a Python call: this runs in every backward
             return None
-        wanted = tuple(g is not None for g in grad_inputs)
+        assert inp is not None and _current_node is not None
+        q, k, v = cast(tuple, _saved_qkv(_current_node()))
         run = replace(inp, q=q, k=k, v=v, bias=None)
-        dq, dk, dv, _ = recompute_grads(run, grad_outputs[0], (wanted[0], wanted[1], wanted[2], False))
+        wanted = (grad_inputs[0] is not None, grad_inputs[1] is not None, grad_inputs[2] is not None, False)
+        dq, dk, dv, _ = recompute_grads(run, grad_outputs[0], wanted)
         return dq, dk, dv

@@ -417,7 +417,7 @@ def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | Non
         raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
 
     if scale is None:
-        scale_f = d**-0.5
+        scale_f = 1.0 / math.sqrt(d)  # d ** -0.5 as SDPA computes it (the power can differ by an ulp: d = 32, 128)
     else:
         if isinstance(scale, Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"expected `scale` to be a Python float, got {_describe(scale)}")

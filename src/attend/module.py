@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._helpers import default, exists
-from .dispatch import NoBackendError, Report, call, explain_inputs
+from .dispatch import NoBackendError, Report, _any_autocast, call, explain_inputs
 from .functional import _DOC_SEMANTICS, autocast_inputs
 from .inputs import Options, validate
 
@@ -134,7 +134,8 @@ class Attend(nn.Module):
         documents: Tensor | tuple[Tensor, Tensor] | None = None,
         window: tuple[int | None, int | None] | None = None,
     ) -> Tensor:
-        q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
+        if _any_autocast():
+            q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
         options = self._options(causal, window)
         if self.flash is True and self.backend is None:
             try:

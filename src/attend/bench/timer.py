@@ -45,13 +45,14 @@ def time_interleaved(
     *,
     min_time: float = 0.3,
     min_runs: int = 3,
-    max_runs: int = 200,
+    max_runs: int = 1000,
     warmup: int = 1,
     on_round: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
     """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
-    samples (or `max_runs` samples). A candidate whose warm-up call alone took 2 * `min_time` or more
+    samples (or `max_runs` samples: a 100 us call reaches it after 0.1 s; with 200, the median of a small call
+    moved by 5-10 % from run to run). A candidate whose warm-up call alone took 2 * `min_time` or more
     needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
     A candidate k times faster than the slowest makes about k / 2 calls per round and goes on sampling
     until every candidate is done, so all medians cover the same stretch of time.
