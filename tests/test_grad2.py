@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from attend import Attend, attention, get_backend, list_backends
+from attend import Attend, attention, dispatch, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import assert_matches_reference, tolerance
 
@@ -347,15 +347,17 @@ def test_the_gate_wraps_what_is_not_the_kernels_own_node():
 
 def test_a_signatures_gate_remembers_whether_the_kernel_takes_q_k_v():
     """`grad2.Gate` (one per dispatch-cache entry) checks the kernel's node at its first gated call and keeps the
-    answer: a signature whose kernel transforms an input (here an expanded k) is wrapped on every later call too,
-    one that takes q, k, v is hooked, and both stay exact to second order. Calls without a graph pass through."""
+    node's type: a signature whose kernel transforms an input (here an expanded k) is wrapped on every later call
+    too, one that takes q, k, v is hooked while its node is of that type (another kernel's node is wrapped), and all
+    stay exact to second order. Calls without a graph pass through."""
     import torch.nn.functional as F
 
     from attend.grad2 import Gate
 
     q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True, dtype=torch.float64) for _ in range(3))
     takes, expands = Gate(validate(q, k, v)), Gate(validate(q, k, v))
-    assert takes.direct is None and takes.template.q.device.type == "meta"  # holds no activation
+    assert takes.kind is None and takes.template.q.device.type == "meta"  # holds no activation
+    flash = "ScaledDotProductFlashAttentionForCpuBackward0"
 
     def hooked(q, k, v):
         return takes(F.scaled_dot_product_attention(q, k, v), q, k, v)
@@ -363,14 +365,22 @@ def test_a_signatures_gate_remembers_whether_the_kernel_takes_q_k_v():
     def expanded(q, k, v):
         return expands(F.scaled_dot_product_attention(q, k.expand(1, 2, 6, 8), v), q, k, v)
 
+    def another_kernel(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return takes(F.scaled_dot_product_attention(q, k, v), q, k, v)
+
     with torch.no_grad():
-        assert hooked(q, k, v).grad_fn is None and takes.direct is None
+        assert hooked(q, k, v).grad_fn is None and takes.kind is None
     for _ in range(2):
-        assert type(hooked(q, k, v).grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
+        assert type(hooked(q, k, v).grad_fn).__name__ == flash
         assert type(expanded(q, k, v).grad_fn).__name__ == "TwiceDifferentiableBackward"
-    assert (takes.direct, expands.direct) == (True, False)
-    for fn in (hooked, expanded):
+    assert type(another_kernel(q, k, v).grad_fn).__name__ == "TwiceDifferentiableBackward"
+    assert (takes.kind.__name__, expands.kind) == (flash, False)
+    for fn in (hooked, expanded, another_kernel):
         assert gradgradcheck(fn, (q, k, v))
+
 
 def test_recorded_backward_through_an_unrecoverable_dropout_mask_says_what_to_do():
     """A fused CUDA kernel's dropout mask cannot be read back: the recorded backward raises, naming the way out."""
@@ -413,3 +423,105 @@ def test_r1_penalty_with_dropout_uses_the_forward_keep_mask():
     baseline = _r1(reference, *leaves(torch.float32), w)
     for what, c, gd, bl in zip(["out", "penalty", "d2q", "d2k", "d2v"], cand, golden, baseline):
         assert_matches_reference(c, gd, bl, name=what)
+
+
+def _second_order(fn, q, k, v):
+    """First- and second-order gradients of a fixed scalar loss of fn(q, k, v) (q, k, v float64 leaves)."""
+    out = fn(q, k, v)
+    first = torch.autograd.grad(out.sin().sum(), (q, k, v), create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v))
+    return [g.detach() for g in first], second
+
+
+def test_a_tensor_subclass_after_plain_tensors_of_one_signature_stays_exact():
+    """A `__torch_function__` subclass's output comes from its own wrapper node (AliasBackward0), not the kernel's:
+    a call of it after plain calls of the same shapes must not get the plain calls' hook (it crashed the create_graph
+    backward), and plain calls after it must still take the hook."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    dispatch.clear_cache()
+
+    def leaves(sub):
+        gen = torch.Generator().manual_seed(3)
+        ts = [torch.randn(1, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        return [t.as_subclass(Tagged) for t in ts] if sub else ts
+
+    want = _second_order(lambda q, k, v: attention(q, k, v, backend="einsum"), *leaves(False))
+    for sub in (False, False, True, False):
+        got = _second_order(attention, *leaves(sub))
+        for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+            torch.testing.assert_close(a.as_subclass(torch.Tensor), b)
+    assert type(attention(*leaves(False)).grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
+
+
+def test_a_last_dim_of_size_one_with_another_stride_takes_the_kernel_that_was_chosen():
+    """(b, h, n, 1) seen through a transpose has stride(-1) != 1 but is_contiguous() True; SDPA's CPU flash refuses
+    it and its auto would run math silently, so it must not reuse the contiguous calls' plan: it is validated (a
+    contiguous copy) and runs the flash kernel, exact to second order."""
+    dispatch.clear_cache()
+    gen = torch.Generator().manual_seed(4)
+    flat = [torch.randn(1, 2, 16, 1, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    want = _second_order(lambda q, k, v: attention(q, k, v, backend="einsum"), *flat)
+    for _ in range(2):
+        _second_order(attention, *flat)
+    # fresh (1, 2, 1, 16) leaves (strides (32, 16, 16, 1)) with the same values
+    base = [torch.zeros(1, 2, 1, 16, dtype=torch.float64).copy_(t.detach().transpose(-1, -2)).requires_grad_() for t in flat]
+    views = [t.transpose(-1, -2) for t in base]
+    assert views[0].is_contiguous() and views[0].stride(-1) != 1
+    out = attention(*views)
+    assert type(out.grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
+    first = torch.autograd.grad(out.sin().sum(), base, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), base)
+    for a, b in zip([*first, *second], [*want[0], *want[1]]):
+        torch.testing.assert_close(a.transpose(-1, -2), b)
+
+
+@pytest.mark.parametrize("wrt", ["k", "v"])
+def test_func_grad_with_respect_to_k_or_v_alone(wrt):
+    """torch.func.grad of attention in k (or v) with q a plain tensor: the transform runs the kernel's own
+    derivative (no gate: an autograd.Function of ours would need setup_context under torch.func)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    for backend in (None, "sdpa:flash"):
+
+        def loss(t, backend=backend):
+            args = (q, t, v) if wrt == "k" else (q, k, t)
+            return attention(*args, backend=backend).sin().sum()
+
+        x = k if wrt == "k" else v
+        want = torch.func.grad(lambda t: loss(t, backend="einsum"))(x)
+        for _ in range(2):  # the first call plans, the second runs the plan
+            torch.testing.assert_close(torch.func.grad(loss)(x), want)
+
+
+class _DropGrad(torch.autograd.Function):
+    """x, passed on; its backward gives x no gradient at all (None)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("kw", [{}, {"mask": "padding", "causal": True}], ids=["plain", "padding + causal (blocks)"])
+def test_create_graph_when_no_gradient_reaches_the_output(kw):
+    """Under create_graph, the output's gradient may be None (a custom Function that gives none): the hook leaves the
+    kernel's zero gradients, as the reference gives (it crashed with an AttributeError)."""
+    n = 1100 if kw else 16
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if kw:
+        mask = torch.ones(1, n, dtype=torch.bool)
+        mask[:, -100:] = False
+        kw = {**kw, "mask": mask}
+    for backend in ("einsum", "sdpa:flash", "sdpa:flash"):
+        out = attention(q, k, v, backend=backend, **kw)
+        grads = torch.autograd.grad(_DropGrad.apply(out).sum() + q.square().sum(), (q, k, v), create_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        torch.testing.assert_close(grads[0], 2 * q)
+        assert all(g is None or not g.any() for g in grads[1:])

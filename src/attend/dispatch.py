@@ -683,26 +683,23 @@ _STRIDED = torch.strided
 
 
 def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
-    """Everything validation and eligibility read from a call, or None when the call takes the slow path
+    """Everything validation and eligibility read from a call (with the tensor types: a subclass may dispatch
+    elsewhere), or None when the call takes the slow path
     (torch.compile tracing; a non-tensor, sparse or nested input; a last dim that is not contiguous, which
     validation copies; autocast, which casts). An unhashable option (a list for `scale`) makes the key
     unhashable: `call` then takes the slow path, where validate() rejects it by name."""
     if torch.compiler.is_compiling() or _any_autocast():
         return None
     try:
-        # strided q, k, v (sparse, nested, mkldnn: the slow path) whose last dim is contiguous (is_contiguous()
-        # reads a flag: cheaper than stride(-1), which only a transposed layout needs)
+        # strided q, k, v (sparse, nested, mkldnn: the slow path) whose last dim is contiguous (not
+        # is_contiguous(), which ignores the stride of a dim of size 1: SDPA's kernels do not)
         if q.layout is not _STRIDED or k.layout is not _STRIDED or v.layout is not _STRIDED:
             return None
-        if not (
-            (q.is_contiguous() or q.stride(-1) == 1)
-            and (k.is_contiguous() or k.stride(-1) == 1)
-            and (v.is_contiguous() or v.stride(-1) == 1)
-        ):
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
         return (
             q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            q.requires_grad, k.requires_grad, v.requires_grad,
+            q.requires_grad, k.requires_grad, v.requires_grad, type(q), type(k), type(v),
             None if mask is None else (mask.shape, mask.dtype, mask.device, mask.layout),
             None if bias is None else (bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
             options, torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(), MEMORY_BUDGET_BYTES,

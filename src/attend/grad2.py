@@ -171,17 +171,21 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
 
 
 class Gate:
-    """`gate` for the calls of one signature (shapes, dtypes, devices, grad state, options: what a dispatch
-    cache entry is keyed on), bias-free: `Gate(inp)(out, q, k, v)`. Whether the kernel's node takes and saves
-    q, k, v as they are follows from the signature (a kernel that pads, expands or scales an input does so for
-    every call of it), so it is checked at the first call and remembered, and every call's node gets the same
-    hook: about 1 us less per call than `gate`. Holds no tensor (q, k, v of `inp` become meta placeholders)."""
+    """`gate` for the calls of one signature (shapes, dtypes, devices, tensor types, grad state, options: what a
+    dispatch cache entry is keyed on), bias-free: `Gate(inp)(out, q, k, v)`. Whether the kernel's node takes and
+    saves q, k, v as they are follows from the signature (a kernel that pads, expands or scales an input does so
+    for every call of it), so it is checked at the first call, and later calls check only that their node is of
+    the same type (another kernel, or a subclass's wrapper node, makes another type: the wrapper then runs).
+    Every call's node gets the same hook: about 1 us less per call than `gate`. Holds no tensor (q, k, v of `inp`
+    become meta placeholders)."""
 
-    __slots__ = ("hook", "direct")
+    __slots__ = ("hook", "kind")
 
     def __init__(self, inp: AttnInputs):
         self.hook = _SecondOrder(_template(inp), release=False)
-        self.direct: bool | None = None  # the kernel's node takes and saves q, k, v (None: not seen yet)
+        # the type of the node the hook goes on: None before the first call with hooks usable, False when that
+        # call's node could not carry it
+        self.kind: type | bool | None = None
 
     @property
     def template(self) -> AttnInputs:
@@ -192,10 +196,10 @@ class Gate:
         if node is None:
             return out
         if _hooks_usable():
-            direct = self.direct
-            if direct is None:
-                direct = self.direct = _hooked(out, node, q, k, v)
-            if direct:
+            kind = self.kind
+            if kind is None:
+                kind = self.kind = type(node) if _hooked(out, node, q, k, v) else False
+            if type(node) is kind:
                 node.register_hook(self.hook)
                 return out
         return TwiceDifferentiable.apply(out, self.template, q, k, v, None)
@@ -250,7 +254,9 @@ class _SecondOrder:
         inp = self.inp
         if self.release and _keep_graph is not None and not _keep_graph():
             self.inp = None
-        if not torch.is_grad_enabled():  # records_graph(), without a Python call: this runs in every backward
+        # (records_graph(), without a Python call: this runs in every backward.) No gradient reached the output
+        # (None: a zero gradient): the kernel's gradients are zero and take no part in a second backward
+        if not torch.is_grad_enabled() or grad_outputs[0] is None:
             return None
         assert inp is not None and _current_node is not None
         q, k, v = cast(tuple, _saved_qkv(_current_node()))

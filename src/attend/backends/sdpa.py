@@ -244,10 +244,13 @@ class _Only:
             _SWITCH_LOCK.release()
 
 
-def _plain_eager(t: Tensor) -> bool:
-    """Not tracing (torch.compile, whose AOTAutograd has no double backward anyway) and not under a
-    torch.func transform (which runs the kernel's own derivative rules)."""
-    return not torch.compiler.is_compiling() and not _functorch_wrapped(t)
+def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Not tracing (torch.compile, whose AOTAutograd has no double backward anyway), and none of q, k, v is a
+    torch.func transform's wrapper (the transform runs the kernel's own derivative rules; an autograd.Function
+    of ours would need `setup_context` there)."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the functorch query
+        return False
+    return not (_functorch_wrapped(q) or _functorch_wrapped(k) or _functorch_wrapped(v))
 
 
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
@@ -337,7 +340,7 @@ class SdpaBackend(Backend):
         if caps is None:  # never eligible there; a direct call still gets the kernel's own error
             caps = Caps()
         out = self._kernel(inp, caps)
-        if not caps.grad2 and inp.needs_grad and _plain_eager(inp.q):
+        if not caps.grad2 and inp.needs_grad and _plain_eager(inp.q, inp.k, inp.v):
             # a first-order kernel: its own backward for training, the reference's for create_graph
             return gate(out, inp, inp.q, inp.k, inp.v, inp.bias)
         return out
@@ -373,8 +376,8 @@ class SdpaBackend(Backend):
             else:
                 with _Only(variant):
                     out = _sdpa(q, k, v, **kwargs)
-            if gate_out is not None and not _functorch_wrapped(q):  # (`call` keys no compiled call: eager here)
-                return gate_out(out, q, k, v)
+            if gate_out is not None and not (_functorch_wrapped(q) or _functorch_wrapped(k) or _functorch_wrapped(v)):
+                return gate_out(out, q, k, v)  # (`call` keys no compiled call: eager here)
             return out
 
         return fast
@@ -434,7 +437,7 @@ class SdpaBackend(Backend):
         """The query blocks' outputs, concatenated. Training a first-order kernel (behind attend.grad2's gate for
         create_graph): one graph per block, its gradients added into dq, dk, dv in place (autograd's own slicing
         would add a zero-filled full-size dk, dv per block: quadratic in the number of blocks)."""
-        if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q):
+        if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q, k, v):
             return _BlockGrads.apply(block, blocks, q, k, v)
         outs = []
         for rows, cols, masked in blocks:
