@@ -49,13 +49,16 @@ def time_interleaved(
     warmup: int = 1,
     on_round: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
-    """Time every callable: `warmup` calls each, then rounds of one call each (the order rotating from
+    """Time every callable: `warmup` calls each, then rounds of calls of each (the order shuffled from
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
     samples (or `max_runs` samples: a 100 us call reaches it after 0.1 s; with 200, the median of a small call
     moved by 5-10 % from run to run). A candidate whose warm-up call alone took 2 * `min_time` or more
     needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
-    A candidate k times faster than the slowest makes about k / 2 calls per round and goes on sampling
-    until every candidate is done, so all medians cover the same stretch of time.
+    A candidate k times faster than the slowest makes about k / 2 calls per round (a burst) and goes on
+    sampling until every candidate is done, so all medians cover the same stretch of time. A burst of two or
+    more calls starts with one untimed call: quick candidates are timed with their own code and data in the
+    caches, whatever their burst length (the slow ones, one call a round, pay the cold start, a few us of
+    milliseconds).
 
     A candidate that raises is dropped with its error; the others go on.
     """
@@ -88,18 +91,27 @@ def time_interleaved(
                     need[name] = min(min_runs, 2)
 
     # a quick candidate's first call may have paid one-time costs (attend validating and choosing for a new
-    # signature, a lazy import): one more call gives the time its calls per round are sized on
+    # signature, a lazy import): the quickest of three more calls gives the time its calls per round are sized
+    # on until the first rounds have run (see `sized`).
     for name in fns:
         if name not in errors and first.get(name, min_time) < min_time:
-            t = call(name)
-            if t is not None:
-                first[name] = t
+            again = [t for t in (call(name) for _ in range(3)) if t is not None]
+            if again:
+                first[name] = min(again)
 
     # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
     # candidate gathers its samples over the same stretch of time (a burst of load from elsewhere then hits
     # all of them alike, not whichever happened to be sampling then)
-    slowest = max(first.values(), default=0.0)
-    reps = {n: max(1, min(20, int(slowest / max(first.get(n, slowest), 1e-9) / 2))) for n in fns}
+    def sized(times: dict[str, float]) -> dict[str, int]:
+        slowest = max(times.values(), default=0.0)
+        return {n: max(1, min(20, int(slowest / max(times.get(n, slowest), 1e-9) / 2))) for n in fns}
+
+    # The first call of a burst runs with another candidate's data in the caches: when its time was kept, two
+    # candidates running the same code, one sized on a noisy first call to 2 calls a round and the other to 3,
+    # had medians 9 us apart at (1, 8, 16, 64) fwd+bwd (100 us). So a burst of 2 or more calls starts with one
+    # untimed call, and after a few rounds the bursts are sized again on the medians.
+    reps = sized(first)
+    resize_after = 3
 
     def done(name: str) -> bool:
         s = samples[name]
@@ -114,13 +126,18 @@ def time_interleaved(
             # fast candidates (reps > 1) go on sampling until every candidate is done
             if name in errors or len(samples[name]) >= max_runs or (done(name) and reps[name] == 1):
                 continue
-            for _ in range(reps[name]):
+            burst = reps[name]
+            for n in range(burst + (burst > 1)):
                 t = call(name)
                 if t is None:
                     break
-                samples[name].append(t)
+                if n or burst == 1:  # a burst's first call only warms up (with another candidate's data in the
+                    samples[name].append(t)  # caches), so candidates of any burst length are timed alike
         if on_round is not None:
             on_round()
+        resize_after -= 1
+        if resize_after == 0:
+            reps = sized({n: statistics.median(s) for n, s in samples.items() if s and n not in errors})
     return {
         name: Timing(
             median=statistics.median(s) if s and name not in errors else None,
