@@ -57,9 +57,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # CPU (2 vCPU AMD EPYC, AVX-512, torch 2.13.0+cpu, 2026-11-27, quiet machine), (1, 8, 4096, 64) float32
     # forward: sdpa:flash 219.5 ms; sdpa:math 3.40x that, the seed's einsum 4.20x; causal + key padding:
     # sdpa:flash (query blocks) 183.9 ms, SDPA with a dense mask 1.57x (benchmarks/results/cpu.json). Rerun
-    # 2026-12-02 15:22 UTC on a 2-vCPU Intel Xeon (same torch, load 0.49): sdpa:flash still the fastest eligible
-    # on Q1-Q2 and level on Q3 (direct SDPA 1.00x, 0.95x, 1.70x of attend's time; chunked 1.39x, 1.59x, 0.96x,
-    # within this VM's run-to-run noise; 0.97x at 10:07; benchmarks/results/cpu-quick.json).
+    # 2026-12-02 16:33 UTC on a 2-vCPU Intel Xeon (same torch, load 0.63): sdpa:flash still the fastest eligible
+    # on Q1-Q2 and level on Q3 (direct SDPA 1.01x, 0.98x, 1.67x of attend's time; chunked 1.51x, 1.60x, 1.02x,
+    # within this VM's run-to-run noise; 0.96x at 15:22; benchmarks/results/cpu-quick.json).
     # sdpa:math beats einsum where flash can't run (dropout, e != d, bias grad; ad hoc at
     # (1, 8, 1024-2048, 64) and (4, 8, 512, 64): 1.1-1.9x).
     # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
