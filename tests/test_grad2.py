@@ -525,3 +525,28 @@ def test_create_graph_when_no_gradient_reaches_the_output(kw):
                                     allow_unused=True)  # fmt: skip
         torch.testing.assert_close(grads[0], 2 * q)
         assert all(g is None or not g.any() for g in grads[1:])
+
+
+def test_the_second_order_hook_is_armed_only_by_a_recording_backward():
+    """The kernel's node carries a pre-hook (one gradient handed to Python per first-order backward); a backward
+    that records (create_graph) arms the post-hook that swaps in the reference's gradients, once per node, and every
+    recording backward through the node then gets exact, differentiable gradients."""
+    from attend.grad2 import _ARMED
+
+    dispatch.clear_cache()
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = _second_order(lambda q, k, v: attention(q, k, v, backend="einsum"), q, k, v)
+    for _ in range(2):
+        out = attention(q, k, v)
+        node = out.grad_fn
+        assert type(node).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
+        loss = out.sin().sum()
+        loss.backward(retain_graph=True)  # first order: the pre-hook only
+        assert _ARMED not in node.metadata
+        for _ in range(2):  # two recording backwards through one node: armed once, exact both times
+            first = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+            assert node.metadata[_ARMED] is True
+            second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v), retain_graph=True)
+            for a, b in zip([*first, *second], [*want[0], *want[1]]):
+                torch.testing.assert_close(a, b)

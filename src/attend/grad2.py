@@ -25,11 +25,13 @@ Backends use it in two ways. One with its own `autograd.Function` (`chunked`) ca
 from its backward. One whose kernel belongs to PyTorch (`sdpa:flash`, `sdpa:efficient`, `sdpa:cudnn`)
 goes through `gate` (or `Gate`, one per dispatch-cache entry), which keeps the kernel's own graph for the
 first-order backward: where the output comes straight from the kernel's autograd node, and that node takes and
-saves q, k, v as they are, a post-hook on the node (`torch.autograd.graph.Node.register_hook`) swaps in the
-reference's gradients under create_graph, computed from the node's own saved q, k, v (read through
-`torch._C._current_autograd_node()`: the hook holds no activation). Any Python hook on a node costs about
-5-8 us per training call on CPU (registering it, and the engine calling back into Python in the backward,
-whatever the hook does), the bulk of what attend adds to a small call's forward + backward. Anywhere else, and
+saves q, k, v as they are, a pre-hook on the node (`torch.autograd.graph.Node.register_prehook`) does nothing in
+a first-order backward; under create_graph it puts a post-hook on the node that swaps in the reference's
+gradients, computed from the node's own saved q, k, v (read through `torch._C._current_autograd_node()`: the
+hooks hold no activation). Any Python hook on a node costs about 4-6 us per training call on CPU (registering
+it, and the engine calling back into Python in the backward, whatever the hook does; a pre-hook is handed one
+gradient, a post-hook four: about 1.5 us more), the bulk of what attend adds to a small call's forward +
+backward. Anywhere else, and
 under saved-tensor hooks (activation checkpointing, offloading), the output goes through `TwiceDifferentiable`,
 a Python `autograd.Function` (about 17 us) that saves q, k, v through those hooks.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -142,12 +144,18 @@ _keep_graph: Callable[[], bool] | None = getattr(
 )
 # The node the autograd engine is running (private; torch 2.13 has it): the hook reads q, k, v from the kernel
 # node's own saved tensors, so it holds no activation and they live exactly as long as the kernel keeps them
-_current_node: Callable[[], object] | None = getattr(torch._C, "_current_autograd_node", None)
+_current_node: Callable[[], Any] | None = getattr(torch._C, "_current_autograd_node", None)
 # Are saved-tensor hooks active (activation checkpointing, CPU offloading)? Then the node's saved tensors may be
 # unpacked only once (checkpoint's rule): q, k, v are saved through the hooks by the wrapper instead
 _saved_tensors_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
-# the hook needs both private queries; without either, every output is wrapped
-_HOOKS = _current_node is not None and _saved_tensors_hooks is not None
+# the hook needs both private queries, and a node's pre-hooks and metadata; without any, every output is wrapped
+_HOOKS = (
+    _current_node is not None
+    and _saved_tensors_hooks is not None
+    and hasattr(torch.autograd.graph.Node, "register_prehook")
+    and hasattr(torch.autograd.graph.Node, "metadata")
+)
+_ARMED = "attend.grad2"  # the key in a node's metadata once `_Arm` has put the post-hook on it
 _NOTHING = torch.empty(0, device="meta")
 
 
@@ -165,7 +173,7 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
         return out
     if bias is None and _hooks_usable() and _hooked(out, node, q, k, v):
         # the hook lets go of `inp` when the backward frees the graph; where it cannot tell, it keeps no activation
-        node.register_hook(_SecondOrder(inp if _keep_graph is not None else _template(inp), release=True))
+        node.register_prehook(_Arm(inp if _keep_graph is not None else _template(inp), release=True))
         return out
     return TwiceDifferentiable.apply(out, _template(inp), q, k, v, bias)
 
@@ -182,7 +190,7 @@ class Gate:
     __slots__ = ("hook", "kind")
 
     def __init__(self, inp: AttnInputs):
-        self.hook = _SecondOrder(_template(inp), release=False)
+        self.hook = _Arm(_template(inp), release=False)
         # the type of the node the hook goes on: None before the first call with hooks usable, False when that
         # call's node could not carry it
         self.kind: type | bool | None = None
@@ -200,7 +208,7 @@ class Gate:
             if kind is None:
                 kind = self.kind = type(node) if _hooked(out, node, q, k, v) else False
             if type(node) is kind:
-                node.register_hook(self.hook)
+                node.register_prehook(self.hook)
                 return out
         return TwiceDifferentiable.apply(out, self.template, q, k, v, None)
 
@@ -236,11 +244,37 @@ def _template(inp: AttnInputs) -> AttnInputs:
     return replace(inp, q=_NOTHING, k=_NOTHING, v=_NOTHING, bias=None)
 
 
+class _Arm:
+    """The pre-hook `gate` and `Gate` put on a kernel's autograd node. A first-order backward pays only this call
+    (PyTorch hands a pre-hook the one output gradient, a post-hook all four gradients: about 1.5 us less per call
+    on CPU). Under create_graph it puts `_SecondOrder` on the node as a post-hook, once per node (the engine looks
+    for post-hooks after running the pre-hooks). `release`: let go of `inp` (its mask, and for `gate` q, k, v)
+    when a backward that frees the graph runs through (a per-call hook; `Gate`'s one hook serves every call of
+    its signature)."""
+
+    __slots__ = ("inp", "release")
+
+    def __init__(self, inp: AttnInputs, release: bool):
+        self.inp: AttnInputs | None = inp
+        self.release = release
+
+    def __call__(self, grad_outputs: tuple) -> None:
+        inp = self.inp
+        if self.release and _keep_graph is not None and not _keep_graph():
+            self.inp = None
+        if torch.is_grad_enabled() and inp is not None:  # records_graph(), without a Python call
+            node = _current_node()  # type: ignore[misc]  # (not None wherever the hook is used: _HOOKS)
+            marks = node.metadata
+            if _ARMED not in marks:
+                marks[_ARMED] = True
+                node.register_hook(_SecondOrder(inp, self.release))
+        return None
+
+
 class _SecondOrder:
-    """The post-hook `gate` puts on a kernel's autograd node: nothing for a first-order backward; under
-    create_graph, the reference's dq, dk, dv (differentiable again) from the node's own saved q, k, v, in place
-    of the kernel's. `release`: let go of `inp` (its mask) when a backward that frees the graph runs through
-    (a per-call hook; `Gate`'s one hook serves every call of its signature)."""
+    """The post-hook `_Arm` puts on a kernel's autograd node under create_graph: the reference's dq, dk, dv
+    (differentiable again) from the node's own saved q, k, v, in place of the kernel's; nothing in a later
+    backward that does not record. `release`: as `_Arm`'s."""
 
     __slots__ = ("inp", "release")
 
