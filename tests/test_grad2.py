@@ -550,3 +550,64 @@ def test_the_second_order_hook_is_armed_only_by_a_recording_backward():
             second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v), retain_graph=True)
             for a, b in zip([*first, *second], [*want[0], *want[1]]):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kw", [{}, {"window": (3, 2)}], ids=["hooked kernel", "query blocks"])
+def test_a_callers_own_post_hook_applies_under_create_graph_too(kw):
+    """A post-hook the caller puts on the output's node after the forward sees, and may change, the gradients in
+    both kinds of backward: attend's reference gradients are registered ahead of it when a recording backward
+    arms them (before, they came after it and threw its change away under create_graph)."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for _ in range(2):
+        out = attention(q, k, v, **kw)
+        out.grad_fn.register_hook(lambda grads, _: tuple(None if g is None else 2 * g for g in grads))
+        (first,) = torch.autograd.grad(out.sum(), q, retain_graph=True)
+        (recorded,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        torch.testing.assert_close(recorded, first)
+        assert recorded.requires_grad
+
+
+def test_threads_recording_backwards_through_one_graph_all_get_the_reference(monkeypatch):
+    """Two threads run create_graph backwards through one graph at once (PyTorch allows it on CPU with
+    retain_graph). Arming the post-hook is atomic: neither thread runs the node without it (the second order then
+    raised PyTorch's 'not implemented'), nor with one registered after its own pre-hooks (an IndexError). The hook's
+    constructor is slowed here to hold that window open."""
+    import threading
+    import time
+
+    from attend import grad2
+
+    class Slow(grad2._SecondOrder):
+        __slots__ = ()
+
+        def __init__(self, *args):
+            time.sleep(0.1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(grad2, "_SecondOrder", Slow)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = _second_order(lambda q, k, v: attention(q, k, v, backend="einsum"), q, k, v)
+    loss = attention(q, k, v).sin().sum()
+    results: dict[str, object] = {}
+
+    def run(name: str, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            first = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+            second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v), retain_graph=True)
+            results[name] = [*first, *second]
+        except Exception as err:  # reported below, with the thread's name
+            results[name] = err
+
+    threads = [threading.Thread(target=run, args=(name, delay)) for name, delay in (("a", 0.0), ("b", 0.03))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, got in results.items():
+        assert isinstance(got, list), f"thread {name}: {got!r}"
+        for a, b in zip(got, [*want[0], *want[1]]):
+            torch.testing.assert_close(a, b)
+    assert len(results) == 2

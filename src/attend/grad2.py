@@ -38,6 +38,7 @@ a Python `autograd.Function` (about 17 us) that saves q, k, v through those hook
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
@@ -264,11 +265,30 @@ class _Arm:
             self.inp = None
         if torch.is_grad_enabled() and inp is not None:  # records_graph(), without a Python call
             node = _current_node()  # type: ignore[misc]  # (not None wherever the hook is used: _HOOKS)
-            marks = node.metadata
-            if _ARMED not in marks:
-                marks[_ARMED] = True
-                node.register_hook(_SecondOrder(inp, self.release))
+            # under a lock, marked once registered: threads may run recording backwards through one graph, and one
+            # that found no mark, or the mark before the hook, would run the node without it
+            with _ARM_LOCK:
+                marks = node.metadata
+                if _ARMED not in marks:
+                    _first_post_hook(node, _SecondOrder(inp, self.release))
+                    marks[_ARMED] = True
         return None
+
+
+_ARM_LOCK = threading.Lock()
+
+
+def _first_post_hook(node, hook: _SecondOrder) -> None:
+    """Register `hook` on `node` ahead of the Python post-hooks already there: a caller's own post-hook, added after
+    the forward, must see (and may change) the reference's gradients under create_graph, as it sees the kernel's in
+    a first-order backward. (PyTorch keeps a node's Python post-hooks in one dict, called in its order.)"""
+    handle = node.register_hook(hook)
+    hooks = getattr(handle, "hooks_dict_ref", lambda: None)()
+    if hooks is not None and len(hooks) > 1:
+        others = [(key, value) for key, value in hooks.items() if key != handle.id]
+        hooks.clear()
+        hooks[handle.id] = hook
+        hooks.update(others)
 
 
 class _SecondOrder:
