@@ -28,7 +28,8 @@ first-order backward: where the output comes straight from the kernel's autograd
 saves q, k, v as they are, a pre-hook on the node (`torch.autograd.graph.Node.register_prehook`) does nothing in
 a first-order backward; under create_graph it puts a post-hook on the node that swaps in the reference's
 gradients, computed from the node's own saved q, k, v (read through `torch._C._current_autograd_node()`: the
-hooks hold no activation). Any Python hook on a node costs about 4-6 us per training call on CPU (registering
+hooks hold no activation), ahead of any post-hook of the caller's, and marks the node (`node.metadata` then holds
+`"attend.grad2": True`). Any Python hook on a node costs about 4-6 us per training call on CPU (registering
 it, and the engine calling back into Python in the backward, whatever the hook does; a pre-hook is handed one
 gradient, a post-hook four: about 1.5 us more), the bulk of what attend adds to a small call's forward +
 backward. Anywhere else, and
