@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._helpers import fmt_shape
+from ._helpers import fmt_shape, functorch_wrapped
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs, Options, validate
@@ -512,8 +512,7 @@ def _all_finite(inp: AttnInputs, out: Tensor, mode: str = "exact") -> bool:
 def _no_data_branch(t: Tensor) -> bool:
     """True for tensors whose values Python cannot read: functorch-wrapped (`torch.func.vmap`) or fake
     (`FakeTensorMode`, shape propagation). Checked by capability: both helpers exist on torch >= 2.0."""
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is not None and functorch.is_functorch_wrapped_tensor(t):
+    if functorch_wrapped(t):
         return True
     from torch._subclasses.fake_tensor import FakeTensor
 

@@ -167,9 +167,10 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
     (and its mask) are read; q, k, v, bias are this call's.
 
     Where `out` is the first output of the kernel's node, and that node takes and saves exactly q, k, v (no
-    bias), the node gets a post-hook that replaces its gradients under create_graph, computed from the node's
-    own saved q, k, v (the hook holds none). Otherwise, and while saved-tensor hooks are active (activation
-    checkpointing, offloading), `out` goes through `TwiceDifferentiable`, which saves q, k, v through them."""
+    bias), the node gets a pre-hook (`_Arm`) that, under create_graph, adds the post-hook replacing its gradients
+    by the reference's, computed from the node's own saved q, k, v. Otherwise, and while saved-tensor hooks are
+    active (activation checkpointing, offloading), `out` goes through `TwiceDifferentiable`, which saves q, k, v
+    through them."""
     node = out.grad_fn
     if node is None:
         return out
@@ -216,7 +217,7 @@ class Gate:
 
 
 def _hooks_usable() -> bool:
-    """The hook's two private queries exist, and no saved-tensor hooks are active."""
+    """This torch has what the hooks need (`_HOOKS`), and no saved-tensor hooks are active."""
     return _HOOKS and _saved_tensors_hooks(False) is None  # type: ignore[misc]
 
 
@@ -261,9 +262,7 @@ class _Arm:
         self.release = release
 
     def __call__(self, grad_outputs: tuple) -> None:
-        inp = self.inp
-        if self.release and _keep_graph is not None and not _keep_graph():
-            self.inp = None
+        inp = _take(self)
         if torch.is_grad_enabled() and inp is not None:  # records_graph(), without a Python call
             node = _current_node()  # type: ignore[misc]  # (not None wherever the hook is used: _HOOKS)
             # under a lock, marked once registered: threads may run recording backwards through one graph, and one
@@ -277,6 +276,15 @@ class _Arm:
 
 
 _ARM_LOCK = threading.Lock()
+
+
+def _take(hook: _Arm | _SecondOrder) -> AttnInputs | None:
+    """The hook's `inp`, which it lets go of (`release`) when the running backward frees the graph: nothing may run
+    through the node again."""
+    inp = hook.inp
+    if hook.release and _keep_graph is not None and not _keep_graph():
+        hook.inp = None
+    return inp
 
 
 def _first_post_hook(node, hook: _SecondOrder) -> None:
@@ -306,9 +314,7 @@ class _SecondOrder:
     def __call__(self, grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
         # (the kernel's node ran first: had its saved tensors been released, it would have raised already; they
         # are released after its post-hooks)
-        inp = self.inp
-        if self.release and _keep_graph is not None and not _keep_graph():
-            self.inp = None
+        inp = _take(self)
         # (records_graph(), without a Python call: this runs in every backward.) No gradient reached the output
         # (None: a zero gradient): the kernel's gradients are zero and take no part in a second backward
         if not torch.is_grad_enabled() or grad_outputs[0] is None:

@@ -408,6 +408,13 @@ def _check_window(window: Any, causal: bool) -> tuple[int | None, int | None] | 
     return left, right
 
 
+def default_scale(d: int) -> float:
+    """The logit scale when none is given: d ** -0.5, computed as SDPA computes its own (1 / sqrt(d) in double;
+    the power can differ by an ulp, at d = 32, 48, 128), so an unmasked call equals a direct SDPA call bit for
+    bit."""
+    return 1.0 / math.sqrt(d)
+
+
 def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | None, int | None] | None]:
     """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), window a pair, score "dot" or
     "l2", deterministic a bool, check_finite a bool or None. Returns (scale, dropout_p, window) resolved."""
@@ -417,7 +424,7 @@ def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | Non
         raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
 
     if scale is None:
-        scale_f = 1.0 / math.sqrt(d)  # d ** -0.5 as SDPA computes it (the power can differ by an ulp: d = 32, 128)
+        scale_f = default_scale(d)
     else:
         if isinstance(scale, Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"expected `scale` to be a Python float, got {_describe(scale)}")

@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .._helpers import accum_dtype
+from .._helpers import accum_dtype, functorch_wrapped
 from ..grad2 import recompute_grads, records_graph
 from ..inputs import AttnInputs
 from ..masks import Structure
@@ -160,16 +160,10 @@ def _draw_seed() -> int | Tensor:
     return int(drawn) if _values_readable(drawn) else drawn.to(torch.int32)
 
 
-def _wrapped(t: Tensor) -> bool:
-    """Is t a torch.func wrapper (vmap's batched tensor, grad's tracking tensor)?"""
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is not None and functorch.is_functorch_wrapped_tensor(t)
-
-
 def _values_readable(t: Tensor) -> bool:
     """Can Python read t's values here (a host branch)? Not while torch.compile traces, nor through a
     torch.func wrapper (vmap's batched tensors), nor for fake and meta tensors."""
-    if torch.compiler.is_compiling() or t.device.type == "meta" or _wrapped(t):
+    if torch.compiler.is_compiling() or t.device.type == "meta" or functorch_wrapped(t):
         return False
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -561,7 +555,7 @@ def _backward_into(
     out) of the *whole* attention, so a plan over one block of keys gives exactly that block's part of the
     gradients (context parallel's ring backward runs one plan per key block); qg, kk, vv from `plan.split`."""
     g, r, acc = plan.g, plan.r, plan.acc
-    fused = plan.tracing or not _wrapped(dog)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
+    fused = plan.tracing or not functorch_wrapped(dog)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
     keep_scale = 1.0 / (1.0 - plan.dropout_p)
     for bs in plan.batches():
         gs = slice(bs.start * g, bs.stop * g)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._helpers import accum_dtype
+from .._helpers import accum_dtype, functorch_wrapped
 from ..grad2 import Gate, _keep_graph, gate
-from ..inputs import AttnInputs
+from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
 
@@ -250,15 +249,7 @@ def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
     of ours would need `setup_context` there)."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the functorch query
         return False
-    return not (_functorch_wrapped(q) or _functorch_wrapped(k) or _functorch_wrapped(v))
-
-
-_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-
-
-def _functorch_wrapped(t: Tensor) -> bool:
-    """Is `t` a torch.func transform's wrapper (vmap, grad, jvp)?"""
-    return _is_wrapped is not None and _is_wrapped(t)
+    return not functorch_wrapped(q, k, v)
 
 
 class _BlockGrads(torch.autograd.Function):
@@ -355,9 +346,8 @@ class SdpaBackend(Backend):
         caps = self.caps_for(inp.device)
         if caps is None or (inp.causal and inp.i != inp.j) or (inp.gqa and not caps.native_gqa):
             return None
-        # only what is not SDPA's default (each keyword costs about 0.4 us); its default scale is 1 / sqrt(d), in
-        # double, as `validate`'s
-        kwargs: dict[str, Any] = {} if inp.scale == 1.0 / math.sqrt(inp.d) else {"scale": inp.scale}
+        # only what is not SDPA's default (each keyword costs about 0.4 us)
+        kwargs: dict[str, Any] = {} if inp.scale == default_scale(inp.d) else {"scale": inp.scale}
         if inp.dropout_p:
             kwargs["dropout_p"] = inp.dropout_p
         if inp.causal:
@@ -376,8 +366,8 @@ class SdpaBackend(Backend):
             else:
                 with _Only(variant):
                     out = _sdpa(q, k, v, **kwargs)
-            if gate_out is not None and not (_functorch_wrapped(q) or _functorch_wrapped(k) or _functorch_wrapped(v)):
-                return gate_out(out, q, k, v)  # (`call` keys no compiled call: eager here)
+            if gate_out is not None and not functorch_wrapped(q, k, v):  # (`call` keys no compiled call: eager)
+                return gate_out(out, q, k, v)
             return out
 
         return fast
