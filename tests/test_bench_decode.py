@@ -182,7 +182,7 @@ def test_calls_rotate_through_enough_layers_to_leave_the_last_level_cache(standi
 def test_rows_that_would_not_fit_are_left_out(standin, monkeypatch, tmp_path):
     import attend.bench.decode as decode
 
-    monkeypatch.setattr(decode, "_available_bytes", lambda device: 2**20)
+    monkeypatch.setattr(decode, "available_bytes", lambda device: 2**20)
     rc, out, err = run("bench", "--suite", SMOKE, "--min-time", "0.01", "--json", str(tmp_path / "m.json"))
     assert rc == 0, err
     doc = json.loads((tmp_path / "m.json").read_text())

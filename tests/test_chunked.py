@@ -101,14 +101,14 @@ def test_masks_with_small_tiles(mask_kind):
 
 def test_causal_skips_tiles_above_the_diagonal():
     """Causal visits about half the tiles, and only the diagonal ones are masked."""
-    from attend.backends.chunked import _Plan
+    from attend.tiles import Plan
 
     q, k, v = make(i=64, j=64)
-    plan = _Plan(q, k, v, None, None, True, 1.0, 0.0, 0, 8, 8)
+    plan = Plan(q, k, v, None, None, True, 1.0, 0.0, 0, 8, 8)
     tiles = [t for r0, r1 in plan.query_tiles() for t in plan.key_tiles(r0, r1)]
     assert len(tiles) == 8 * 9 // 2  # the lower triangle of an 8 x 8 grid of tiles, diagonal included
     assert sum(crosses for *_, crosses in tiles) == 8  # only the diagonal tiles build a causal mask
-    full = _Plan(q, k, v, None, None, False, 1.0, 0.0, 0, 8, 8)
+    full = Plan(q, k, v, None, None, False, 1.0, 0.0, 0, 8, 8)
     assert sum(1 for r0, r1 in full.query_tiles() for _ in full.key_tiles(r0, r1)) == 64
 
 
@@ -116,22 +116,22 @@ def test_causal_skips_tiles_above_the_diagonal():
 def test_padding_tile_facts(k_tile):
     """Per key tile, read once per call: all keys visible (no mask applied) / no key visible in any batch
     element (tile skipped), the one-tile fast path and the general one alike; a bias's -inf is looked for."""
-    from attend.backends.chunked import _read_facts
+    from attend.tiles import read_facts
 
     pad = torch.ones(3, 16, dtype=torch.bool)
     pad[:, 4:8] = False  # every batch element: keys 4-7 are padding
     pad[1, 13:] = False
     mask4 = pad[:, None, None, :]
-    facts = _read_facts(mask4, None, 16, k_tile)
+    facts = read_facts(mask4, None, 16, k_tile)
     tiles = [slice(c0, min(c0 + k_tile, 16)) for c0 in range(0, 16, k_tile)]
     assert facts.pad_all == tuple(bool(pad[:, t].all()) for t in tiles)
     assert facts.pad_none == tuple(not bool(pad[:, t].any()) for t in tiles)
     assert not facts.bias_inf
     bias = torch.zeros(1, 1, 1, 16)
-    assert not _read_facts(None, bias, 16, k_tile).bias_inf
+    assert not read_facts(None, bias, 16, k_tile).bias_inf
     bias[..., 3] = float("-inf")
-    assert _read_facts(None, bias, 16, k_tile).bias_inf
-    assert _read_facts(None, None, 16, k_tile)[:3] == (None, None, False)
+    assert read_facts(None, bias, 16, k_tile).bias_inf
+    assert read_facts(None, None, 16, k_tile)[:3] == (None, None, False)
 
 
 def test_gqa_does_not_copy_kv():
@@ -241,15 +241,15 @@ def test_seed_as_a_tensor_gives_the_same_keep_mask(seed):
     """Under torch.compile the drawn seed stays an int32 tensor (no host read): the row keys computed from it
     must equal the ones a Python-int seed gives (eager, and the backward regenerates them), bit for bit. Only
     seed mod 2**32 counts."""
-    from attend.backends.chunked import _col_terms, _dropout_keep, _row_keys
+    from attend.tiles import dropout_col_terms, dropout_keep, dropout_row_keys
 
     as_tensor = torch.tensor(seed % 2**32, dtype=torch.int64).to(torch.int32)  # two's complement bits
-    cols = _col_terms(torch.arange(300, 324))
+    cols = dropout_col_terms(torch.arange(300, 324))
     for b0, rows in [(0, torch.arange(40)), (3, torch.arange(256, 296)), (1, torch.arange(7, 87, 2))]:
-        eager = _dropout_keep(_row_keys(seed, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
-        traced = _dropout_keep(_row_keys(as_tensor, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
+        eager = dropout_keep(dropout_row_keys(seed, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
+        traced = dropout_keep(dropout_row_keys(as_tensor, b0, b0 + 2, 3, rows)[..., None], cols, 0.3)
         assert torch.equal(eager, traced)
-        assert torch.equal(eager, _dropout_keep(_row_keys(seed + 2**32, b0, b0 + 2, 3, rows)[..., None], cols, 0.3))
+        assert torch.equal(eager, dropout_keep(dropout_row_keys(seed + 2**32, b0, b0 + 2, 3, rows)[..., None], cols, 0.3))
 
 
 def test_dropout_keep_mask_does_not_depend_on_the_tiles():

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import attend
 import attend.distributed as attend_distributed
+import attend.tiles as attend_tiles
 from attend.distributed import context_parallel_attention, shard, unshard
 from attend.testing import tolerance
 
@@ -303,7 +304,7 @@ def _check_ring_skips(rank: int, world: int) -> None:
     """Ring, causal, contiguous: rank r computes only on the blocks of ranks 0..r (the later ones hold keys
     after all its queries), forward and backward; every block still travels (the counts in `_check_case`)."""
     calls = {"forward": 0, "backward": 0}
-    real_forward, real_backward = attend_distributed._forward, attend_distributed._backward_into
+    real_forward, real_backward = attend_tiles.forward, attend_tiles.backward_into
 
     def forward(*args: Any) -> Any:
         calls["forward"] += 1
@@ -314,11 +315,11 @@ def _check_ring_skips(rank: int, world: int) -> None:
         return real_backward(*args)
 
     q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)
-    attend_distributed._forward, attend_distributed._backward_into = forward, backward
+    attend_tiles.forward, attend_tiles.backward_into = forward, backward  # the ring calls them as `tiles.<name>`
     try:
         context_parallel_attention(q, q, q, causal=True).sum().backward()
     finally:
-        attend_distributed._forward, attend_distributed._backward_into = real_forward, real_backward
+        attend_tiles.forward, attend_tiles.backward_into = real_forward, real_backward
     # each block in P pieces of consecutive positions: a kernel call per (non-empty) piece of blocks 0..r
     want = (rank + 1) * min(attend_distributed._PIECES, q.shape[2])
     assert calls == {"forward": want, "backward": want}, f"rank {rank}/{world}: {calls}"

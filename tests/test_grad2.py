@@ -396,6 +396,7 @@ def test_r1_penalty_with_dropout_uses_the_forward_keep_mask():
     """`Attend(dropout=0.1).train()` at (4, 8, 256, 32): auto picks `chunked` on CPU (dropout, large tiles).
     The R1 penalty and its second-order gradients equal the float64 reference given chunked's own keep-mask
     (rebuilt from the seed the call drew), within the float32 reference's earned budget."""
+    from attend import tiles
     from attend.backends import chunked
     from attend.backends.einsum import einsum_attention
 
@@ -406,7 +407,7 @@ def test_r1_penalty_with_dropout_uses_the_forward_keep_mask():
     assert attn.explain(*(t.requires_grad_() for t in base)).backend == "chunked"
 
     torch.manual_seed(7)
-    seed = chunked._draw_seed()  # the draw the call below makes from the same generator state
+    seed = tiles.draw_seed()  # the draw the call below makes from the same generator state
     keep = chunked.dropout_keep_mask(validate(*base, dropout_p=0.1), seed)
     assert 0.85 < keep.float().mean() < 0.95
 

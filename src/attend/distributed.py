@@ -32,7 +32,7 @@ Strategies:
                   or v requires grad. Every rank must call backward (the all_reduce is collective).
     "ring"        (the default) k and v stay sharded: each rank's block (its k, v, key padding, document ids)
                   goes around the ring, W steps; at step s rank r holds the block of rank (r - s) % W and runs
-                  chunked's tile kernel (`attend.backends.chunked`) for its queries against it, with every mask:
+                  chunked's tile kernel (`attend.tiles`) for its queries against it, with every mask:
                   the key padding of the block's owner, causal / window by global positions, documents, a bool
                   mask or bias sliced to the block's keys, GQA (k/v travel with g heads, never expanded). The
                   partial outputs are merged by their log-sum-exp in float32; a row that sees no key gets 0 (and
@@ -58,7 +58,7 @@ Strategies:
 
 Dropout (`dropout_p > 0`, both strategies): every rank draws a seed from its default generator, as one
 process's call would, and all use rank 0's (it travels with the first all_gather, no extra collective). The
-keep-mask is chunked's (`attend.backends.chunked`), a hash of (seed, batch, head, query position, key position)
+keep-mask is chunked's (`attend.tiles`), a hash of (seed, batch, head, query position, key position)
 over global positions, so with the same generator state on rank 0 the ranks drop exactly the entries that
 `attention(q_full, k_full, v_full, dropout_p=p, backend="chunked")` drops in one process, forward and backward.
 """
@@ -74,17 +74,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import tiles
 from ._helpers import accum_dtype, fmt_dtype, fmt_shape
-from .backends.chunked import (
-    TILES,
-    _backward_into,
-    _draw_seed,
-    _forward,
-    _grouped,
-    _Plan,
-    _read_facts,
-    chunked_attention,
-)
+from .backends.chunked import TILES, chunked_attention
 from .dispatch import run
 from .functional import autocast_inputs
 from .grad2 import records_graph
@@ -351,7 +343,7 @@ _RING_TILES: dict[str, tuple[int, int]] = {**TILES, "cpu": (256, 256)}
 
 _Part = tuple[int, int, int]  # (offset in its piece, global start, length): one run of consecutive positions
 # a part some local query can see: (its plan, offset in the piece, global start, length, query rows r0, r1)
-_Planned = tuple[_Plan, int, int, int, int, int]
+_Planned = tuple[tiles.Plan, int, int, int, int, int]
 
 
 @dataclass
@@ -451,7 +443,7 @@ def _rows(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
 
 def _plan_part(
     ring: _Ring, q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, bias4: Tensor | None, part: _Part
-) -> tuple[_Plan, int, int] | None:
+) -> tuple[tiles.Plan, int, int] | None:
     """chunked's plan for the local queries that may see one run of keys (k, v and `meta`, the key padding /
     document ids, sliced to it): (plan, r0, r1) for the query rows [r0, r1) (local order: positions ascend), or
     None where no local query can see any of its keys (all padding, outside every query's causal / window
@@ -489,7 +481,7 @@ def _plan_part(
         documents=None if k_docs is None or ring.q_docs is None else (ring.q_docs[:, r0:r1], k_docs),
         options=Options(scale=ring.scale, window=ring.window),
     )  # fmt: skip
-    facts = _read_facts(inp.mask, inp.bias, length, ring.k_tile)
+    facts = tiles.read_facts(inp.mask, inp.bias, length, ring.k_tile)
     if inp.structured:
         if ring.window is not None:  # causal and the window by global positions, in the run's key coordinates
             inp = replace(inp, q_pos=(ring.q_pos[r0:r1] - start)[None])
@@ -498,7 +490,7 @@ def _plan_part(
             return None  # no query sees a key of the run (documents)
         facts = facts._replace(structure=structure)
     # dropout: the keep-mask at the rows' and the keys' global positions
-    plan = _Plan(
+    plan = tiles.Plan(
         q_rows, inp.k, inp.v, inp.mask, inp.bias, False, inp.scale, ring.dropout_p, ring.seed, ring.q_tile,
         ring.k_tile, facts, rows=ring.q_pos[r0:r1], col0=start,
     )  # fmt: skip
@@ -649,7 +641,7 @@ def _ring_forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | 
                     plan, r0, r1 = planned
                     plans[(owner, p)].append((plan, off, start, length, r0, r1))
                     rows = r1 - r0
-                    _forward(plan, q[:, :, r0:r1], k_r, v_r, out_s[:, :, :rows], lse_s[:, :, :rows])
+                    tiles.forward(plan, q[:, :, r0:r1], k_r, v_r, out_s[:, :, :rows], lse_s[:, :, :rows])
                     _merge(out[:, :, r0:r1], lse[:, :, r0:r1], out_s[:, :, :rows], lse_s[:, :, :rows])
                 del k_r, v_r
             _settle(pool, exchange, copy, piece, step)
@@ -680,7 +672,7 @@ def _ring_backward(
     lse3 = lse.view(bg, r, i)
     # D = rowsum(dout * out) of the whole attention, once for every block
     delta = (dog.to(acc) * out.view(bg, r, i, e)).sum(dim=-1)
-    dq = q.new_zeros(bg, r, i, d, dtype=acc)  # unscaled until the end (`_backward_into`)
+    dq = q.new_zeros(bg, r, i, d, dtype=acc)  # unscaled until the end (`tiles.backward_into`)
     dbias4 = None if bias4 is None or not bias_grad else bias4.new_zeros(bias4.shape, dtype=acc)
     scale = 1.0
     pool, acc_pool = _pool_for(ring, k, v, k.dtype), _pool_for(ring, k, v, acc)  # k/v pieces; dk/dv
@@ -717,9 +709,9 @@ def _ring_backward(
             for plan, off, start, length, r0, r1 in ring.plans[(owner, p)]:
                 k_r, v_r = piece[0].narrow(2, off, length), piece[1].narrow(2, off, length)
                 qg, kk, vv = plan.split(q[:, :, r0:r1], k_r, v_r)
-                dbias = None if dbias4 is None else _grouped(_rows(_key_cols(dbias4, start, length), r0, r1), g, r)
+                dbias = None if dbias4 is None else tiles.grouped(_rows(_key_cols(dbias4, start, length), r0, r1), g, r)
                 rows, hi = slice(r0, r1), off + length
-                _backward_into(
+                tiles.backward_into(
                     plan, dog[:, :, rows], qg, kk, vv, lse3[:, :, rows], delta[:, :, rows], dq[:, :, rows],
                     dk_p[:, off:hi], dv_p[:, off:hi], dbias,
                 )  # fmt: skip
@@ -773,7 +765,7 @@ class _RingFn(torch.autograd.Function):
         out, lse = _ring_forward(ring, q, k, v, bias4)
         out4 = out.view(ring.b, ring.h, q.shape[2], v.shape[3])
         result = out4 if out4.dtype == q.dtype else out4.to(q.dtype)
-        # out in the accumulation dtype: the backward's D = rowsum(dout * out) cancels (see chunked._forward)
+        # out in the accumulation dtype: the backward's D = rowsum(dout * out) cancels (see tiles.forward)
         ctx.save_for_backward(q, k, v, bias4, out4, lse)
         ctx.ring = ring
         return result
@@ -933,7 +925,7 @@ def context_parallel_attention(
         raise
     # dropout: every rank draws a seed from its default generator (as one process's `attention` would), and all
     # use rank 0's, which travels with the checks: the keep-mask is one hash of it over global positions
-    seed = int(_draw_seed()) if dropout_p > 0 else 0
+    seed = int(tiles.draw_seed()) if dropout_p > 0 else 0
     flagged = _gather_meta([0, seed, *meta], group, device)
     bad = [r for r, m in enumerate(flagged) if m[0]]
     if bad:

@@ -13,8 +13,9 @@ WGAN-GP), meta-learning and Hessian-vector products need the second derivative. 
 * ordinary training (`loss.backward()`, `torch.autograd.grad(...)` without `create_graph`) runs each
   backend's own fast backward, unchanged;
 * a backward that autograd records (`create_graph=True`; inside the backward `torch.is_grad_enabled()`
-  is then True) computes dq, dk, dv, dbias from the reference formula (the `einsum` backend, in float32
-  or float64) on the saved inputs, with the same masks and, for dropout, the forward's own keep-mask.
+  is then True) computes dq, dk, dv, dbias from the reference formula (`attend.reference`, what the
+  `einsum` backend runs, in float32 or float64) on the saved inputs, with the same masks and, for dropout,
+  the forward's own keep-mask.
   Those gradients are exact and differentiable again, to any order.
 
 Cost: the create_graph backward recomputes, and holds the (b, h, i, j) probabilities like the reference
@@ -48,10 +49,10 @@ import torch
 from torch import Tensor
 
 from ._helpers import accum_dtype
-from .backends.einsum import einsum_attention
 from .inputs import AttnInputs
+from .reference import einsum_attention
 
-__all__ = ["recompute_grads", "TwiceDifferentiable", "records_graph", "gate", "Gate"]
+__all__ = ["recompute_grads", "TwiceDifferentiable", "records_graph", "gate", "Gate", "keep_graph"]
 
 
 def records_graph() -> bool:
@@ -141,7 +142,7 @@ def _node_takes(node: torch.autograd.graph.Node, inputs: tuple[Tensor, Tensor, T
 
 # Does the running backward keep its graph (retain_graph)? A private engine query (torch 2.13 has it): a per-call
 # hook lets go of its inputs' mask when the backward frees the graph (without it, when the node dies)
-_keep_graph: Callable[[], bool] | None = getattr(
+keep_graph: Callable[[], bool] | None = getattr(
     getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None
 )
 # The node the autograd engine is running (private; torch 2.13 has it): the hook reads q, k, v from the kernel
@@ -176,7 +177,7 @@ def gate(out: Tensor, inp: AttnInputs, q: Tensor, k: Tensor, v: Tensor, bias: Te
         return out
     if bias is None and _hooks_usable() and _hooked(out, node, q, k, v):
         # the hook lets go of `inp` when the backward frees the graph; where it cannot tell, it keeps no activation
-        node.register_prehook(_Arm(inp if _keep_graph is not None else _template(inp), release=True))
+        node.register_prehook(_Arm(inp if keep_graph is not None else _template(inp), release=True))
         return out
     return TwiceDifferentiable.apply(out, _template(inp), q, k, v, bias)
 
@@ -282,7 +283,7 @@ def _take(hook: _Arm | _SecondOrder) -> AttnInputs | None:
     """The hook's `inp`, which it lets go of (`release`) when the running backward frees the graph: nothing may run
     through the node again."""
     inp = hook.inp
-    if hook.release and _keep_graph is not None and not _keep_graph():
+    if hook.release and keep_graph is not None and not keep_graph():
         hook.inp = None
     return inp
 

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from ._helpers import fmt_dtype
-from .backends.einsum import einsum_attention
 from .dispatch import get_backend
 from .inputs import FLOAT_DTYPES, AttnInputs, validate
 from .masks import lower_score
+from .reference import einsum_attention
 
 __all__ = [
     "FUDGE",

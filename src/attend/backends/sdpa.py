@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._helpers import accum_dtype, functorch_wrapped
-from ..grad2 import Gate, _keep_graph, gate
+from ..grad2 import Gate, gate, keep_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
@@ -287,7 +287,7 @@ class _BlockGrads(torch.autograd.Function):
             )
         # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
-        keep = _keep_graph is None or _keep_graph()
+        keep = keep_graph is None or keep_graph()
         grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
         for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
             wanted = [t for t in (qb, kb, vb) if t.requires_grad]

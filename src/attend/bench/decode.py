@@ -45,8 +45,7 @@ from torch import Tensor
 
 from .._helpers import fmt_dtype
 from .cases import DECODE_SUITES, DecodeCase
-from .run import BenchConfig, _available_bytes, run_rows, timing_fields
-from .structured import Skip, _guard, _import, _missing
+from .harness import BenchConfig, Skip, available_bytes, guard, import_object, missing, run_rows, timing_fields
 from .timer import time_interleaved
 
 __all__ = [
@@ -113,7 +112,7 @@ def _gib(n: float) -> str:
 
 def _fits(need: int, what: str, device: torch.device) -> str | None:
     """None when `need` bytes fit in ROOM of the available memory, else why not."""
-    room = _available_bytes(device) * ROOM
+    room = available_bytes(device) * ROOM
     if need > room:
         return f"needs ~{_gib(need)} for {what}, {_gib(room)} free here ({ROOM:.0%} of available memory)"
     return None
@@ -128,7 +127,7 @@ def _rand(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, devi
 
 
 def _kvcache(base: DecodeBase) -> Callable[..., Tensor]:
-    return _import(base.case.needs)
+    return import_object(base.case.needs)
 
 
 def _rotating(n: int) -> Callable[[], int]:
@@ -210,7 +209,7 @@ def _attend_contiguous(base: DecodeBase) -> Built:
         n = layer()
         return with_kvcache(q, kcs[n], vcs[n], k, v, cache_seqlens=seqlens)
 
-    call, reset = _keep_fill(_guard(call), seqlens)
+    call, reset = _keep_fill(guard(call), seqlens)
     b, g, j, d = kcs[0].shape
     note = f"({b}, {g}, {j}, {d}) caches, cache_seqlens={j - 1}, appends k, v in place" + _layers_note(base)
     return Built(call, note + (" (fill reset each call)" if reset else ""))
@@ -248,7 +247,7 @@ def _attend_paged(base: DecodeBase) -> Built:
         n = layer()
         return with_kvcache(q, k_pools[n], v_pools[n], k, v, cache_seqlens=seqlens, block_table=table)
 
-    call, reset = _keep_fill(_guard(call), seqlens)
+    call, reset = _keep_fill(guard(call), seqlens)
     note = f"{b * pages} pages of {bs} tokens, ({b * pages}, {g}, {bs}, {d}) pool, shuffled block_table ({b}, {pages})"
     return Built(call, note + _layers_note(base) + (" (fill reset each call)" if reset else ""))
 
@@ -340,7 +339,7 @@ def omitted(cfg: BenchConfig) -> dict[str, str]:
     llc = llc_bytes(cfg.device)
     for case in _cases(cfg):
         need = layer_count(case, llc) * case.cache_bytes + 2 * _copy_mb(case, llc) * 2**20
-        reason = _missing(case.needs) or _fits(need, "its caches and the copy probe", cfg.device)
+        reason = missing(case.needs) or _fits(need, "its caches and the copy probe", cfg.device)
         if reason:
             out[f"{case.name} {fmt_dtype(case.dtype)}"] = reason
     return out

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..backends.einsum import einsum_attention
 from ..dispatch import get_backend, list_backends
 from ..functional import attention
 from ..inputs import AttnInputs, validate
 from ..module import Attend
+from ..reference import einsum_attention
 
 __all__ = [
     "SEEDS", "UNCHECKED", "MODULE", "seed_sdpa_variants", "user_mask", "make_call", "dense_bytes", "holds_scores"

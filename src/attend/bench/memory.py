@@ -1,13 +1,13 @@
 """Peak memory of one pass: CUDA `max_memory_allocated`, CPU peak RSS of a child process.
 
-CPU: a fresh `python -m attend.bench.memory` child builds the inputs, runs each candidate once on a tiny
-shape (so one-time set-up, such as thread pools, is not charged to the first candidate), and then per
-candidate: frees what it can (`gc`, `malloc_trim`), resets the kernel's peak-RSS mark
-(`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads `VmHWM`. The first candidate is
-measured twice (the smaller figure kept): the first full-size pass of a process pays one-time buffers.
-The figure is the peak
-above the resident size just before the pass: the working memory, inputs excluded. Where the mark
-cannot be reset, each candidate gets its own child instead.
+CPU: a fresh `python -m attend.bench.memory_child` child builds the inputs and the candidates
+(`memory_child`: it imports the suites' builders, so this module imports none of them) and hands them to
+`measure_peaks`, which runs each candidate once on a tiny shape (so one-time set-up, such as thread pools,
+is not charged to the first candidate), and then per candidate: frees what it can (`gc`, `malloc_trim`),
+resets the kernel's peak-RSS mark (`/proc/self/clear_refs`, Linux >= 4.0), runs one pass, and reads
+`VmHWM`. The first candidate is measured twice (the smaller figure kept): the first full-size pass of a
+process pays one-time buffers. The figure is the peak above the resident size just before the pass: the
+working memory, inputs excluded. Where the mark cannot be reset, each candidate gets its own child instead.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["cuda_peak_bytes", "cpu_peak_bytes"]
+__all__ = ["cuda_peak_bytes", "cpu_peak_bytes", "measure_peaks"]
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,7 +85,7 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "attend.bench.memory"],
+                [sys.executable, "-m", "attend.bench.memory_child"],
                 input=payload,
                 capture_output=True,
                 text=True,
@@ -102,32 +104,10 @@ def cpu_peak_bytes(spec: dict, names: list[str], timeout: float = 600.0) -> dict
     return out
 
 
-def _child() -> None:
-    from ..testing import Case
-    from .impls import make_call
-
-    spec = json.loads(sys.stdin.read())
-    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
-    dtype = getattr(torch, spec["dtype"])
-    grad = spec["mode"] != "fwd"
-
-    def suite_calls(tiny: bool) -> dict:
-        shape = spec["shape"]
-        sh = dict(shape, b=1, i=min(shape["i"], 8), j=min(shape["j"], 8)) if tiny else shape
-        case = Case(**sh, dtype=dtype, causal=spec["causal"], mask=spec["mask"], pad=spec["pad"])
-        tensors = case.inputs(grad=grad)
-        go = torch.randn(sh["b"], sh["h"], sh["i"], sh["e"], dtype=dtype) if grad else None
-        return {n: make_call(n, tensors, spec["causal"], spec["mode"], go) for n in spec["impls"]}
-
-    def structured_calls(tiny: bool) -> dict:
-        # a structured suite's row (bench/structured.py): each candidate builds its own layout of the row's tokens
-        from .structured import build, case_from_json
-
-        case = case_from_json(spec["structured"])
-        built, _ = build(case.tiny() if tiny else case, spec["mode"], "cpu", dtype, spec["impls"])
-        return {n: b.call for n, b in built.items()}
-
-    calls = structured_calls if "structured" in spec else suite_calls
+def measure_peaks(calls: Callable[[bool], dict[str, Callable[[], object]]]) -> dict[str, Any]:
+    """In the child: `calls(tiny)` builds {name: one pass} (on a tiny shape, or the real one); each tiny call
+    runs once, then each real one is measured. Returns {"peak": {name: bytes or None}, "reset_ok": bool},
+    what the child prints for `cpu_peak_bytes`."""
     for call in calls(True).values():
         try:
             call()
@@ -158,8 +138,4 @@ def _child() -> None:
         again = measure(real[first])
         if again is not None:
             peaks[first] = min(before, again)
-    print(json.dumps({"peak": peaks, "reset_ok": reset_ok}))
-
-
-if __name__ == "__main__":
-    _child()
+    return {"peak": peaks, "reset_ok": reset_ok}

@@ -1,7 +1,7 @@
 """Reports of a benchmark run: a `rich` table, JSON, a markdown table, a PNG plot, and a comparison.
 
-The document is the dict `run_suite` returns (schema in `run.py`); rows are keyed by
-(case, mode, dtype) when two documents are compared.
+The document is the dict `run_suite` returns (its fields: `harness.run_rows`; a row's: its suite's module); rows
+are keyed by (case, mode, dtype) when two documents are compared.
 """
 
 from __future__ import annotations

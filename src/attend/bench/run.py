@@ -7,146 +7,40 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import __version__
 from .._helpers import fmt_dtype
 from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from ..testing import Case
+from . import decode, structured
 from .cases import DECODE_SUITES, STRUCTURED_SUITES, SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
+from .harness import (
+    SCHEMA_VERSION,
+    BenchConfig,
+    available_bytes,
+    default_dtype,
+    environment,
+    load_average,
+    run_rows,
+    timing_fields,
+)
 from .impls import MODULE, SEEDS, UNCHECKED, dense_bytes, holds_scores, make_call
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
 
-__all__ = ["BenchConfig", "run_suite", "environment", "load_average", "SCHEMA_VERSION"]
+# BenchConfig, environment, load_average and SCHEMA_VERSION live in `harness`; re-exported here
+__all__ = ["BenchConfig", "run_suite", "plan", "environment", "load_average", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
 MATMUL = "matmul"  # the ceiling, timed beside the candidates
 MATMUL_BUDGET = 256 * 2**20  # bytes of the (n, i, j) product the matmul ceiling may hold
 
 
-@dataclass
-class BenchConfig:
-    """What `attend bench` runs. dtype None: each case's own, else float32 on CPU, bfloat16 on CUDA.
-    backends None: every registered backend except the `einsum` reference. modes None: each case's own."""
-
-    suite: str = "quick"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype | None = None
-    backends: list[str] | None = None
-    modes: tuple[str, ...] | None = None
-    min_time: float = 0.3
-    # peak memory: "all" candidates, "attend" alone (what the table shows; each CPU measurement reruns every
-    # candidate it covers once, in a child process), or "none"
-    memory: str = "all"
-
-
 # helpers
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the platform has none)."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def environment(device: torch.device) -> dict:
-    """The facts every result file records: device, versions, threads, date."""
-    env = {
-        "device": device.type,
-        "device_name": _device_name(device),
-        "torch": torch.__version__,
-        "attend": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        # the 1-minute load average when the run started: a busy machine makes every figure noisier
-        "load_average": load_average(),
-    }
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    return env
-
-
-def timing_fields(t: Any) -> dict[str, Any]:
-    """A candidate's timing as result files store it: median and samples in ms, runs, error."""
-    return {
-        "median_ms": None if t.median is None else t.median * 1e3,
-        "samples_ms": [round(s * 1e3, 5) for s in t.samples],  # to 10 ns: a small call keeps up to 1000
-        "runs": len(t.samples),
-        "error": t.error,
-    }
-
-
-def run_rows(
-    cfg: BenchConfig,
-    measure: Callable[[Any], dict],
-    items: list,
-    on_row: Callable[[dict], None] | None,
-    **document: Any,
-) -> dict:
-    """Measure every item (`measure(item)` -> row) in order, report each row as it lands, and return the
-    result document: schema, suite, the environment at the start (date, load average, ...), the load average
-    at the end, `document`'s extra fields, and the rows. `environment` is read before the first row."""
-    env = environment(cfg.device)
-    rows = []
-    for item in items:
-        row = measure(item)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": cfg.suite,
-        **document,
-        **env,
-        "load_average_end": load_average(),
-        "min_time_s": cfg.min_time,
-        "rows": rows,
-    }
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _matmul_call(shape: dict, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float] | None:
@@ -187,12 +81,8 @@ def plan(cfg: BenchConfig) -> list[tuple[Any, str]]:
     """Every (case, mode) pair the run will measure, in order (a structured suite's rows are
     `StructuredCase`s, a decode suite's `DecodeCase`s, those whose needs do not import left out)."""
     if cfg.suite in STRUCTURED_SUITES:
-        from . import structured
-
         return list(structured.plan(cfg))
     if cfg.suite in DECODE_SUITES:
-        from . import decode
-
         return list(decode.plan(cfg))
     pairs: list[tuple[Any, str]] = []
     for case in SUITES[cfg.suite]:
@@ -203,7 +93,7 @@ def plan(cfg: BenchConfig) -> list[tuple[Any, str]]:
 
 def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str], None]) -> dict:
     device = cfg.device
-    dtype = cfg.dtype or case.dtype or _default_dtype(device)
+    dtype = cfg.dtype or case.dtype or default_dtype(device)
     shape = case.shape
     grad = mode != "fwd"
     tensors = case.case(dtype, device).inputs(grad=grad)
@@ -218,7 +108,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
         names.append("torch:sdpa")
 
     # anything that holds (b, h, i, j) logits and would not fit is left out, not run into the OOM killer
-    room = _available_bytes(device) * 0.6
+    room = available_bytes(device) * 0.6
     for n in list(names):
         if holds_scores(n, inp) and dense_bytes(shape, mode) > room:
             names.remove(n)
@@ -302,7 +192,7 @@ def _measure(case: BenchCase, mode: str, cfg: BenchConfig, status: Callable[[str
 def _warm_up(cfg: BenchConfig) -> None:
     """One tiny call of every candidate and a small matmul, so one-time set-up (thread pools, kernel
     selection, lazy CUDA init) lands in no row's warm-up budget."""
-    device, dtype = cfg.device, cfg.dtype or _default_dtype(cfg.device)
+    device, dtype = cfg.device, cfg.dtype or default_dtype(cfg.device)
     case = Case(1, 2, 2, 16, 16, 16, 16, dtype=dtype, mask="padding", device=str(device), pad=0.25)
     shape = {x: getattr(case, x) for x in "bhgijde"}
     for mode in ("fwd", "fwdbwd"):
@@ -337,13 +227,9 @@ def run_suite(
     a decode suite (`cases.DECODE_SUITES`) through `decode.run_decode` (`kind: "decode"`).
     """
     if cfg.suite in STRUCTURED_SUITES:
-        from .structured import run_structured
-
-        return run_structured(cfg, on_status=on_status, on_row=on_row)
+        return structured.run_structured(cfg, on_status=on_status, on_row=on_row)
     if cfg.suite in DECODE_SUITES:
-        from .decode import run_decode
-
-        return run_decode(cfg, on_status=on_status, on_row=on_row)
+        return decode.run_decode(cfg, on_status=on_status, on_row=on_row)
     status = on_status or (lambda _msg: None)
     status("warming up")
     _warm_up(cfg)

@@ -30,7 +30,6 @@ memory is measured as theirs (`memory.py`: a child process on CPU, `max_memory_a
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +41,23 @@ from torch import Tensor
 from .._helpers import fmt_dtype
 from ..functional import attention
 from .cases import STRUCTURED_SUITES, StructuredCase
+from .harness import (
+    BenchConfig,
+    Skip,
+    available_bytes,
+    default_dtype,
+    guard,
+    import_object,
+    missing,
+    run_rows,
+    timing_fields,
+)
 from .memory import cpu_peak_bytes, cuda_peak_bytes
-from .run import BenchConfig, _available_bytes, _default_dtype, run_rows, timing_fields
 from .timer import time_interleaved
 
 __all__ = ["CANDIDATES", "Base", "Built", "Skip", "make_base", "build", "omitted", "plan", "run_structured"]
 
 # helpers
-
-
-class Skip(Exception):
-    """A candidate that cannot run here (it would not fit, say): left out of the row with this reason."""
 
 
 @dataclass
@@ -94,19 +99,6 @@ def _pass(fwd: Callable[[], Tensor], leaves: list[Tensor], go: Tensor | None, mo
         return torch.autograd.grad(fwd(), leaves, go)
 
     return run_bwd
-
-
-def _guard(call: Callable[[], object]) -> Callable[[], object]:
-    """A candidate whose code is still changing (varlen) may raise TypeError: the timer records a
-    RuntimeError as that candidate's error and goes on with the others."""
-
-    def run():
-        try:
-            return call()
-        except (TypeError, NotImplementedError, AssertionError) as exc:
-            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
-
-    return run
 
 
 def _leaf(t: Tensor, grad: bool) -> Tensor:
@@ -173,7 +165,7 @@ def _sdpa_dense_mask(base: Base, mode: str) -> Built:
     n = q.shape[2]
     # the bool mask, and the float copy the CPU kernel may make of it, forward and backward
     need = 9 * n * n
-    room = _available_bytes(q.device) * 0.6
+    room = available_bytes(q.device) * 0.6
     if need > room:
         raise Skip(f"needs ~{need / 2**30:.1f} GiB for the ({n}, {n}) mask, {room / 2**30:.1f} GiB free")
     same = ids[0, :, None] == ids[0, None, :]
@@ -189,7 +181,7 @@ def _sdpa_dense_mask(base: Base, mode: str) -> Built:
 
 
 def _varlen(base: Base, mode: str) -> Built:
-    varlen_attn = _import(base.case.needs or "attend.varlen:varlen_attn")
+    varlen_attn = import_object(base.case.needs or "attend.varlen:varlen_attn")
     lengths = base.case.lengths
     q, k, v = (_leaf(t[0].transpose(0, 1), base.grad) for t in (base.q, base.k, base.v))  # (n, h, d)
     go = None if base.go is None else base.go[0].transpose(0, 1).contiguous()
@@ -200,7 +192,7 @@ def _varlen(base: Base, mode: str) -> Built:
         return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0))
 
     note = f"({q.shape[0]}, {q.shape[1]}, {q.shape[2]}) with cu_seq of {len(lengths)} sequences, window_size=(-1, 0)"
-    return Built(_guard(_pass(fwd, [q, k, v], go, mode)), lambda: fwd().transpose(0, 1)[None], note)
+    return Built(guard(_pass(fwd, [q, k, v], go, mode)), lambda: fwd().transpose(0, 1)[None], note)
 
 
 def _attend_window(base: Base, mode: str) -> Built:
@@ -275,11 +267,6 @@ CANDIDATES["varlen"] = CANDIDATES["documents"]
 # building blocks
 
 
-def _import(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def make_base(case: StructuredCase, device: torch.device | str, dtype: torch.dtype, grad: bool, seed: int = 0) -> Base:
     """The row's tokens, seeded: every candidate of the row sees the same q, k, v."""
     gen = torch.Generator().manual_seed(seed)
@@ -315,20 +302,11 @@ def build(
     return built, skipped
 
 
-def _missing(needs: str) -> str | None:
-    try:
-        _import(needs)
-    except Exception as exc:  # noqa: BLE001 - a module another change is still writing may fail in any way
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return f"{needs.replace(':', '.')} is not importable here ({type(exc).__name__}: {first})"[:200]
-    return None
-
-
 def omitted(suite: str) -> dict[str, str]:
     """The suite's rows left out at run time, with the reason: what they need does not import."""
     out = {}
     for case in STRUCTURED_SUITES[suite]:
-        reason = _missing(case.needs) if case.needs else None
+        reason = missing(case.needs) if case.needs else None
         if reason:
             out[case.name] = reason
     return out
@@ -355,7 +333,7 @@ def case_from_json(d: dict) -> StructuredCase:
 
 def _measure(case: StructuredCase, mode: str, cfg: BenchConfig, status: Callable[[str], None]) -> dict:
     device = cfg.device
-    dtype = cfg.dtype or _default_dtype(device)
+    dtype = cfg.dtype or default_dtype(device)
     status(f"{case.name} {mode}: building {1 + len(case.baselines)} candidates")
     built, skipped = build(case, mode, device, dtype)
     names = [n for n in [case.subject, *case.baselines] if n in built]
@@ -450,7 +428,7 @@ def _measure(case: StructuredCase, mode: str, cfg: BenchConfig, status: Callable
 
 def _warm_up(cfg: BenchConfig, pairs: list[tuple[StructuredCase, str]]) -> None:
     """One call of every candidate at a few tokens, so one-time set-up lands in no row's warm-up budget."""
-    dtype = cfg.dtype or _default_dtype(cfg.device)
+    dtype = cfg.dtype or default_dtype(cfg.device)
     for case, mode in pairs:
         built, _ = build(case.tiny(), mode, cfg.device, dtype)
         for b in built.values():
