@@ -435,10 +435,39 @@ def _job_nccl(rank: int, world: int) -> None:
                 _check_case(rank, world, 4 * world + 3, layout, feats, counter, device="cuda")
 
 
+def _job_windows(rank: int, world: int) -> None:
+    """A window side of any Python int equals an unbounded one, across ranks: saturated at the global length,
+    never at a rank's own (a side of 6 with 4 local and 8 global positions still hides keys) and never wrapped."""
+    import sys
+
+    n = 4 * world
+    q, k, v = (torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    ql, kl, vl = (shard(t, 2, "headtail") for t in (q, k, v))
+    for strategy in ("allgather", "ring"):
+        for causal in (False, True):
+            for big, unbounded in (((sys.maxsize, 1), (None, 1)), ((1, 10**20), (1, None)), ((n, n), (None, None))):
+                want = shard(attend.attention(q, k, v, causal=causal, window=unbounded), 2, "headtail")
+                got = context_parallel_attention(
+                    ql, kl, vl, causal=causal, window=big, layout="headtail", strategy=strategy
+                )
+                torch.testing.assert_close(got, want, msg=_prefixed(f"{strategy} causal={causal} {big}"))
+            # a side past the local length but not the global one is a real window
+            side = n - 2
+            want = shard(attend.attention(q, k, v, causal=causal, window=(side, 0)), 2, "headtail")
+            got = context_parallel_attention(ql, kl, vl, causal=causal, window=(side, 0), layout="headtail",
+                                             strategy=strategy)  # fmt: skip
+            torch.testing.assert_close(got, want, msg=_prefixed(f"{strategy} causal={causal} side {side}"))
+
+
 JOBS = {
     "attention": _job_attention, "shard": _job_shard, "errors": _job_errors, "example": _job_example,
-    "attention nccl": _job_nccl,
+    "attention nccl": _job_nccl, "windows": _job_windows,
 }  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_window_sides_of_any_size_across_ranks(world):
+    _spawn("windows", world)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
@@ -10,7 +13,8 @@ import torch
 T = TypeVar("T")
 
 __all__ = [
-    "exists", "default", "fmt_dtype", "fmt_dtypes", "fmt_shape", "accum_dtype", "functorch_wrapped", "DIM_LEGEND"
+    "exists", "default", "fmt_dtype", "fmt_dtypes", "fmt_shape", "accum_dtype", "functorch_wrapped", "DIM_LEGEND",
+    "autocast_on", "any_autocast", "no_autocast", "autocast_inputs",
 ]
 
 DIM_LEGEND = (
@@ -60,3 +64,51 @@ def functorch_wrapped(*tensors: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+# autocast: every door casts its inputs the same way (`autocast_inputs`) and every kernel runs with autocast off
+# (`no_autocast`), owning its precision as `torch.amp.custom_fwd` does. Checked by capability on torch >= 2.4:
+# `torch.amp.is_autocast_available` and `torch._C._is_any_autocast_enabled` may be missing.
+
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})
+_autocast_available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+
+
+def autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for `device_type`?"""
+    if device_type in _AUTOCAST_DEVICES:  # the common devices: one C call (this runs three times per call)
+        return torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+# autocast on for any device? One C call where torch has it (a false "yes" only costs the slow path)
+any_autocast: Callable[[], bool] = getattr(
+    torch._C, "_is_any_autocast_enabled", lambda: any(autocast_on(d) for d in _AUTOCAST_DEVICES)
+)
+
+
+def no_autocast(device_type: str) -> AbstractContextManager[Any]:
+    """A context with autocast off for `device_type` (a no-op context when it is off already)."""
+    return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast float tensors to the autocast dtype when autocast is on for the first tensor's device.
+
+    Attention is a lower-precision op under autocast, as `F.scaled_dot_product_attention` is: every
+    floating input except float64 is cast (PyTorch's rule for such ops), so q, k, v that arrive in
+    different dtypes (a float32 q from a LayerNorm, bfloat16 k, v from a Linear) meet in one dtype.
+    The softmax statistics stay in float32 inside every backend (contract item 4).
+    """
+    if not any_autocast():  # one C call: autocast is off for every device (the common case)
+        return tensors
+    first = tensors[0] if tensors and isinstance(tensors[0], torch.Tensor) else next(
+        (t for t in tensors if isinstance(t, torch.Tensor)), None
+    )
+    if first is None or not autocast_on(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )

@@ -36,9 +36,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._helpers import fmt_dtype, fmt_shape
+from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
 from .dispatch import call
-from .functional import autocast_inputs
 from .inputs import Options
 
 __all__ = ["scaled_dot_product_attention", "SdpaArgumentError"]

@@ -11,7 +11,6 @@ runs. Set `attend.dispatch.MEMORY_BUDGET_BYTES` to change it. A named backend ig
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -26,11 +25,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._helpers import fmt_shape, functorch_wrapped
+from ._helpers import any_autocast, fmt_shape, functorch_wrapped, no_autocast
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs, Options, validate
-from .masks import dead_keys, lower_score, rows_that_see
+from .masks import dead_keys, lower_score, rows_that_see, zero_keys
 
 __all__ = [
     "PRIORITY",
@@ -296,12 +295,16 @@ def _failure_reasons(inp: AttnInputs) -> dict[str, tuple[str, bool]]:
     return _failed.get(inp.signature(), {}) if _failed else {}
 
 
-def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Backend:
+def select(
+    inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False, shown: AttnInputs | None = None
+) -> Backend:
     """The backend that runs `inp`.
 
     backend=None: the first eligible backend in the device's priority order (cached per input
     signature). backend="name": that backend, or a ValueError listing its reasons.
     fused_only: restrict auto to fused kernels (`Attend(flash=True)`).
+    shown: the inputs as the caller gave them, for the messages, where `inp` is their lowering (`score="l2"`
+    runs as a wider dot product: an error describes the caller's call and its `attend explain` hint, not that).
 
     Raises:
         ValueError: unknown name, or the named backend cannot run `inp`.
@@ -312,7 +315,7 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         reasons = chosen.reasons_unsupported(inp)
         if reasons:
             head = f"backend={backend!r} cannot run these inputs:"
-            raise ValueError(_format_failure(inp, {chosen.name: reasons}, head, backend))
+            raise ValueError(_format_failure(shown or inp, {chosen.name: reasons}, head, backend))
         return chosen
 
     # torch.compile: the choice is made once, while tracing, and baked into the graph; dynamo's guards on the
@@ -353,7 +356,7 @@ def select(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = Fa
         if picked is not None:
             break
     if picked is None:
-        raise NoBackendError(_format_failure(inp, rejected, "No attention backend can run these inputs:"))
+        raise NoBackendError(_format_failure(shown or inp, rejected, "No attention backend can run these inputs:"))
     if not compiling:
         _log_slow(inp, picked, rejected)
     return _registry[picked]
@@ -440,29 +443,12 @@ def _log_slow(inp: AttnInputs, name: str, rejected: dict[str, list[str]]) -> Non
 
 
 # torch >= 2.4 everywhere, but checked by capability: `torch.OutOfMemoryError` arrived after 2.4 (before,
-# only `torch.cuda.OutOfMemoryError`), and `torch.amp.is_autocast_available` may be missing
+# only `torch.cuda.OutOfMemoryError`)
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     err
     for err in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError)
     if isinstance(err, type)
 )
-
-
-def _autocast_on(device_type: str) -> bool:
-    if device_type in _AUTOCAST_DEVICES:  # the common devices: one C call (this runs three times per call)
-        return torch.is_autocast_enabled(device_type)
-    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})
-
-
-# autocast on for any device? One C call where torch has it (a false "yes" only costs the slow path)
-_any_autocast: Callable[[], bool] = getattr(
-    torch._C, "_is_any_autocast_enabled", lambda: any(_autocast_on(d) for d in _AUTOCAST_DEVICES)
-)
-
-_autocast_available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
 
 
 def _failure(name: str, err: BaseException) -> str:
@@ -531,7 +517,7 @@ def _finite_part(inp: AttnInputs) -> tuple[AttnInputs, Tensor, Tensor]:
     if dead is not None:
         # whatever sits there (garbage up to the dtype's max) can reach no output, but in a kernel that
         # adds its mask a huge logit would meet the mask's -inf; zeros reach nothing either
-        k, v = k.masked_fill(dead[:, None, :, None], 0), v.masked_fill(dead[:, None, :, None], 0)
+        k, v = zero_keys(k, dead), zero_keys(v, dead)
     return replace(inp, q=q, k=k, v=v), q_bad, kv_bad
 
 
@@ -554,14 +540,12 @@ def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
     this signature and the next eligible one runs (one AttendFallbackWarning, pointing at the caller)."""
     # under autocast the inputs were cast by `autocast_inputs`; inside, the backend owns its precision
     # (float32 softmax statistics, float32 matmuls where it wants them), as `torch.amp.custom_fwd` does
-    no_autocast = (
-        torch.autocast(inp.device.type, enabled=False) if _autocast_on(inp.device.type) else contextlib.nullcontext()
-    )
+    off = no_autocast(inp.device.type)
     failures: list[str] = []
     tried: set[str] = set()
     while True:
         try:
-            with no_autocast:
+            with off:
                 out = chosen.run(inp)
         except (RuntimeError, MemoryError) as err:
             if backend is not None:  # a named backend runs or raises: never a silent fallback
@@ -612,8 +596,8 @@ def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False
     validation and the choice cached per call signature."""
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    inp, e = lower_score(inp)
-    return _narrow(_execute(inp, select(inp, backend, fused_only=fused_only), backend), e)
+    shown, (inp, e) = inp, lower_score(inp)
+    return _narrow(_execute(inp, select(inp, backend, fused_only=fused_only, shown=shown), backend), e)
 
 
 def _narrow(out: Tensor, e: int | None) -> Tensor:
@@ -687,7 +671,7 @@ def _call_key(q, k, v, mask, bias, options: tuple) -> tuple | None:
     (torch.compile tracing; a non-tensor, sparse or nested input; a last dim that is not contiguous, which
     validation copies; autocast, which casts). An unhashable option (a list for `scale`) makes the key
     unhashable: `call` then takes the slow path, where validate() rejects it by name."""
-    if torch.compiler.is_compiling() or _any_autocast():
+    if torch.compiler.is_compiling() or any_autocast():
         return None
     try:
         # strided q, k, v (sparse, nested, mkldnn: the slow path) whose last dim is contiguous (not
@@ -745,7 +729,7 @@ def call(
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
     raw, (inp, e) = inp, lower_score(inp)
-    chosen = select(inp, backend, fused_only=fused_only)
+    chosen = select(inp, backend, fused_only=fused_only, shown=raw)
     if key is not None:
         value = _Entry.of(chosen, raw, backend is None and not fused_only, mask is not None and mask.dim() == 2)
         with _lock:

@@ -75,13 +75,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import tiles
-from ._helpers import accum_dtype, fmt_dtype, fmt_shape
+from ._helpers import accum_dtype, autocast_inputs, fmt_dtype, fmt_shape
 from .backends.chunked import TILES, chunked_attention
 from .dispatch import run
-from .functional import autocast_inputs
 from .grad2 import records_graph
-from .inputs import Options, validate
-from .masks import Structure
+from .inputs import Options, check_window, describe, sides, validate
+from .masks import Structure, zero_keys
+from .merge import merge_into
 
 __all__ = ["context_parallel_attention", "shard", "unshard", "LAYOUTS", "STRATEGIES"]
 
@@ -94,14 +94,9 @@ _META = (
     "bias key axis",
 )  # fmt: skip
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # checked to agree across ranks
+_FAR = 2**62  # a window side at or past this is unbounded for any sequence a tensor can hold
 
 # helpers
-
-
-def _describe(t: Any) -> str:
-    if isinstance(t, Tensor):
-        return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
-    return f"{type(t).__name__} {t!r}"[:120]
 
 
 def _group_info(group: Any) -> tuple[Any, int, int]:
@@ -126,7 +121,7 @@ def _group_info(group: Any) -> tuple[Any, int, int]:
 def _check_layout(layout: Any) -> str:
     if layout not in LAYOUTS:
         raise ValueError(
-            f"expected `layout` to be one of {LAYOUTS}, got {_describe(layout)}; hint: 'headtail' balances causal "
+            f"expected `layout` to be one of {LAYOUTS}, got {describe(layout)}; hint: 'headtail' balances causal "
             "work across ranks, 'contiguous' is the plain split"
         )
     return str(layout)
@@ -240,7 +235,7 @@ def _key_axis(name: str, t: Any, q: Tensor, target: tuple[int, int, int], kind: 
     (b, h, i_local) dims, checked before any collective (so no rank raises alone after one). Returns the size
     of its key axis (1 when it has none), which the caller checks against j on every rank."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(t)}")
+        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {describe(t)}")
     if kind == "bool" and t.dtype != torch.bool:
         raise TypeError(f"expected `{name}` of dtype bool (True = may attend), got {fmt_dtype(t.dtype)}")
     if kind == "float" and not t.is_floating_point():
@@ -259,9 +254,9 @@ def _key_axis(name: str, t: Any, q: Tensor, target: tuple[int, int, int], kind: 
 
 def _norm_dim(x: Any, dim: Any, name: str) -> int:
     if not isinstance(x, Tensor):
-        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(x)}")
+        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {describe(x)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
-        raise ValueError(f"expected `dim` to be an int in [-{x.dim()}, {x.dim()}), got {dim!r} for {_describe(x)}")
+        raise ValueError(f"expected `dim` to be an int in [-{x.dim()}, {x.dim()}), got {dim!r} for {describe(x)}")
     return dim % x.dim()
 
 
@@ -270,9 +265,11 @@ def _local_checks(
 ) -> tuple[list[int], Tensor | None, Tensor | None]:
     """Every check that needs only this rank's inputs. Returns the ints every rank must agree on (`_META`; the
     first is the local length), the key padding mask (b, j_local) or None, and the document ids or None."""
-    # attend's own checks and messages, on this rank's shapes
-    local = validate(q, k, v, options=options)
+    # attend's own checks and messages, on this rank's shapes; the window is checked apart from them: its sides
+    # saturate at the global length (`_window`), which this rank learns only from the collective
+    local = validate(q, k, v, options=options._replace(window=None))
     causal = options.causal
+    window = check_window(options.window, bool(causal))
     b, h, i_local, d, g, j_local, e = local.b, local.h, local.i, local.d, local.g, local.j, local.e
     if i_local != j_local:
         raise ValueError(
@@ -285,7 +282,7 @@ def _local_checks(
         if mask.dtype != torch.bool or tuple(mask.shape) != (b, j_local):
             raise ValueError(
                 f"expected a 2-D `mask` to be this rank's key padding, bool (b, j_local) = "
-                f"{fmt_shape((b, j_local))}, got {_describe(mask)}"
+                f"{fmt_shape((b, j_local))}, got {describe(mask)}"
             )
         if mask.device != q.device:
             raise ValueError(f"expected `mask` on {q.device} like q, got {mask.device}")
@@ -297,7 +294,7 @@ def _local_checks(
         if not isinstance(documents, Tensor):
             raise TypeError(
                 f"expected `documents` to be an integer tensor (b, j_local) of this rank's document ids, got "
-                f"{_describe(documents)}; hint: a (q_docs, k_docs) pair is not supported (self-attention only)"
+                f"{describe(documents)}; hint: a (q_docs, k_docs) pair is not supported (self-attention only)"
             )
         if documents.is_floating_point() or documents.is_complex() or documents.dtype == torch.bool:
             raise TypeError(f"expected `documents` of an integer dtype, got {fmt_dtype(documents.dtype)}")
@@ -310,9 +307,10 @@ def _local_checks(
             raise ValueError(f"expected `documents` on {q.device} like q, got {documents.device}")
         docs = documents.long().expand(b, j_local)
 
-    left, right = local.window if local.window is not None else (None, 0 if causal else None)
+    # sides travel as int64 (-1 unbounded), capped where no sequence reaches (a Python int of any size is valid)
+    left, right = (-1 if w is None else min(w, _FAR) for w in sides(window, bool(causal)))
     meta = [
-        i_local, b, h, g, d, e, int(bool(causal)), -1 if left is None else left, -1 if right is None else right,
+        i_local, b, h, g, d, e, int(bool(causal)), left, right,
         int(key_pad is not None), int(docs is not None),
         int(torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)),
         LAYOUTS.index(layout), _DTYPES.index(q.dtype), round(local.dropout_p * 2**24), mask_j, bias_j,
@@ -498,14 +496,9 @@ def _plan_part(
 
 
 def _merge(out: Tensor, lse: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
-    """out, lse (views, updated in place) and a partial result (out_s, lse_s) over more keys, merged by
-    log-sum-exp in the accumulation dtype (out_s is consumed). lse -inf: the row has seen no key yet (out 0)."""
-    lse_s = lse_s.masked_fill_(lse_s == math.inf, -math.inf)  # chunked marks a row with no key by lse = +inf
-    new = torch.logaddexp(lse, lse_s)
-    ref = new.masked_fill(new == -math.inf, 0.0)  # rows with nothing seen: exp(-inf - 0) = 0, no NaN
-    out.mul_((lse - ref).exp_().unsqueeze(-1))
-    out.add_(out_s.mul_((lse_s - ref).exp_().unsqueeze(-1)))
-    lse.copy_(new)
+    """out, lse (views, updated in place) and a partial result (out_s, lse_s) over more keys (`merge.merge_into`).
+    lse -inf: the row has seen no key yet (out 0)."""
+    merge_into(out, lse, out_s, lse_s.masked_fill_(lse_s == math.inf, -math.inf))  # chunked's mark of no key: +inf
 
 
 class _Pool:
@@ -907,7 +900,7 @@ def context_parallel_attention(
     layout = _check_layout(layout)
     if strategy not in STRATEGIES:
         raise ValueError(
-            f"expected `strategy` to be one of {STRATEGIES}, got {_describe(strategy)}; hint: 'ring' passes "
+            f"expected `strategy` to be one of {STRATEGIES}, got {describe(strategy)}; hint: 'ring' passes "
             "k/v blocks around the ranks (memory O(n / W) per rank), 'allgather' gathers every key on every rank"
         )
     group, rank, world = _group_info(group)
@@ -936,7 +929,7 @@ def context_parallel_attention(
     metas = [m[2:] for m in flagged]
     seed = flagged[0][1]
     d = meta[_META.index("d")]
-    left, right = (None if x < 0 else x for x in meta[7:9])  # causal merged in: right 0
+    window_sides = tuple(None if x < 0 else x for x in meta[7:9])  # causal merged in: right 0
     for r, other in enumerate(metas):
         for name, mine, theirs in zip(_META[1:-2], meta[1:-2], other[1:-2]):
             if mine != theirs:
@@ -948,6 +941,8 @@ def context_parallel_attention(
     lengths = [m[0] for m in metas]
     _check_rule(lengths, layout, "q/k/v")
     n = sum(lengths)
+    # saturated at the global extent like every door's window (`inputs.check_window`): a side past it is None
+    left, right = sides(check_window(window_sides, bool(causal), 2 * n), bool(causal))
     for r, other in enumerate(metas):  # every rank checks every rank's, so all raise together
         for name, size in (("mask", other[-2]), ("bias", other[-1])):
             if size not in (-1, 1, n):
@@ -957,6 +952,10 @@ def context_parallel_attention(
                     "rank's key padding"
                 )
     if strategy == "ring":
+        if key_pad is not None:
+            # the garbage rule (contract item 3) without a collective: a padded key is hidden from every query of
+            # every rank, so its owner sends zeros (a tile's 0 probability times an inf value would be NaN)
+            k, v = (zero_keys(t, ~key_pad) for t in (k, v))
         return _ring_attention(
             q, k, v, group=group, rank=rank, lengths=lengths, layout=layout, key_pad=key_pad, docs=docs,
             mask=None if key_pad is not None else mask, bias=bias, scale=scale, left=left, right=right,

@@ -6,15 +6,15 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .dispatch import Report, _any_autocast, _autocast_on, call, explain_inputs
+from ._helpers import any_autocast, autocast_inputs
+from .dispatch import Report, call, explain_inputs
 from .inputs import Options, validate
 
-__all__ = ["attention", "explain", "autocast_inputs"]
+__all__ = ["attention", "explain", "autocast_inputs", "DOC_SEMANTICS"]
 
-_DOC_SEMANTICS = """
+DOC_SEMANTICS = """
     Shapes (legend: b batch, h query heads, g key/value heads, i query positions, j key positions,
     d head dim (q and k), e value head dim):
         q (b, h, i, d), k (b, g, j, d), v (b, g, j, e), h % g == 0  ->  out (b, h, i, e), q's dtype
@@ -43,33 +43,6 @@ _DOC_SEMANTICS = """
 """
 
 
-# helpers
-
-
-def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast float tensors to the autocast dtype when autocast is on for the first tensor's device.
-
-    Attention is a lower-precision op under autocast, as `F.scaled_dot_product_attention` is: every
-    floating input except float64 is cast (PyTorch's rule for such ops), so q, k, v that arrive in
-    different dtypes (a float32 q from a LayerNorm, bfloat16 k, v from a Linear) meet in one dtype.
-    The softmax statistics stay in float32 inside every backend (contract item 4).
-    """
-    if not _any_autocast():  # one C call: autocast is off for every device (the common case)
-        return tensors
-    first = tensors[0] if tensors and isinstance(tensors[0], Tensor) else next(
-        (t for t in tensors if isinstance(t, Tensor)), None
-    )
-    if first is None:
-        return tensors
-    if not _autocast_on(first.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    )
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -87,7 +60,7 @@ def attention(
     deterministic: bool = False,
     check_finite: bool | None = None,
 ) -> Tensor:
-    if _any_autocast():  # (one C call; the function call and its tuples cost more than the check)
+    if any_autocast():  # (one C call; the function call and its tuples cost more than the check)
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
     return call(q, k, v, mask, bias, documents, options=options, backend=backend)
@@ -128,7 +101,7 @@ attention.__doc__ = (
     signature (`explain` names the one that runs); any other exception propagates untouched. A named
     backend re-raises as RuntimeError("backend 'name' failed: ...").
 """
-    + _DOC_SEMANTICS
+    + DOC_SEMANTICS
     + """
     Raises:
         TypeError, ValueError: bad input, before any kernel runs ("expected X, got Y").
@@ -175,7 +148,7 @@ explain.__doc__ = (
     list of reasons it cannot run the inputs; empty when it can), `report.lowering` (how the chosen
     backend runs an l2 score, a window or documents) and `str(report)`, a readable table.
 """
-    + _DOC_SEMANTICS
+    + DOC_SEMANTICS
     + """
     Raises:
         TypeError, ValueError: bad input ("expected X, got Y").

@@ -22,22 +22,41 @@ from torch import Tensor
 
 from ._helpers import exists, fmt_dtype, fmt_shape
 
-__all__ = ["AttnInputs", "Options", "validate", "FLOAT_DTYPES"]
+__all__ = [
+    "AttnInputs",
+    "Options",
+    "validate",
+    "FLOAT_DTYPES",
+    "describe",
+    "check_tensor",
+    "check_float",
+    "broadcast_4d",
+    "check_window",
+    "pages_in_use",
+    "sides",
+    "check_options",
+    "default_scale",
+]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 # helpers
 
 
-def _describe(t: Any) -> str:
+def describe(t: Any) -> str:
+    """How an error message names a value the caller gave: a tensor's dims, shape and dtype, else its type and
+    repr (cut at 120 characters). Every door's messages use it."""
     if isinstance(t, Tensor):
         return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
     return f"{type(t).__name__} {t!r}"[:120]
 
 
-def _check_tensor(name: str, t: Any) -> None:
+def check_tensor(name: str, t: Any, want: str = "") -> Tensor:
+    """`t` is a dense (strided) tensor; `name` is the caller's own argument name (`q`, `query`, `k_cache`) and
+    `want` the shape it expects, for the message. Returns `t`."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(t)}")
+        shape = f" of shape {want}" if want else ""
+        raise TypeError(f"expected `{name}` to be a torch.Tensor{shape}, got {describe(t)}")
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(
             f"expected `{name}` to be a dense (strided) tensor, got layout {t.layout}; "
@@ -48,20 +67,25 @@ def _check_tensor(name: str, t: Any) -> None:
             f"expected `{name}` to be a dense tensor, got a nested tensor; "
             "hint: pad the sequences and pass a key padding mask `(b, j)` instead"
         )
+    return t
 
 
-def _broadcast_4d(name: str, t: Tensor, target: tuple[int, int, int, int], what: str) -> Tensor:
-    """View `t` as 4-D (right-aligned, like PyTorch broadcasting) and check it broadcasts to `target`."""
+def broadcast_4d(
+    name: str, t: Tensor, target: tuple[int, int, int, int], what: str, axes: tuple[str, ...] = ("b", "h", "i", "j")
+) -> Tensor:
+    """View `t` as 4-D (right-aligned, like PyTorch broadcasting) and check it broadcasts to `target`, whose
+    axes the message names `axes` (a KV cache's last one is `cap`). `what`: the hint that ends the message."""
+    legend = f"({', '.join(axes)})"
     if t.dim() > 4:
         raise ValueError(
-            f"expected `{name}` with at most 4 dims, broadcastable to (b, h, i, j) = {fmt_shape(target)}, "
+            f"expected `{name}` with at most 4 dims, broadcastable to {legend} = {fmt_shape(target)}, "
             f"got {t.dim()}-D shape {fmt_shape(t.shape)}"
         )
     t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-    for size, want, letter in zip(t4.shape, target, "bhij"):
+    for size, want, letter in zip(t4.shape, target, axes):
         if size not in (1, want):
             raise ValueError(
-                f"expected `{name}` broadcastable to (b, h, i, j) = {fmt_shape(target)}, got shape "
+                f"expected `{name}` broadcastable to {legend} = {fmt_shape(target)}, got shape "
                 f"{fmt_shape(t.shape)} (dim `{letter}` is {size}, must be 1 or {want}); {what}"
             )
     return t4
@@ -74,7 +98,7 @@ class Options(NamedTuple):
     """Every non-tensor option of a call, as the caller gave it (unchecked; `validate` checks it).
 
     `attention`, `explain`, `Attend` and the dispatcher pass this one record, and its hash is part of the
-    per-call cache key: a new option is a field here and its check in `_check_options` (plus the keyword
+    per-call cache key: a new option is a field here and its check in `check_options` (plus the keyword
     in the public signatures, which a test keeps identical between `attention` and `explain`). A NamedTuple:
     built on every call, and about 2 us cheaper to build than a frozen dataclass."""
 
@@ -280,12 +304,28 @@ def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
     return f"q {fmt_shape(q.shape)}, k {fmt_shape(k.shape)}, v {fmt_shape(v.shape)}"
 
 
-def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int, int]:
+def check_float(name: str, t: Tensor) -> None:
+    """`t` has a floating dtype attention computes in (float16, bfloat16, float32, float64)."""
+    if t.dtype not in FLOAT_DTYPES:
+        if t.is_complex():
+            kind = "complex"
+        else:
+            kind = "unsupported float" if t.is_floating_point() else "integer or bool"
+        raise TypeError(
+            f"expected `{name}` of a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {kind} dtype {fmt_dtype(t.dtype)}; hint: `{name}.float()`"
+        )
+
+
+def _check_qkv(
+    q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")
+) -> tuple[int, int, int, int, int, int, int]:
     """q, k, v: dense float tensors of one dtype and device with shapes (b, h, i, d), (b, g, j, d),
-    (b, g, j, e) and h % g == 0. Returns (b, h, i, d, g, j, e)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    for name, t, want in (("q", q, "(b, h, i, d)"), ("k", k, "(b, g, j, d)"), ("v", v, "(b, g, j, e)")):
+    (b, g, j, e) and h % g == 0. Returns (b, h, i, d, g, j, e). `names`: the door's own names for them."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t)
+    for name, t, want in zip(names, (q, k, v), ("(b, h, i, d)", "(b, g, j, d)", "(b, g, j, e)")):
         if t.dim() != 4:
             hint = ""
             if t.dim() == 3:
@@ -293,26 +333,18 @@ def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int, int, in
                     "; hint: for (b, n, h*d) activations split heads first: "
                     "`rearrange(t, 'b n (h d) -> b h n d', h=heads)`"
                 )
-            raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}{hint}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in FLOAT_DTYPES:
-            if t.is_complex():
-                kind = "complex"
-            else:
-                kind = "unsupported float" if t.is_floating_point() else "integer or bool"
-            raise TypeError(
-                f"expected `{name}` of a floating dtype (float16, bfloat16, float32, float64), "
-                f"got {kind} dtype {fmt_dtype(t.dtype)}; hint: `{name}.float()`"
-            )
+            raise ValueError(f"expected `{name}` of shape {want}, got {describe(t)}{hint}")
+    for name, t in zip(names, (q, k, v)):
+        check_float(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
-            f"expected q, k, v of one dtype, got q {fmt_dtype(q.dtype)}, k {fmt_dtype(k.dtype)}, "
-            f"v {fmt_dtype(v.dtype)}; hint: cast them to one dtype, or run under `torch.autocast`"
+            f"expected {nq}, {nk}, {nv} of one dtype, got {nq} {fmt_dtype(q.dtype)}, {nk} {fmt_dtype(k.dtype)}, "
+            f"{nv} {fmt_dtype(v.dtype)}; hint: cast them to one dtype, or run under `torch.autocast`"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(
-            f"expected q, k, v on one device, got q on {q.device}, k on {k.device}, v on {v.device}; "
-            "hint: move them with `.to(q.device)`"
+            f"expected {nq}, {nk}, {nv} on one device, got {nq} on {q.device}, {nk} on {k.device}, {nv} on "
+            f"{v.device}; hint: move them with `.to({nq}.device)`"
         )
 
     b, h, i, d = q.shape
@@ -345,7 +377,7 @@ def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, i
     b, h, i, j = target
     mask4, kind = None, "none"
     if exists(mask):
-        _check_tensor("mask", mask)
+        check_tensor("mask", mask)
         if mask.dtype != torch.bool:
             hint = (
                 "pass additive float masks as `bias=` instead"
@@ -365,7 +397,7 @@ def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, i
                 )
             mask4, kind = mask[:, None, None, :], "key_padding"
         else:
-            mask4 = _broadcast_4d("mask", mask, target, "hint: True = may attend, one entry per (b, h, i, j)")
+            mask4 = broadcast_4d("mask", mask, target, "hint: True = may attend, one entry per (b, h, i, j)")
             kind = "key_padding" if mask4.shape[1] == 1 and mask4.shape[2] == 1 else "bool"
 
     return mask4, kind
@@ -375,7 +407,7 @@ def _check_bias(bias: Any, q: Tensor, target: tuple[int, int, int, int]) -> Tens
     """bias: None or a float tensor on q's device broadcastable to (b, h, i, j). Returns the 4-D view."""
     bias4 = None
     if exists(bias):
-        _check_tensor("bias", bias)
+        check_tensor("bias", bias)
         if not bias.is_floating_point():
             raise TypeError(
                 f"expected `bias` of a floating dtype (added to the logits), got {fmt_dtype(bias.dtype)}; "
@@ -383,18 +415,27 @@ def _check_bias(bias: Any, q: Tensor, target: tuple[int, int, int, int]) -> Tens
             )
         if bias.device != q.device:
             raise ValueError(f"expected `bias` on {q.device} like q, got {bias.device}")
-        bias4 = _broadcast_4d("bias", bias, target, "hint: one additive logit per (b, h, i, j)")
+        bias4 = broadcast_4d("bias", bias, target, "hint: one additive logit per (b, h, i, j)")
 
     return bias4
 
 
-def _check_window(window: Any, causal: bool) -> tuple[int | None, int | None] | None:
-    """window: None, or (left, right) with each an int >= 0 or None (unbounded). Merged with causal: right <= 0."""
+def check_window(
+    window: Any, causal: bool, extent: int | None = None
+) -> tuple[int | None, int | None] | None:
+    """window: None, or (left, right) with each an int >= 0 or None (unbounded). Merged with causal: right <= 0.
+
+    `extent`: i + j of the call (queries plus keys, in the coordinates its positions use). Every door's query
+    positions p and keys lie within that many of each other, so a side at or past it hides nothing and is
+    unbounded (None): any Python int is valid, `sys.maxsize` and `10**20` included, and none reaches int64
+    arithmetic to wrap. A window that hides nothing beyond causal is None (the plain path). Without `extent`
+    (a constructor checking early, a rank that does not know the global length yet) the sides are only checked.
+    """
     if window is None:
         return None
     if isinstance(window, Tensor) or not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(
-            f"expected `window` to be a pair (left, right) of ints >= 0 or None, got {_describe(window)}; "
+            f"expected `window` to be a pair (left, right) of ints >= 0 or None, got {describe(window)}; "
             "hint: window=(128, 0) lets each query see itself and the 128 keys before it"
         )
     for side, w in zip(("left", "right"), window):
@@ -402,10 +443,48 @@ def _check_window(window: Any, causal: bool) -> tuple[int | None, int | None] | 
             raise ValueError(
                 f"expected `window` {side} to be an int >= 0 or None (unbounded), got {w!r} in window={tuple(window)}"
             )
-    left, right = window
+    left, right = (None if w is None or (extent is not None and w >= extent) else int(w) for w in window)
     if causal:
         right = 0  # causal: no key after the diagonal
+        if left is None:
+            return None  # (None, 0) with causal is causal itself
+    elif extent is not None and left is None and right is None:
+        return None
     return left, right
+
+
+def sides(window: tuple[int | None, int | None] | None, causal: bool) -> tuple[int | None, int | None]:
+    """(left, right) a query sees around its diagonal, from a checked window and causal: (None, 0) for causal
+    alone, (None, None) for neither. The one place that default is written."""
+    return window if window is not None else (None, 0 if causal else None)
+
+
+def pages_in_use(
+    table: Tensor, lengths: list[int], page_size: int, pool: int, *, pool_name: str, row_name: str
+) -> list[list[int]]:
+    """A paged KV cache's block table checked against the keys each row uses: row x's key t lives in page
+    table[x, t // page_size]; only the first ceil(lengths[x] / page_size) entries of a row are read, and they must
+    name a page of the pool, [0, pool). One read of the table to the host. `pool_name` (num_blocks, total_pages)
+    and `row_name` (row, sequence): the door's own words. Returns the pages each row uses, in order."""
+    rows = table.tolist()
+    used = []
+    for x, n in enumerate(lengths):
+        need = -(-n // page_size)
+        if need > table.shape[1]:
+            raise ValueError(
+                f"expected at most max_pages * page_size = {table.shape[1] * page_size} keys per {row_name}, got "
+                f"{n} for {row_name} {x}; hint: give the block table more columns"
+            )
+        ids = rows[x][:need]
+        bad = [p for p in ids if not 0 <= p < pool]
+        if bad:
+            raise ValueError(
+                f"expected the pages in use of `block_table` in [0, {pool_name}) = [0, {pool}), got "
+                f"block_table[{x}, {ids.index(bad[0])}] = {bad[0]} ({row_name} {x} uses its first {need} "
+                f"entries for {n} keys of page size {page_size})"
+            )
+        used.append(ids)
+    return used
 
 
 def default_scale(d: int) -> float:
@@ -415,19 +494,22 @@ def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
-def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | None, int | None] | None]:
+def check_options(
+    opts: Options, d: int, extent: int | None = None
+) -> tuple[float, float, tuple[int | None, int | None] | None]:
     """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), window a pair, score "dot" or
-    "l2", deterministic a bool, check_finite a bool or None. Returns (scale, dropout_p, window) resolved."""
+    "l2", deterministic a bool, check_finite a bool or None. Returns (scale, dropout_p, window) resolved, the
+    window saturated at `extent` (`check_window`)."""
     causal, scale, dropout_p = opts.causal, opts.scale, opts.dropout_p
     # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
     if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
-        raise TypeError(f"expected `causal` to be a bool, got {_describe(causal)}")
+        raise TypeError(f"expected `causal` to be a bool, got {describe(causal)}")
 
     if scale is None:
         scale_f = default_scale(d)
     else:
         if isinstance(scale, Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"expected `scale` to be a Python float, got {_describe(scale)}")
+            raise TypeError(f"expected `scale` to be a Python float, got {describe(scale)}")
         scale_f = float(scale)
         if not math.isfinite(scale_f):
             raise ValueError(
@@ -435,23 +517,23 @@ def _check_options(opts: Options, d: int) -> tuple[float, float, tuple[int | Non
             )
 
     if isinstance(dropout_p, Tensor) or isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {_describe(dropout_p)}")
+        raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {describe(dropout_p)}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
     if opts.score not in ("dot", "l2"):
         raise ValueError(
-            f"expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got {_describe(opts.score)}"
+            f"expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got {describe(opts.score)}"
         )
     if not isinstance(opts.deterministic, bool):
-        raise TypeError(f"expected `deterministic` to be a bool, got {_describe(opts.deterministic)}")
+        raise TypeError(f"expected `deterministic` to be a bool, got {describe(opts.deterministic)}")
     if opts.check_finite is not None and not isinstance(opts.check_finite, bool):
-        raise TypeError(f"expected `check_finite` to be a bool or None, got {_describe(opts.check_finite)}")
+        raise TypeError(f"expected `check_finite` to be a bool or None, got {describe(opts.check_finite)}")
 
-    return scale_f, float(dropout_p), _check_window(opts.window, bool(causal))
+    return scale_f, float(dropout_p), check_window(opts.window, bool(causal), extent)
 
 
 def _doc_ids(name: str, t: Any, q: Tensor, b: int, n: int, letter: str) -> Tensor:
-    _check_tensor(name, t)
+    check_tensor(name, t)
     if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(
             f"expected `{name}` of an integer dtype (document ids), got {fmt_dtype(t.dtype)}; hint: `.long()`"
@@ -498,24 +580,26 @@ def validate(
     bias: Any = None,
     documents: Any = None,
     options: Options | None = None,
+    names: tuple[str, str, str] = ("q", "k", "v"),
     **option_kwargs: Any,
 ) -> AttnInputs:
     """Check user inputs and return a normalised `AttnInputs`.
 
     Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
     (b, j) key padding; bias float broadcastable to (b, h, i, j); documents int (b, j), or a pair
-    ((b, i), (b, j)). The options come as one `Options` record or as its fields by keyword.
+    ((b, i), (b, j)). The options come as one `Options` record or as its fields by keyword. `names`: how the
+    messages name q, k, v (a door with its own argument names passes them: `query`, `key`, `value`).
 
     Raises:
         TypeError: a non-tensor, sparse or nested tensor, or a wrong dtype (integer, complex, float mask).
         ValueError: any shape, device or value mismatch, as "expected X, got Y" with every shape involved.
     """
     opts = Options(**option_kwargs) if options is None else options
-    b, h, i, d, g, j, e = _check_qkv(q, k, v)
+    b, h, i, d, g, j, e = _check_qkv(q, k, v, names)
     mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
     bias4 = _check_bias(bias, q, (b, h, i, j))
     q_docs, k_docs = _check_documents(documents, q, b, i, j)
-    scale_f, dropout_f, window = _check_options(opts, d)
+    scale_f, dropout_f, window = check_options(opts, d, i + j)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
     # a transposed view is copied here, once, instead of failing inside the kernel. Expanded (stride-0)

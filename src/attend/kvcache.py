@@ -35,7 +35,6 @@ dispatch path, which is exact. `explain_kvcache` says which path, how many kerne
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -44,10 +43,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._helpers import fmt_dtype, fmt_shape
-from .dispatch import Report, _autocast_on, explain_inputs, get_backend, run, select
-from .inputs import FLOAT_DTYPES, AttnInputs, Options, _check_options, validate
+from ._helpers import fmt_dtype, fmt_shape, no_autocast
+from .dispatch import Report, explain_inputs, get_backend, run, select
+from .inputs import (
+    FLOAT_DTYPES,
+    AttnInputs,
+    Options,
+    broadcast_4d,
+    check_options,
+    check_tensor,
+    describe,
+    pages_in_use,
+    sides,
+    validate,
+)
 from .masks import bias_as
+from .merge import merge
 
 __all__ = ["with_kvcache", "explain_kvcache", "KVCachePlan", "DECODE_ROWS"]
 
@@ -75,25 +86,16 @@ _flash_lse = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attentio
 # helpers
 
 
-def _describe(t: Any) -> str:
-    if isinstance(t, Tensor):
-        return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
-    return f"{type(t).__name__} {t!r}"[:120]
-
-
 def _tensor(name: str, t: Any, want: str, dims: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"expected `{name}` to be a torch.Tensor of shape {want}, got {_describe(t)}")
-    if t.is_sparse or t.layout != torch.strided or getattr(t, "is_nested", False):
-        raise TypeError(f"expected `{name}` to be a dense (strided) tensor, got layout {t.layout}")
+    check_tensor(name, t, want)
     if t.dim() != dims:
-        raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}")
+        raise ValueError(f"expected `{name}` of shape {want}, got {describe(t)}")
     return t
 
 
 def _ints(name: str, t: Any, want: str, device: torch.device) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape {want}, got {_describe(t)}")
+        raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape {want}, got {describe(t)}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(
             f"expected `{name}` of dtype int32 (int64 accepted), got {fmt_dtype(t.dtype)}; "
@@ -172,7 +174,7 @@ def _bounds(
     i: int, causal: bool, window: tuple[int | None, int | None] | None, length: int
 ) -> tuple[list[int], list[int]]:
     """Keys [lo_t, hi_t) query t of a row with `length` keys may see (causal and window, bottom-right)."""
-    left, right = window if window is not None else (None, 0 if causal else None)
+    left, right = sides(window, causal)
     los, his = [], []
     for t in range(i):
         pos = length - i + t
@@ -198,8 +200,7 @@ def _check_mask_like(name: str, t: Any, q: Tensor, target: tuple[int, int, int, 
     Returns the 4-D view."""
     if t is None:
         return None
-    if not isinstance(t, Tensor):
-        raise TypeError(f"expected `{name}` to be a torch.Tensor or None, got {_describe(t)}")
+    check_tensor(name, t)
     if name == "mask" and t.dtype != torch.bool:
         hint = "pass additive float masks as `bias=`" if t.is_floating_point() else "`mask.bool()` (True = may attend)"
         raise TypeError(f"expected `mask` of dtype bool (True = may attend), got {fmt_dtype(t.dtype)}; hint: {hint}")
@@ -218,17 +219,10 @@ def _check_mask_like(name: str, t: Any, q: Tensor, target: tuple[int, int, int, 
                 "max_len, or max_blocks * block_size when paged), whatever the number of keys in use"
             )
         return t[:, None, None, :]
-    if t.dim() > 4 or t.dim() < 1:
-        raise ValueError(f"expected `{name}` broadcastable to (b, h, i, cap) = {fmt_shape(target)}, got {_describe(t)}")
-    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-    for size, want, letter in zip(t4.shape, target, ("b", "h", "i", "cap")):
-        if size not in (1, want):
-            raise ValueError(
-                f"expected `{name}` broadcastable to (b, h, i, cap) = {fmt_shape(target)}, got shape "
-                f"{fmt_shape(t.shape)} (dim `{letter}` is {size}, must be 1 or {want}); hint: its last dim runs over "
-                "the cache positions (capacity), not over the keys in use"
-            )
-    return t4
+    if t.dim() < 1:
+        raise ValueError(f"expected `{name}` broadcastable to (b, h, i, cap) = {fmt_shape(target)}, got {describe(t)}")
+    what = "hint: its last dim runs over the cache positions (capacity), not over the keys in use"
+    return broadcast_4d(name, t, target, what, ("b", "h", "i", "cap"))
 
 
 def _prepare(
@@ -254,8 +248,8 @@ def _prepare(
     v_cache = _tensor("v_cache", v_cache, cache_shape.format("e"), 4)
     if (k is None) != (v is None):
         raise ValueError(
-            f"expected `k` and `v` both given (new keys and values to append) or both None, got k={_describe(k)}, "
-            f"v={_describe(v)}"
+            f"expected `k` and `v` both given (new keys and values to append) or both None, got k={describe(k)}, "
+            f"v={describe(v)}"
         )
     if k is not None:
         k = _tensor("k", k, "(b, g, i, d)", 4)
@@ -317,7 +311,7 @@ def _prepare(
     if paged:
         bt = _ints("block_table", block_table, "(b, max_blocks)", q.device)
         if bt.dim() != 2 or bt.shape[0] != b:
-            raise ValueError(f"expected `block_table` of shape (b, max_blocks) with b={b}, got {_describe(bt)}")
+            raise ValueError(f"expected `block_table` of shape (b, max_blocks) with b={b}, got {describe(bt)}")
         cap = bt.shape[1] * block_size
     else:
         cap = slots
@@ -327,7 +321,7 @@ def _prepare(
     else:
         sl = _ints("cache_seqlens", cache_seqlens, "(b,)", q.device)
         if sl.dim() != 1 or sl.shape[0] != b:
-            raise ValueError(f"expected `cache_seqlens` of shape (b,) = ({b},), got {_describe(sl)}")
+            raise ValueError(f"expected `cache_seqlens` of shape (b,) = ({b},), got {describe(sl)}")
         seqlens = [int(x) for x in sl.tolist()]
     new = i if k is not None else 0
     for row, s in enumerate(seqlens):
@@ -343,21 +337,11 @@ def _prepare(
 
     blocks: list[list[int]] | None = None
     if bt is not None:
-        used = [-(-n // block_size) for n in lengths]
-        table = bt.tolist()
-        blocks = [table[row][: used[row]] for row in range(b)]
-        for row, ids in enumerate(blocks):
-            bad = [x for x in ids if not 0 <= x < nc]
-            if bad:
-                raise ValueError(
-                    f"expected the pages in use of `block_table` in [0, num_blocks) = [0, {nc}), got "
-                    f"block_table[{row}, {ids.index(bad[0])}] = {bad[0]} (row {row} uses its first {used[row]} "
-                    f"entries for {lengths[row]} keys of block size {block_size})"
-                )
+        blocks = pages_in_use(bt, lengths, block_size, nc, pool_name="num_blocks", row_name="row")
 
     mask4 = _check_mask_like("mask", mask, q, (b, h, i, cap))
     bias4 = _check_mask_like("bias", bias, q, (b, h, i, cap))
-    scale_f, _, win = _check_options(Options(causal=causal, scale=scale, window=window), d)
+    scale_f, _, win = check_options(Options(causal=causal, scale=scale, window=window), d, i + cap)
     _check_grad({**named, "bias": bias4})
     if backend is not None:
         get_backend(backend)  # an unknown name raises here, before any write
@@ -627,7 +611,7 @@ def _dispatch_inputs(call: _Call, stand_in: bool = False) -> AttnInputs:
     bias = None if call.bias is None else call.bias[..., :n]
     ragged = any(length != n for length in call.lengths)
     window = call.window
-    left, right = window if window is not None else (None, 0 if call.causal else None)
+    left, right = sides(window, call.causal)
     if ragged and (right is None or right > 0):  # keys past L_b are not hidden by causality: mask them
         device = call.q.device
         valid = torch.arange(n, device=device) < torch.tensor(call.lengths, device=device)[:, None]
@@ -752,16 +736,6 @@ def _partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
     return out, lse
 
 
-def _merge(out: Tensor, lse: Tensor, masked: bool) -> Tensor:
-    """Partial results (P, ..., e) and their log-sum-exp (P, ...) -> (..., e), in lse's dtype (float32; float64
-    for float64 inputs). `masked`: some row may have seen no key in any part (all its lse -inf): it gives 0.
-    A NaN (a NaN key a row sees) stays NaN through `out`."""
-    w = lse.softmax(0)
-    if masked:
-        w = w.nan_to_num_(0.0)
-    return (out.to(w.dtype) * w[..., None]).sum(0)
-
-
 def _decode_contiguous(call: _Call) -> Tensor:
     g, r, i, d, e = call.g, call.h // call.g, call.i, call.q.shape[3], call.e
     outs = []
@@ -791,7 +765,7 @@ def _decode_contiguous(call: _Call) -> Tensor:
         kk = _windows(call.k_cache[rows, :, a:z].flatten(0, 1), chunks, stride, size)
         vv = _windows(call.v_cache[rows, :, a:z].flatten(0, 1), chunks, stride, size)
         part, lse = _partial(qf.expand(chunks, heads, r * i, d), kk, vv, mask, call.scale, masked)
-        outs.append(_merge(part, lse, masked).to(q.dtype).reshape(nb, call.h, i, e))
+        outs.append(merge(part, lse)[0].to(q.dtype).reshape(nb, call.h, i, e))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -805,7 +779,6 @@ def _decode_paged(call: _Call, batches: list[_Batch]) -> Tensor:
     outs: list[Tensor] = []
     lses: list[Tensor] = []
     owners: list[int] = []
-    mask_any = False
     # causal with i > 1, a window, a mask or a bias may hide keys inside a full page
     structured = i > 1 or call.window is not None or call.mask is not None or call.bias is not None
     for batch in batches:
@@ -855,7 +828,6 @@ def _decode_paged(call: _Call, batches: list[_Batch]) -> Tensor:
         if mask is not None:
             dead = (mask == -math.inf).all(-1)  # the kernel gives these rows lse 0, not -inf
             out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, -math.inf)
-        mask_any = mask_any or mask is not None
         outs.append(out)
         lses.append(lse)
         owners.extend(slot[1] for slot in batch.slots)
@@ -863,16 +835,8 @@ def _decode_paged(call: _Call, batches: list[_Batch]) -> Tensor:
         return call.q.new_zeros(b, call.h, i, e)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
     if b == 1:  # every page is row 0's
-        return _merge(out, lse, mask_any).to(dtype).reshape(1, call.h, i, e)
-    owner_t = torch.tensor(owners, device=device)
-    acc = lse.dtype  # float32 (float64 for float64 inputs)
-    top = torch.full((b, g, r * i), -math.inf, dtype=acc, device=device)
-    top = top.scatter_reduce_(0, owner_t[:, None, None].expand_as(lse), lse, "amax")
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = (lse - top.index_select(0, owner_t)).exp()  # (pages, g, rows), 0 for a page a row cannot see
-    den = torch.zeros_like(top).index_add_(0, owner_t, w)
-    num = torch.zeros(b, g, r * i, e, dtype=acc, device=device).index_add_(0, owner_t, out.to(acc) * w[..., None])
-    res = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+        return merge(out, lse)[0].to(dtype).reshape(1, call.h, i, e)
+    res = merge(out, lse, torch.tensor(owners, device=device), b)[0]
     return res.to(dtype).reshape(b, call.h, i, e)
 
 
@@ -890,12 +854,7 @@ def _columns(t: Tensor | None, cols: Tensor) -> Tensor | None:
 
 
 def _decode(call: _Call, batches: list[_Batch] | None) -> Tensor:
-    no_autocast = (
-        torch.autocast(call.q.device.type, enabled=False)
-        if _autocast_on(call.q.device.type)
-        else contextlib.nullcontext()
-    )
-    with torch.no_grad(), no_autocast:
+    with torch.no_grad(), no_autocast(call.q.device.type):
         if call.i == 0 or max(call.lengths, default=0) == 0:
             return call.q.new_zeros(call.b, call.h, call.i, call.e)
         if not call.paged:

@@ -43,7 +43,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from .inputs import AttnInputs
+from .inputs import AttnInputs, sides
 
 __all__ = [
     "Structure",
@@ -54,6 +54,7 @@ __all__ = [
     "sdpa_attn_mask",
     "dead_rows",
     "dead_keys",
+    "zero_keys",
     "visible",
     "rows_that_see",
 ]
@@ -73,7 +74,7 @@ class Structure:
         self.i, self.j, self.device = inp.i, inp.j, inp.device
         # the AttnInputs fields it came from (a backward that recomputes through the reference rebuilds them)
         self.fields = {"window": inp.window, "q_docs": inp.q_docs, "k_docs": inp.k_docs, "q_pos": inp.q_pos}
-        left, right = inp.window if inp.window is not None else (None, 0 if inp.causal else None)
+        left, right = sides(inp.window, inp.causal)
         self.left, self.right = left, right
         self.q_docs, self.k_docs = inp.q_docs, inp.k_docs
         self.tracing = torch.compiler.is_compiling()
@@ -162,6 +163,32 @@ class Structure:
             keep = keep & (self.q_docs[:, rows, None] == self.k_docs[:, None, cols])
         return keep[:, None]
 
+    def seen_keys(self) -> Tensor | None:
+        """Bool (b|1, j): True for the keys some query row may see; None when every key is (or when the bounds
+        cannot be read: while tracing). The union of the rows' intervals, and for unsorted document ids the keys
+        whose document has a query. O(b (i + j)), never (i, j)."""
+        if self.lo is None:  # a window alone: consecutive rows' intervals overlap, so the union is one interval
+            lo, hi = self.rows(0, self.i)[:2] if self.i else (0, 0)
+            if lo == 0 and hi == self.j:
+                return None
+            keys = torch.arange(self.j, device=self.device)
+            return ((keys >= lo) & (keys < hi))[None]
+        if self.tracing:
+            return None
+        assert self.hi is not None
+        ones = (self.hi > self.lo).long()  # an empty interval covers nothing
+        edges = torch.zeros(self.lo.shape[0], self.j + 1, dtype=torch.long, device=self.device)
+        edges.scatter_add_(1, self.lo, ones).scatter_add_(1, self.hi, -ones)
+        seen = edges.cumsum(1)[:, : self.j] > 0
+        if not self.exact:  # unsorted ids: a key is seen only if some query shares its document
+            assert self.q_docs is not None and self.k_docs is not None
+            b = max(self.q_docs.shape[0], self.k_docs.shape[0])
+            ids = self.q_docs.expand(b, -1).sort(dim=1).values
+            kd = self.k_docs.expand(b, -1).contiguous()
+            at = torch.searchsorted(ids, kd).clamp_(max=max(ids.shape[1] - 1, 0))
+            seen = seen & (ids.gather(1, at) == kd) if ids.shape[1] else torch.zeros_like(seen)
+        return seen
+
     def describe(self, block: int) -> str:
         """How a blocked backend lowers this structure: what it skips and what it masks."""
         what = []
@@ -192,7 +219,8 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
 
     -(|q|^2 + |k|^2 - 2 q.k) * scale = 2 scale (q.k - |k|^2 / 2) - scale |q|^2, and the last term is constant
     per row, so softmax drops it: q' = [q, 1], k' = [k, -(|k|^2 - c) / 2] (one more head dim; |k|^2 summed in
-    float32; c the median of |k|^2 over the keys of each (b, g), also constant per row) and scale' = 2 scale.
+    float32; c the median of |k|^2 over the keys of each (b, g) that some query may see, also constant per row)
+    and scale' = 2 scale.
     Autograd differentiates the concatenation, so every gradient (second order too) is exact. Kernels that need
     d == e get v padded with a zero column; returns e to slice the output to, or None.
     """
@@ -204,9 +232,14 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
     with torch.no_grad():
         # minus a constant per (b, g): softmax does not see it (every row of the group gets it on every key),
         # and the column then holds |k|^2's spread, not its size, so it rounds far less in the input dtype
-        # (float16: dq 3x the reference's error without it). The median of the finite values: garbage in
-        # padded keys (NaN, inf, 1e30) cannot move it. Detached: the true gradient of a constant is zero.
-        center = torch.nanmedian(torch.where(torch.isfinite(sq), sq, math.nan), dim=-2, keepdim=True).values
+        # (float16: dq 3x the reference's error without it). The median of the finite values of the keys some
+        # query may see: garbage behind padding, a window or another document (NaN, inf, 1e30) cannot move it.
+        # Detached: the true gradient of a constant is zero.
+        usable = torch.isfinite(sq)
+        dead = dead_keys(inp)
+        if dead is not None:  # keys no query may see hold whatever the caller left there: not theirs to move it
+            usable = usable & ~dead[:, None, :, None]
+        center = torch.nanmedian(torch.where(usable, sq, math.nan), dim=-2, keepdim=True).values
         center = center.nan_to_num(0.0)
     pad_v = inp.e == inp.d
     q, k, v = _L2Columns.apply(inp.q, inp.k, inp.v, sq, center, pad_v)
@@ -361,20 +394,31 @@ def dead_rows(inp: AttnInputs) -> Tensor | None:
     return ~keep.any(dim=-1, keepdim=True)
 
 
-def dead_keys(inp: AttnInputs) -> Tensor | None:
-    """Bool (b|1, j): True for keys that no query of that batch element may attend in any head (`mask`
-    False for every row and head, or `bias` -inf for every row and head); None when neither is set.
-    (Causality alone hides no key from every row.) Cost: one reduction over the mask and one over the bias.
-    """
+def dead_keys(inp: AttnInputs, structure: Structure | None = None) -> Tensor | None:
+    """Bool (b|1, j): True for keys that no query of that batch element may attend in any head, whatever hides
+    them: `mask` False for every row and head, `bias` -inf for every row and head, or the structure (a window,
+    another document, a cache or sequence length behind `q_pos`: `Structure.seen_keys`); None when nothing can.
+    Every rule about such keys (the garbage rule, the l2 stabiliser) reads this one function.
+    Cost: one reduction over the mask and one over the bias, and O(b (i + j)) for the structure."""
     dead = None
     if inp.mask is not None:
         dead = ~inp.mask.any(dim=2).any(dim=1)  # (b|1, j|1)
     if inp.bias is not None:
         gone = (inp.bias == float("-inf")).all(dim=2).all(dim=1)
         dead = gone if dead is None else dead | gone
+    if inp.structured:
+        seen = (structure or Structure(inp)).seen_keys()
+        if seen is not None:
+            dead = ~seen if dead is None else dead | ~seen
     if dead is None:
         return None
     return dead.expand(dead.shape[0], inp.j)
+
+
+def zero_keys(t: Tensor, dead: Tensor) -> Tensor:
+    """k or v (b, g, j, d|e) with the keys `dead` (bool (b|1, j), `dead_keys`) set to 0: what a kernel then reads
+    there reaches no row, and (unlike garbage up to inf, where 0 * inf = NaN) cannot poison one."""
+    return t.masked_fill(dead[:, None, :, None], 0)
 
 
 # bools per block when `rows_that_see` must look at (b, h, rows, j) at once: 16 MiB

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._helpers import default, exists
-from .dispatch import NoBackendError, Report, _any_autocast, call, explain_inputs
-from .functional import _DOC_SEMANTICS, autocast_inputs
-from .inputs import Options, validate
+from ._helpers import any_autocast, autocast_inputs, default, exists
+from .dispatch import NoBackendError, Report, call, explain_inputs
+from .functional import DOC_SEMANTICS
+from .inputs import Options, check_window, validate
 
 __all__ = ["Attend"]
 
@@ -69,9 +69,8 @@ class Attend(nn.Module):
             from .dispatch import get_backend
 
             get_backend(backend)  # unknown names fail here, at construction
-        from .inputs import _check_window
 
-        _check_window(window, False)  # a bad window or score fails here, at construction
+        check_window(window, False)  # a bad window or score fails here, at construction
         if score not in ("dot", "l2"):
             raise ValueError(f"expected `score` to be 'dot' or 'l2', got {score!r}")
         self.dropout = float(dropout)
@@ -134,7 +133,7 @@ class Attend(nn.Module):
         documents: Tensor | tuple[Tensor, Tensor] | None = None,
         window: tuple[int | None, int | None] | None = None,
     ) -> Tensor:
-        if _any_autocast():
+        if any_autocast():
             q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
         options = self._options(causal, window)
         if self.flash is True and self.backend is None:
@@ -193,7 +192,7 @@ Attend.__doc__ = (
         documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.
         window: this call's (left, right), overriding the module's (None: the module's).
 """
-    + _DOC_SEMANTICS
+    + DOC_SEMANTICS
     + """
     Raises:
         TypeError, ValueError: bad input ("expected X, got Y"), or a pinned backend that cannot run.

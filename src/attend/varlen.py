@@ -27,10 +27,9 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from ._helpers import accum_dtype, fmt_dtype, fmt_shape
+from ._helpers import accum_dtype, autocast_inputs, fmt_dtype, fmt_shape
 from .dispatch import run
-from .functional import autocast_inputs
-from .inputs import AttnInputs, Options, validate
+from .inputs import AttnInputs, Options, check_float, check_tensor, describe, pages_in_use, validate
 from .masks import Structure, combined_keep
 
 __all__ = ["varlen_attn", "AuxRequest"]
@@ -50,12 +49,6 @@ class AuxRequest(NamedTuple):
 # helpers
 
 
-def _describe(t: Any) -> str:
-    if isinstance(t, Tensor):
-        return f"a {t.dim()}-D tensor of shape {fmt_shape(t.shape)}, dtype {fmt_dtype(t.dtype)}"
-    return f"{type(t).__name__} {t!r}"[:120]
-
-
 def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
     """query (total_q, h, d), key (total_k, g, d), value (total_k, g, e); h == g, or h % g == 0 with enable_gqa.
     (dtypes and devices: `validate`.)"""
@@ -64,8 +57,8 @@ def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
         ("key", key, "(total_k, g, d)"),
         ("value", value, "(total_k, g, e)"),
     ):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"expected `{name}` to be a torch.Tensor of shape {want}, got {_describe(t)}")
+        check_tensor(name, t, want)
+        check_float(name, t)
         if t.dim() != 3:
             hint = ""
             if t.dim() == 4:
@@ -73,7 +66,7 @@ def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
                     "; hint: varlen_attn takes the sequences packed one after the other, with cu_seq_q/cu_seq_k; "
                     "for a padded (b, h, i, d) batch use attend.attention with a key padding mask"
                 )
-            raise ValueError(f"expected `{name}` of shape {want}, got {_describe(t)}{hint}")
+            raise ValueError(f"expected `{name}` of shape {want}, got {describe(t)}{hint}")
     shapes = f"query {fmt_shape(query.shape)}, key {fmt_shape(key.shape)}, value {fmt_shape(value.shape)}"
     if key.shape[0] != value.shape[0]:
         raise ValueError(f"expected key and value with the same number of tokens total_k, got {shapes}")
@@ -82,7 +75,7 @@ def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"expected query and key with the same head dim d, got {shapes}")
     if not isinstance(enable_gqa, bool):
-        raise TypeError(f"expected `enable_gqa` to be a bool, got {_describe(enable_gqa)}")
+        raise TypeError(f"expected `enable_gqa` to be a bool, got {describe(enable_gqa)}")
     h, g = query.shape[1], key.shape[1]
     if not enable_gqa and h != g:
         raise ValueError(
@@ -100,11 +93,11 @@ def _check_cu_seq(name: str, cu: Any, total: int, tokens: str, device: torch.dev
     """cu: int32 (n + 1,) on `device`, starting at 0, non-decreasing, ending at `total`. Returns its values
     (one read to the host)."""
     if not isinstance(cu, Tensor):
-        raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape (n + 1,), got {_describe(cu)}")
+        raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape (n + 1,), got {describe(cu)}")
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(
             f"expected `{name}` of shape (n + 1,) with n >= 1 sequences (cumulative lengths, starting at 0), "
-            f"got {_describe(cu)}"
+            f"got {describe(cu)}"
         )
     if cu.dtype != torch.int32:
         raise TypeError(
@@ -133,7 +126,7 @@ def _check_cu_seq(name: str, cu: Any, total: int, tokens: str, device: torch.dev
 def _check_max(name: str, value: Any, cu_name: str, cu: list[int]) -> None:
     longest = max(b - a for a, b in zip(cu, cu[1:]))
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected `{name}` to be a Python int (the longest sequence), got {_describe(value)}")
+        raise TypeError(f"expected `{name}` to be a Python int (the longest sequence), got {describe(value)}")
     if value < longest:
         raise ValueError(
             f"expected `{name}` >= the longest sequence in `{cu_name}`, {longest}, got {value}; "
@@ -146,13 +139,13 @@ def _check_window(window_size: Any) -> tuple[int | None, int | None] | None:
     if isinstance(window_size, Tensor) or not isinstance(window_size, (tuple, list)):
         raise TypeError(
             f"expected `window_size` to be a pair (left, right) of ints, -1 for unbounded, got "
-            f"{_describe(window_size)}; hint: (-1, 0) is causal, (128, 0) causal with a window of 128"
+            f"{describe(window_size)}; hint: (-1, 0) is causal, (128, 0) causal with a window of 128"
         )
     if len(window_size) != 2:
         raise ValueError(f"expected `window_size` to have length 2 (left, right), got {len(window_size)}")
     for side, w in zip(("left", "right"), window_size):
         if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"expected `window_size` {side} to be an int (-1: unbounded), got {_describe(w)}")
+            raise TypeError(f"expected `window_size` {side} to be an int (-1: unbounded), got {describe(w)}")
     left, right = (None if w < 0 else w for w in window_size)
     return None if left is None and right is None else (left, right)
 
@@ -163,10 +156,10 @@ def _check_extras(return_aux: Any, num_splits: Any) -> bool:
     if return_aux is not None:
         wanted = getattr(return_aux, "lse", None)
         if not isinstance(wanted, bool):
-            raise TypeError(f"expected `return_aux` to be None or an AuxRequest(lse=bool), got {_describe(return_aux)}")
+            raise TypeError(f"expected `return_aux` to be None or an AuxRequest(lse=bool), got {describe(return_aux)}")
         lse = wanted
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"expected `num_splits` to be None or an int >= 1, got {_describe(num_splits)}")
+        raise ValueError(f"expected `num_splits` to be None or an int >= 1, got {describe(num_splits)}")
     return lse
 
 
@@ -208,10 +201,11 @@ def _used_keys(
     page_size, g, d|e) and sequence s's key t is key[block_table[s, t // page_size], t % page_size]; cu_seq_k is
     not read then (None, or an int32 (n + 1,) tensor). Causal and the window align to the used length."""
     which = " and ".join(n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None)
+    check_tensor("query", query, "(total_q, h, d)")
     if not isinstance(cu_seq_q, Tensor) or cu_seq_q.dim() != 1 or cu_seq_q.shape[0] < 2:
         raise ValueError(
             "expected `cu_seq_q` of shape (n + 1,) with n >= 1 sequences (cumulative lengths), "
-            f"got {_describe(cu_seq_q)}"
+            f"got {describe(cu_seq_q)}"
         )
     n = cu_seq_q.shape[0] - 1
     if seqused_k is None:
@@ -224,17 +218,16 @@ def _used_keys(
         ("key", key, "(total_pages, page_size, g, d)"),
         ("value", value, "(total_pages, page_size, g, e)"),
     ):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"expected `{name}` to be a torch.Tensor, got {_describe(t)}")
+        check_tensor(name, t, want if paged else want.replace("total_pages, page_size", "total_k"))
         if paged and t.dim() != 4:
-            raise ValueError(f"expected `{name}` of shape {want} with block_table (a page pool), got {_describe(t)}")
+            raise ValueError(f"expected `{name}` of shape {want} with block_table (a page pool), got {describe(t)}")
     if paged and key.shape[:3] != value.shape[:3]:
         raise ValueError(
             f"expected key and value pools that agree on (total_pages, page_size, g), got key {fmt_shape(key.shape)} "
             f"and value {fmt_shape(value.shape)}"
         )
     if not isinstance(seqused_k, Tensor):
-        raise TypeError(f"expected `seqused_k` to be an int32 torch.Tensor of shape (n,), got {_describe(seqused_k)}")
+        raise TypeError(f"expected `seqused_k` to be an int32 torch.Tensor of shape (n,), got {describe(seqused_k)}")
     if seqused_k.dtype != torch.int32:
         raise TypeError(
             f"expected `seqused_k` of dtype int32, got {fmt_dtype(seqused_k.dtype)}; hint: `.to(torch.int32)`"
@@ -242,7 +235,7 @@ def _used_keys(
     if seqused_k.dim() != 1 or seqused_k.shape[0] != n:
         raise ValueError(
             f"expected `seqused_k` of shape (n,) = ({n},), one length per sequence of cu_seq_q, "
-            f"got {_describe(seqused_k)}"
+            f"got {describe(seqused_k)}"
         )
     if seqused_k.device != query.device:
         raise ValueError(f"expected `seqused_k` on {query.device} like query, got {seqused_k.device}")
@@ -252,11 +245,11 @@ def _used_keys(
     device = query.device
     if not paged:
         if not isinstance(key, Tensor) or key.dim() != 3:
-            raise ValueError(f"expected `key` of shape (total_k, g, d), got {_describe(key)}")
+            raise ValueError(f"expected `key` of shape (total_k, g, d), got {describe(key)}")
         cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key.shape[0], "key", device)
         if len(cu_k) != n + 1:
             raise ValueError(
-                f"expected cu_seq_k with one entry per sequence, shape ({n + 1},), got {_describe(cu_seq_k)}"
+                f"expected cu_seq_k with one entry per sequence, shape ({n + 1},), got {describe(cu_seq_k)}"
             )
         for s in range(n):
             if used[s] > cu_k[s + 1] - cu_k[s]:
@@ -268,11 +261,11 @@ def _used_keys(
         flat_k, flat_v = key, value
     else:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
-            got = _describe(block_table) if not isinstance(block_table, Tensor) else fmt_dtype(block_table.dtype)
+            got = describe(block_table) if not isinstance(block_table, Tensor) else fmt_dtype(block_table.dtype)
             raise TypeError(f"expected `block_table` of dtype int32, shape (n, max_pages), got {got}")
         if block_table.dim() != 2 or block_table.shape[0] != n:
             raise ValueError(
-                f"expected `block_table` of shape (n, max_pages) with n = {n}, got {_describe(block_table)}"
+                f"expected `block_table` of shape (n, max_pages) with n = {n}, got {describe(block_table)}"
             )
         if block_table.device != device:
             raise ValueError(f"expected `block_table` on {device} like query, got {block_table.device}")
@@ -281,31 +274,19 @@ def _used_keys(
         ):
             raise ValueError(
                 f"expected `cu_seq_k` None or an int32 tensor of shape ({n + 1},) with block_table (its values are not "
-                f"read: seqused_k gives the lengths), got {_describe(cu_seq_k)}"
+                f"read: seqused_k gives the lengths), got {describe(cu_seq_k)}"
             )
-        pages, page_size = key.shape[0], key.shape[1]
-        table = block_table.tolist()
+        page_size = key.shape[1]
+        pools = pages_in_use(block_table, used, page_size, key.shape[0], pool_name="total_pages", row_name="sequence")
         parts = []
-        for s in range(n):
-            need = -(-used[s] // page_size)
-            if need > block_table.shape[1]:
-                raise ValueError(
-                    f"expected seqused_k[{s}] <= max_pages * page_size = {block_table.shape[1] * page_size}, got "
-                    f"{used[s]}"
-                )
-            bad = [x for x in table[s][:need] if not 0 <= x < pages]
-            if bad:
-                raise ValueError(
-                    f"expected the pages sequence {s} uses in `block_table` in [0, total_pages) = [0, {pages}), got "
-                    f"block_table[{s}, {table[s].index(bad[0])}] = {bad[0]}"
-                )
-            ids = torch.tensor(table[s][:need], device=device, dtype=torch.long)
-            parts.append((ids[:, None] * page_size + torch.arange(page_size, device=device)).flatten()[: used[s]])
+        for s, ids in enumerate(pools):
+            at = torch.tensor(ids, device=device, dtype=torch.long)
+            parts.append((at[:, None] * page_size + torch.arange(page_size, device=device)).flatten()[: used[s]])
         index = torch.cat(parts)
         flat_k, flat_v = key.flatten(0, 1), value.flatten(0, 1)
     _check_grad_free(query, key, value, which)
     if isinstance(max_k, bool) or not isinstance(max_k, int):
-        raise TypeError(f"expected `max_k` to be a Python int (the longest sequence), got {_describe(max_k)}")
+        raise TypeError(f"expected `max_k` to be a Python int (the longest sequence), got {describe(max_k)}")
     if max_k < max(used):
         raise ValueError(f"expected `max_k` >= the longest used key sequence (seqused_k), {max(used)}, got {max_k}")
     new_cu = torch.tensor([0, *itertools.accumulate(used)], dtype=torch.int32, device=device)
@@ -356,7 +337,7 @@ def _varlen_inputs(
     q_docs = torch.searchsorted(cu_seq_q[1:], torch.arange(total_q, dtype=torch.int32, device=device), right=True)
     k_docs = torch.searchsorted(cu_seq_k[1:], torch.arange(total_k, dtype=torch.int32, device=device), right=True)
     options = Options(scale=scale, window=window)
-    inp = validate(q, k, v, documents=(q_docs[None], k_docs[None]), options=options)
+    inp = validate(q, k, v, documents=(q_docs[None], k_docs[None]), options=options, names=("query", "key", "value"))
     # causal and the window are bottom-right aligned per sequence: query x of sequence s has its diagonal at
     # global key x + (cu_seq_k[s+1] - cu_seq_q[s+1]). Only a window reads it; skipped where it is attend's
     # default diagonal x + (total_k - total_q) for every sequence that has queries.
