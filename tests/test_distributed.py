@@ -437,26 +437,27 @@ def _job_nccl(rank: int, world: int) -> None:
 
 def _job_windows(rank: int, world: int) -> None:
     """A window side of any Python int equals an unbounded one, across ranks: saturated at the global length,
-    never at a rank's own (a side of 6 with 4 local and 8 global positions still hides keys) and never wrapped."""
+    never at a rank's own or at one run of keys' (a side of n - 2 with n / world local positions still hides
+    keys) and never wrapped. Runs of many keys (n = 32 * world) as well as one-key runs (n = 4 * world)."""
     import sys
 
-    n = 4 * world
-    q, k, v = (torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
-    ql, kl, vl = (shard(t, 2, "headtail") for t in (q, k, v))
-    for strategy in ("allgather", "ring"):
-        for causal in (False, True):
-            for big, unbounded in (((sys.maxsize, 1), (None, 1)), ((1, 10**20), (1, None)), ((n, n), (None, None))):
-                want = shard(attend.attention(q, k, v, causal=causal, window=unbounded), 2, "headtail")
-                got = context_parallel_attention(
-                    ql, kl, vl, causal=causal, window=big, layout="headtail", strategy=strategy
-                )
-                torch.testing.assert_close(got, want, msg=_prefixed(f"{strategy} causal={causal} {big}"))
-            # a side past the local length but not the global one is a real window
-            side = n - 2
-            want = shard(attend.attention(q, k, v, causal=causal, window=(side, 0)), 2, "headtail")
-            got = context_parallel_attention(ql, kl, vl, causal=causal, window=(side, 0), layout="headtail",
-                                             strategy=strategy)  # fmt: skip
-            torch.testing.assert_close(got, want, msg=_prefixed(f"{strategy} causal={causal} side {side}"))
+    for n in (4 * world, 32 * world):
+        q, k, v = (torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+        for layout in LAYOUTS:
+            ql, kl, vl = (shard(t, 2, layout) for t in (q, k, v))
+            cases = [
+                ((sys.maxsize, 1), (None, 1)), ((1, 10**20), (1, None)), ((n, n), (None, None)),
+                ((n - 2, 0), (n - 2, 0)), ((n // 2 + 3, 1), (n // 2 + 3, 1)), ((0, n // 2), (0, n // 2)),
+            ]  # fmt: skip
+            for strategy in ("allgather", "ring"):
+                for causal in (False, True):
+                    for given, same in cases:
+                        want = shard(attend.attention(q, k, v, causal=causal, window=same), 2, layout)
+                        got = context_parallel_attention(
+                            ql, kl, vl, causal=causal, window=given, layout=layout, strategy=strategy
+                        )
+                        what = f"n={n} {layout} {strategy} causal={causal} {given}"
+                        torch.testing.assert_close(got, want, msg=_prefixed(what))
 
 
 JOBS = {

@@ -477,12 +477,15 @@ def _plan_part(
     inp = validate(
         q_rows, k, v, mask=mask, bias=_rows(_key_cols(bias4, start, length), r0, r1),
         documents=None if k_docs is None or ring.q_docs is None else (ring.q_docs[:, r0:r1], k_docs),
-        options=Options(scale=ring.scale, window=ring.window),
+        options=Options(scale=ring.scale),
     )  # fmt: skip
+    if ring.window is not None:
+        # causal and the window by global positions, in the run's key coordinates. Set here, not through
+        # `validate`: it would saturate the sides at this run's own extent, which the queries' global positions
+        # pass (the window was checked and saturated at the global length already)
+        inp = replace(inp, window=ring.window, q_pos=(ring.q_pos[r0:r1] - start)[None])
     facts = tiles.read_facts(inp.mask, inp.bias, length, ring.k_tile)
     if inp.structured:
-        if ring.window is not None:  # causal and the window by global positions, in the run's key coordinates
-            inp = replace(inp, q_pos=(ring.q_pos[r0:r1] - start)[None])
         structure = Structure(inp)
         if structure.lo is not None and structure.hi is not None and not bool((structure.hi > structure.lo).any()):
             return None  # no query sees a key of the run (documents)
@@ -952,7 +955,7 @@ def context_parallel_attention(
                     "rank's key padding"
                 )
     if strategy == "ring":
-        if key_pad is not None:
+        if key_pad is not None and not bool(key_pad.all()):
             # the garbage rule (contract item 3) without a collective: a padded key is hidden from every query of
             # every rank, so its owner sends zeros (a tile's 0 probability times an inf value would be NaN)
             k, v = (zero_keys(t, ~key_pad) for t in (k, v))

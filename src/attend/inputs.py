@@ -430,6 +430,8 @@ def check_window(
     unbounded (None): any Python int is valid, `sys.maxsize` and `10**20` included, and none reaches int64
     arithmetic to wrap. A window that hides nothing beyond causal is None (the plain path). Without `extent`
     (a constructor checking early, a rank that does not know the global length yet) the sides are only checked.
+    A caller whose query positions lie outside [j - i, j) (`AttnInputs.q_pos` set after `validate`, as the ring
+    does for a run of keys) saturates at its own global extent and sets the window after `validate`.
     """
     if window is None:
         return None

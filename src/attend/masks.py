@@ -164,9 +164,9 @@ class Structure:
         return keep[:, None]
 
     def seen_keys(self) -> Tensor | None:
-        """Bool (b|1, j): True for the keys some query row may see; None when every key is (or when the bounds
-        cannot be read: while tracing). The union of the rows' intervals, and for unsorted document ids the keys
-        whose document has a query. O(b (i + j)), never (i, j)."""
+        """Bool (b|1, j): True for the keys some query row may see; None when a window alone hides no key, or
+        while tracing (the bounds cannot be read). The union of the rows' intervals: O(b (i + j)); for unsorted
+        document ids a blocked scan of `keep`, never (i, j) at once."""
         if self.lo is None:  # a window alone: consecutive rows' intervals overlap, so the union is one interval
             lo, hi = self.rows(0, self.i)[:2] if self.i else (0, 0)
             if lo == 0 and hi == self.j:
@@ -180,13 +180,15 @@ class Structure:
         edges = torch.zeros(self.lo.shape[0], self.j + 1, dtype=torch.long, device=self.device)
         edges.scatter_add_(1, self.lo, ones).scatter_add_(1, self.hi, -ones)
         seen = edges.cumsum(1)[:, : self.j] > 0
-        if not self.exact:  # unsorted ids: a key is seen only if some query shares its document
-            assert self.q_docs is not None and self.k_docs is not None
-            b = max(self.q_docs.shape[0], self.k_docs.shape[0])
-            ids = self.q_docs.expand(b, -1).sort(dim=1).values
-            kd = self.k_docs.expand(b, -1).contiguous()
-            at = torch.searchsorted(ids, kd).clamp_(max=max(ids.shape[1] - 1, 0))
-            seen = seen & (ids.gather(1, at) == kd) if ids.shape[1] else torch.zeros_like(seen)
+        if not self.exact:
+            # unsorted ids: the intervals are the window's alone and ids are compared per key, so the union above
+            # over-counts (a key of a document whose queries all sit past it); exact by a scan of `keep` a block of
+            # rows at a time, never (i, j) at once. Rare: packing sorts the ids.
+            step = max(1, _SEE_BLOCK // max(1, seen.shape[0] * self.j))
+            seen = torch.zeros_like(seen)
+            for r0 in range(0, self.i, step):
+                rows = slice(r0, min(self.i, r0 + step))
+                seen = seen | self.keep(rows, slice(0, self.j))[:, 0].any(1)
         return seen
 
     def describe(self, block: int) -> str:

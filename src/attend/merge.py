@@ -23,17 +23,18 @@ from torch import Tensor
 __all__ = ["merge", "merge_into"]
 
 
-def merge(out: Tensor, lse: Tensor, owner: Tensor | None = None, rows: int = 1) -> tuple[Tensor, Tensor]:
+def merge(
+    out: Tensor, lse: Tensor, owner: Tensor | None = None, rows: int = 1, *, with_lse: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Merge P partial results stacked on dim 0: `out (P, ..., e)`, `lse (P, ...)`.
 
-    `owner`: None, every part is one row's (returns `out (..., e)`, `lse (...)`); or an int64 `(P,)` tensor, the
-    row in [0, rows) each part belongs to (returns `out (rows, ..., e)`, `lse (rows, ...)`; a row with no part
-    gets 0 and -inf). Both in lse's dtype.
+    `owner`: None, every part is one row's (returns `out (..., e)`); or an int64 `(P,)` tensor, the row in
+    [0, rows) each part belongs to (returns `out (rows, ..., e)`; a row with no part gets 0). In lse's dtype.
+    `with_lse`: also the merged log-sum-exp (-inf where a row saw no key), else None (decoding skips it).
     """
     if owner is None:
         w = lse.softmax(0).nan_to_num_(0.0)  # a row no part saw: 0 / 0 -> 0 (a NaN value still gives NaN)
-        total = torch.logsumexp(lse, 0)
-        return (out.to(w.dtype) * w[..., None]).sum(0), total
+        return (out.to(w.dtype) * w[..., None]).sum(0), torch.logsumexp(lse, 0) if with_lse else None
     shape = (rows, *lse.shape[1:])
     top = torch.full(shape, -math.inf, dtype=lse.dtype, device=lse.device)
     top = top.scatter_reduce_(0, owner.view(-1, *[1] * (lse.dim() - 1)).expand_as(lse), lse, "amax")
@@ -43,8 +44,11 @@ def merge(out: Tensor, lse: Tensor, owner: Tensor | None = None, rows: int = 1) 
     num = torch.zeros(*shape, out.shape[-1], dtype=lse.dtype, device=lse.device)
     num = num.index_add_(0, owner, out.to(lse.dtype) * w[..., None])
     seen = den > 0
-    res = num / torch.where(seen, den, torch.ones_like(den))[..., None]
-    total = torch.where(seen, top + torch.where(seen, den, torch.ones_like(den)).log(), -math.inf)
+    safe = torch.where(seen, den, torch.ones_like(den))
+    res = num / safe[..., None]
+    if not with_lse:
+        return res, None
+    total = torch.where(seen, top + safe.log(), -math.inf)
     return res, total.where(~den.isnan(), den)
 
 
