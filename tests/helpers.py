@@ -76,3 +76,21 @@ def compile_counter():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     return CompileCounterWithBackend("aot_eager")
+
+
+def skip_unless_runs(name: str, inp) -> None:
+    """Skip the test, with backend `name`'s own reasons, where it cannot run the validated inputs `inp`."""
+    from attend import get_backend
+
+    reasons = get_backend(name).reasons_unsupported(inp)
+    if reasons:
+        pytest.skip(f"{name}: {'; '.join(reasons)}")
+
+
+def _cpu_backends() -> list[str]:
+    from attend.testing import backends_for
+
+    return backends_for("cpu")
+
+
+CPU_BACKENDS = _cpu_backends()  # every backend that declares the CPU: the ones a CPU test runs

@@ -8,7 +8,7 @@ import torch
 
 from attend import get_backend, list_backends
 from attend.inputs import validate
-from attend.testing import check_backend, checkable, grid
+from attend.testing import backends_for, check_backend, checkable, grid
 
 from .conftest import DEVICES
 
@@ -16,7 +16,7 @@ PARAMS = [
     pytest.param(name, case, id=case.id(name), marks=[pytest.mark.gpu] if case.device == "cuda" else [])
     for device in DEVICES
     for case in grid(device)
-    for name in list_backends()
+    for name in backends_for(device)
 ]
 
 

@@ -15,6 +15,7 @@ from attend.backends.einsum import EinsumBackend
 from attend.inputs import validate
 
 from .conftest import DEVICES
+from .helpers import CPU_BACKENDS, skip_unless_runs
 
 REASON = "not deterministic, and determinism was requested"
 
@@ -194,13 +195,12 @@ def test_two_runs_bitwise_identical(device, dtype, how, setting):
     assert ran >= 1
 
 
-@pytest.mark.parametrize("name", [n for n in list_backends() if get_backend(n).caps_for(torch.device("cpu"))])
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_dropout_is_reproducible_under_a_seed(name):
     """Dropout draws from torch's RNG: the same seed gives the same mask, so determinism holds."""
     q, k, v, mask, _ = _inputs()
     inp = validate(q.detach().requires_grad_(), k, v, mask=mask, dropout_p=0.25, deterministic=True)
-    if get_backend(name).reasons_unsupported(inp):
-        pytest.skip(f"{name}: {'; '.join(get_backend(name).reasons_unsupported(inp))}")
+    skip_unless_runs(name, inp)
     first = _run(name, q, k, v, mask=mask, dropout_p=0.25, deterministic=True, seed=3)
     second = _run(name, q, k, v, mask=mask, dropout_p=0.25, deterministic=True, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

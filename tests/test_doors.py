@@ -235,7 +235,7 @@ def test_l2_with_a_backend_that_cannot_run_it_describes_the_callers_call():
     assert "shape=(1, 2, 4, 8)" in text and "(1, 2, 4, 9)" not in text
     assert "score: 'l2'" in text
     assert "--score l2" in text
-    assert f"scale  : {8**-0.5:.6g}" in text
+    assert f"scale: {8**-0.5:.6g}" in text
 
 
 def test_varlen_names_its_own_arguments():
@@ -263,3 +263,30 @@ def test_unsorted_documents_key_hidden_by_causal_within_its_document(score):
         k2[:, :, 5:] = v2[:, :, 5:] = value
         got = attention(q, k2, v2, documents=docs, causal=True, score=score)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["attention", "Attend", "distributed-ring", "distributed-allgather"])
+@pytest.mark.parametrize("value", [3e38, float("inf")], ids=["max", "inf"])
+def test_gradients_ignore_garbage_behind_padding(name, value, request):
+    """Training through a door: garbage past a row's length changes no gradient of q, k or v, and the padded
+    keys and values get gradient 0 (contract items 2 and 3, first order)."""
+    if name.startswith("distributed"):
+        request.getfixturevalue("one_rank_group")
+    door, lengths = DOORS[name], [12, 7, 3]
+    q, k, v = make_qkv(b=3, h=4, g=2, i=12, j=12, d=8)
+    dout = torch.randn(3, 4, 12, 8, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fill in (None, value):
+        kk, vv = k.clone(), v.clone()
+        if fill is not None:
+            for row, n in enumerate(lengths):
+                kk[row, :, n:] = vv[row, :, n:] = fill
+        leaves = [t.clone().requires_grad_() for t in (q, kk, vv)]
+        door(*leaves, lengths, True, (4, 0)).backward(dout)
+        grads.append([t.grad for t in leaves])
+    pad = ~_padding(k, lengths)[:, None, :, None]
+    for clean, dirty, what in zip(*grads, "qkv"):
+        assert torch.isfinite(dirty).all(), what
+        torch.testing.assert_close(dirty, clean, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"d{w}: {m}")
+        if what != "q":
+            assert (dirty.masked_select(pad.expand_as(dirty)) == 0).all(), what

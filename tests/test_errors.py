@@ -23,6 +23,8 @@ from attend import Attend, NoBackendError, attention, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import tolerance
 
+from .helpers import CPU_BACKENDS, skip_unless_runs
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
 # helpers
@@ -327,14 +329,12 @@ def _views():
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_views_work_on_every_backend(name, causal):
     q, k, v, mask = _views()
     inp = validate(q.detach().requires_grad_(), k, v, mask=mask, causal=causal)
-    reasons = get_backend(name).reasons_unsupported(inp)
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, inp)
     from attend.testing import check_backend
 
     check_backend(name, q, k, v, mask=mask, causal=causal)
@@ -374,14 +374,12 @@ def test_auto_with_bias_grad_picks_a_bias_grad_backend():
             assert "bias requires grad; this backend gives no gradient for bias" in reasons
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_empty_sequences(name):
     """i = 0: empty output; j = 0: zeros with zero gradients, on every backend (short-circuited before
     any kernel, so no backend sees an empty tensor)."""
     q = q_(2, 4, 0, 8)
-    reasons = get_backend(name).reasons_unsupported(validate(q, kv_(), kv_()))
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(q, kv_(), kv_()))
     out = attention(q, kv_(), kv_(), backend=name, causal=True)
     assert out.shape == (2, 4, 0, 8)
     q, k, v = q_().requires_grad_(), kv_(2, 2, 0, 8).requires_grad_(), kv_(2, 2, 0, 8).requires_grad_()

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from attend import Attend, attention, dispatch, get_backend, list_backends
+from attend import Attend, attention, dispatch
 from attend.inputs import validate
 from attend.testing import assert_matches_reference, tolerance
 
-CPU_BACKENDS = [n for n in list_backends() if "cpu" in get_backend(n).caps]
+from .helpers import CPU_BACKENDS, skip_unless_runs
 
 # feature -> (h, g, i, j, keyword arguments); small shapes so gradgradcheck's finite differences are quick
 FEATURES = {
@@ -59,9 +59,7 @@ def _fixed_rng(fn):
 def test_gradgradcheck(name, feature):
     h, g, i, j, kw = FEATURES[feature]
     leaves, kw = _inputs(h, g, i, j, kw)
-    reasons = get_backend(name).reasons_unsupported(validate(*leaves[:3], **kw))
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(*leaves[:3], **kw))
     bias_leaf = len(leaves) == 4
 
     @_fixed_rng
@@ -87,9 +85,7 @@ def test_gradgradcheck_with_one_tensor_in_several_places(name, uses):
     second-order backward must give each use its own gradient, not the tensor's total once per use (it did:
     10x off through the fused kernels)."""
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    reasons = get_backend(name).reasons_unsupported(validate(x, x, x))
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(x, x, x))
 
     def fn(x):
         q = x if uses == "x, x, x" else 2.0 * x
@@ -109,9 +105,7 @@ def test_issue_example_hessian_vector_product(name):
     """The report: chunked's hvp was off by 10.1 (its saved state was differentiated as constants)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    reasons = get_backend(name).reasons_unsupported(validate(q, k, v))
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(q, k, v))
 
     def hvp(backend):
         (gq,) = torch.autograd.grad(attention(q, k, v, backend=backend).pow(2).sum(), q, create_graph=True)

@@ -73,3 +73,58 @@ def test_empty_lengths():
     assert attention(q0[:, :, :0], k0, v0).shape == (2, 4, 0, 32)
     out = attention(q0, k0[:, :, :0], v0[:, :, :0])
     assert out.shape == (2, 4, 1, 32) and (out == 0).all()
+
+
+def test_the_vocabulary_is_the_options_record():
+    """`Options`, `AttnInputs`, `attention`/`explain`'s keywords and `attend explain`'s flags come from one table:
+    every row is a field of each, in order, with its default."""
+    import dataclasses
+    import inspect
+
+    from attend import explain
+    from attend.inputs import VOCABULARY, AttnInputs, Options
+
+    assert Options._fields == tuple(t.name for t in VOCABULARY)
+    assert Options() == tuple(t.default for t in VOCABULARY)
+    fields = {f.name for f in dataclasses.fields(AttnInputs)}
+    for fn in (attention, explain):
+        params = inspect.signature(fn).parameters
+        for term in VOCABULARY:
+            assert term.name in fields
+            assert params[term.name].default == term.default, (fn.__name__, term.name)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"causal": True, "scale": 0.25},
+        {"dropout_p": 0.125, "deterministic": True},
+        {"window": (3, None), "score": "l2", "check_finite": False},
+        {"window": (0, 2), "check_finite": True},
+    ],
+    ids=str,
+)
+def test_cli_hint_round_trips_every_option(options, monkeypatch, capsys):
+    """The hint `describe`s errors end with is an `attend explain` command that rebuilds the same options."""
+    import attend.cli
+    from attend.dispatch import explain_inputs
+    from attend.inputs import VOCABULARY, validate
+
+    q, k, v = make_qkv(b=1, h=2, g=2, i=5, j=7, d=8)
+    inp = validate(q, k, v, **options)
+    hint = inp.cli_hint()
+    for term in VOCABULARY:
+        if term.name in options and term.name != "causal":
+            assert term.flag in hint, (term.flag, hint)
+    seen = {}
+
+    def capture(rebuilt, backend=None):
+        seen["inp"] = rebuilt
+        return explain_inputs(rebuilt, backend)
+
+    monkeypatch.setattr(attend.cli, "explain_inputs", capture)
+    assert attend.cli.main(hint.split()[1:]) == 0
+    again = seen["inp"]
+    for term in VOCABULARY:
+        assert getattr(again, term.name) == getattr(inp, term.name), term.name
+    assert again.describe() == inp.describe()

@@ -20,6 +20,8 @@ from attend import Attend, attention, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import DTYPES, assert_matches_reference, check_backend, tolerance
 
+from .helpers import CPU_BACKENDS, skip_unless_runs
+
 HALF = [torch.float16, torch.bfloat16]
 
 # helpers
@@ -33,16 +35,13 @@ def _maybe_nonfinite(inp) -> bool:
 
 
 def _skip_unless_runs(name, q, k, v, grad=True, **kw):
-    inp = validate(q.detach().requires_grad_(grad), k, v, **kw)
-    reasons = get_backend(name).reasons_unsupported(inp)
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(q.detach().requires_grad_(grad), k, v, **kw))
 
 
 # large logits
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_logits_stay_finite_and_match(name, dtype, causal):
@@ -57,7 +56,7 @@ def test_large_logits_stay_finite_and_match(name, dtype, causal):
     check_backend(name, q, k, v, causal=causal, scale=1.0)
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_float16_qk_beyond_65504_does_not_overflow(name):
     """|q . k| = 102400 > float16 max (65504), but scale * q . k = 102.4: every backend scales before (or
     accumulates in float32 during) the matmul, so the output is finite and matches the reference."""
@@ -135,7 +134,7 @@ def _nan_case(where: str, dtype):
 
 
 @pytest.mark.parametrize("where", WHERES)
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, where):
     """`check_finite=True`, every backend, whatever its masking does inside: NaN rows are exactly the rows that attend a NaN/inf
     (never vanishing, never leaking), and every other row is what it would be with those entries at 0."""
@@ -152,7 +151,7 @@ def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, where):
 
 
 @pytest.mark.parametrize("where", WHERES)
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_default_guard_never_leaks(name, where):
     """The default (`check_finite=None`, CPU): nothing reaches a row from a position it may not see, on every
     backend, and every row that sees no NaN/inf is exactly the kernel's output for the same inputs with those
@@ -188,7 +187,7 @@ def test_default_leaves_visible_nonfinite_to_the_kernel_and_true_makes_it_exact(
     assert torch.isfinite(kernel).all(), "CPU flash now propagates these: update docs/reliability.md"
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_nonfinite_clean_rows_train(name):
     """Garbage NaN in padded keys (torch.empty padding) costs nothing in training: the loss and the
     gradients are finite and equal those of the same batch with the padding zeroed."""
@@ -249,7 +248,7 @@ def test_overflowing_finite_sum_is_only_a_false_alarm():
 GARBAGE = ["huge", "max", "inf", "-inf", "nan"]
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("masking", ["padding", "causal", "bool", "bias-inf"])
 @pytest.mark.parametrize("garbage", GARBAGE)
@@ -343,7 +342,7 @@ def test_guard_skips_under_vmap_and_fake_tensors():
 # one bias rule on every backend (contract item 4)
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize(
     "kind", ["beyond-float16", "row-of-minus-1e9", "fine-grained"], ids=lambda s: s

@@ -7,20 +7,16 @@ import pytest
 import torch
 
 import attend
-from attend import attention, get_backend, list_backends
+from attend import attention, get_backend
 from attend.backends.einsum import einsum_attention
 from attend.inputs import FLOAT_DTYPES, validate
 from attend.testing import tolerance
 
-from .helpers import make_qkv, spy_sdpa
-
-CPU_BACKENDS = [n for n in list_backends() if "cpu" in get_backend(n).caps]
+from .helpers import CPU_BACKENDS, make_qkv, skip_unless_runs, spy_sdpa
 
 
 def runnable(name, q, k, v, **kw):
-    reasons = get_backend(name).reasons_unsupported(validate(q, k, v, **kw))
-    if reasons:
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    skip_unless_runs(name, validate(q, k, v, **kw))
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)

@@ -13,14 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attend.backends.sdpa as sdpa_mod
-from attend import Attend, attention, explain, list_backends
+from attend import Attend, attention, explain
 from attend.dispatch import get_backend
 from attend.masks import Structure
 from attend.testing import check_backend, checkable, tolerance
 
-from .helpers import fresh_dynamo  # noqa: F401  (a fixture)
+from .helpers import CPU_BACKENDS, fresh_dynamo, skip_unless_runs  # noqa: F401  (a fixture)
 
-CPU_BACKENDS = [n for n in list_backends() if get_backend(n).caps_for(torch.device("cpu")) is not None]
 BLOCK = 8  # small query / key blocks, so every lowering skips and masks blocks at these sizes
 
 
@@ -103,8 +102,7 @@ def test_structure_matches_reference(name, case, extra):
         cast = [t.to(dtype) for t in (q, k, v)]
         if "bias" in kw:
             kw["bias"] = kw["bias"].detach().to(dtype).requires_grad_(True)
-        if get_backend(name).reasons_unsupported(_validated(*cast, **kw)):
-            pytest.skip(f"{name}: {'; '.join(get_backend(name).reasons_unsupported(_validated(*cast, **kw)))}")
+        skip_unless_runs(name, _validated(*cast, **kw))
         _check(name, *cast, **kw)
 
 

@@ -5,7 +5,9 @@ d head dim (q and k), e value head dim.
 
     attend info                                   versions, device, CPU features, every backend's status
     attend explain --shape B,H,I,D [--kv-heads G] [--kv-len J] [--v-dim E] [--dtype X] [--device Y]
-                   [--causal] [--mask none|padding|bool|bias] [--grad] [--dropout P] [--backend NAME]
+                   [--causal] [--scale S] [--dropout P] [--window L,R] [--score dot|l2] [--deterministic]
+                   [--check-finite true|false] [--mask none|padding|bool|bias] [--grad] [--documents N1,N2,...]
+                   [--backend NAME]   (the option flags come from `attend.inputs.VOCABULARY`)
     attend check [--device] [--dtype a,b] [--backends a,b]
     attend bench [--suite quick|small|cpu|gan|vit|llm|long|gpu|structured|decode] [--device] [--dtype] [--backends a,b]
                  [--mode fwd|fwdbwd|both] [--json PATH] [--plot PATH] [--compare OLD.json [NEW.json]]
@@ -30,7 +32,7 @@ import torch
 from . import __version__
 from ._helpers import fmt_dtype
 from .dispatch import PRIORITY, explain_inputs, get_backend, list_backends
-from .inputs import validate
+from .inputs import VOCABULARY, Options, validate
 
 __all__ = ["main", "build_parser", "CliError"]
 
@@ -257,15 +259,17 @@ def cmd_explain(args) -> int:
     if args.grad:
         for t in (q, k, v):
             t.requires_grad_(True)
-    window = documents = None
-    if args.window is not None:
-        sides = args.window.split(",")
-        try:
-            window = tuple(None if w.strip().lower() == "none" else int(w) for w in sides)
-        except ValueError:
-            sides = []
-        if len(sides) != 2:
-            raise CliError(f"expected --window LEFT,RIGHT (ints, or 'none' for unbounded), got {args.window!r}")
+    options = {}
+    for term in VOCABULARY:
+        given = getattr(args, term.name)
+        if term.metavar is None:
+            options[term.name] = given
+        elif given is not None:
+            try:
+                options[term.name] = term.parse(given)
+            except ValueError as exc:
+                raise CliError(f"{term.flag}: {exc}") from None
+    documents = None
     if args.documents is not None:
         try:
             lengths = [int(n) for n in args.documents.split(",")]
@@ -280,8 +284,7 @@ def cmd_explain(args) -> int:
         documents = ids[None].expand(b, i)
     try:
         inp = validate(
-            q, k, v, mask=mask, bias=bias, causal=args.causal, dropout_p=args.dropout, window=window,
-            documents=documents, score=args.score,
+            q, k, v, mask=mask, bias=bias, documents=documents, options=Options(**options)
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise CliError(_one_line(exc)) from None
@@ -556,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v-dim", type=int, metavar="E", help="value head dim e; default d")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps; default cuda when available, else cpu")
-    p.add_argument("--causal", action="store_true", help="bottom-right aligned causal masking")
+    for term in VOCABULARY:  # every option's flag, from its row of the vocabulary
+        if term.metavar is None:
+            p.add_argument(term.flag, dest=term.name, action="store_true", help=term.help)
+        else:
+            p.add_argument(term.flag, dest=term.name, metavar=term.metavar, help=term.help)
     p.add_argument(
         "--mask",
         choices=("none", "padding", "bool", "bias"),
@@ -564,10 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="padding: (b, j) key padding; bool: (b, 1, i, j); bias: float (b, h, i, j)",
     )
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
-    p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="dropout probability")
-    p.add_argument("--window", metavar="LEFT,RIGHT", help="sliding window, each side an int or 'none' (unbounded)")
     p.add_argument("--documents", metavar="N1,N2,...", help="packed documents of these lengths (they add up to i = j)")
-    p.add_argument("--score", choices=("dot", "l2"), default="dot", help="dot (default) or l2 (GigaGAN)")
     p.add_argument("--backend", metavar="NAME", help="explain a pinned backend instead of auto")
     p.set_defaults(func=cmd_explain)
 

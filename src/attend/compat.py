@@ -32,6 +32,7 @@ still turns other rows NaN; here those rows keep their values.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -212,5 +213,5 @@ def scaled_dot_product_attention(
             # L > S: rows i >= S see every key; one shared (1, 1, L, S) bool tile, never (N, Hq, L, S)
             mask = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()[None, None]
 
-    out = call(q4, k4, v4, mask, bias, options=Options(causal=causal, scale=scale, dropout_p=dropout_p))
+    out = cast(Tensor, call(q4, k4, v4, mask, bias, options=Options(causal=causal, scale=scale, dropout_p=dropout_p)))
     return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._helpers import any_autocast, fmt_shape, functorch_wrapped, no_autocast
+from ._helpers import accum_dtype, any_autocast, fmt_shape, functorch_wrapped, no_autocast
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs, Options, validate
-from .masks import dead_keys, lower_score, rows_that_see, zero_keys
+from .masks import Lowered, dead_keys, lower_score, rows_that_see, zero_keys
 
 __all__ = [
     "PRIORITY",
@@ -47,9 +47,13 @@ __all__ = [
     "run",
     "CACHE_SIZE",
     "MEMORY_BUDGET_BYTES",
+    "output_is_finite",
 ]
 
 log = logging.getLogger("attend")
+
+# what a backend's `run` and the run policy return: out (b, h, i, e), or (out, lse (b, h, i)) with `return_lse`
+Result = Tensor | tuple[Tensor, Tensor]
 
 # First eligible wins. Evidence for each order sits beside it; rerun `attend bench` to refresh it.
 PRIORITY: dict[str, tuple[str, ...]] = {
@@ -379,7 +383,7 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[B
 
 def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
     """Every registered backend with its reasons, and the one that runs `inp`."""
-    shown, (inp, _) = inp, lower_score(inp)
+    shown, inp = inp, lower_score(inp).inp
     auto = _auto_order(inp)
     order = list(auto) + [n for n in _registry if n not in auto]
     reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
@@ -462,6 +466,12 @@ def _finite_sum(t: Tensor) -> Tensor:
     return t.mean() if t.dtype == torch.float16 else t.sum()
 
 
+def output_is_finite(out: Tensor) -> bool:
+    """The guard's test (contract item 3): no NaN or inf in `out`, by one sum read to the host. A door that runs
+    a kernel of its own (`with_kvcache`'s decode kernel) reruns the call through `run` when it is False."""
+    return math.isfinite(_finite_sum(out).item())
+
+
 def _checkable(inp: AttnInputs) -> bool:
     """Can Python read values here? Not while tracing (torch.compile, torch.export), capturing a CUDA graph,
     or on meta tensors (vmap and fake tensors are found out when the read fails, `_all_finite`)."""
@@ -486,7 +496,7 @@ def _all_finite(inp: AttnInputs, out: Tensor, mode: str = "exact") -> bool:
     with torch.no_grad():
         try:
             if inp.device.type == "cpu":  # a read per sum is free on CPU, and cheaper than stacking them
-                return all(math.isfinite(_finite_sum(t).item()) for t in parts)
+                return all(output_is_finite(t) for t in parts)
             return bool(torch.stack([_finite_sum(t).float() for t in parts]).sum().isfinite())  # one sync
         except RuntimeError:
             # vmap (over any input: q, k, v, the mask, the bias) and fake tensors: skipped, as under compile
@@ -535,7 +545,7 @@ _OOM_SIGNS = ("out of memory", "can't allocate memory")  # CUDA, CPU allocator
 _NO_KERNEL_SIGNS = ("no available kernel", "not implemented for", "is not supported", "not supported on")
 
 
-def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
+def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Result:
     """Run `chosen` on `inp`; in auto mode a backend that cannot run the inputs after all is remembered for
     this signature and the next eligible one runs (one AttendFallbackWarning, pointing at the caller)."""
     # under autocast the inputs were cast by `autocast_inputs`; inside, the backend owns its precision
@@ -546,7 +556,7 @@ def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
     while True:
         try:
             with off:
-                out = chosen.run(inp)
+                result = chosen.run(inp)
         except (RuntimeError, MemoryError) as err:
             if backend is not None:  # a named backend runs or raises: never a silent fallback
                 raise RuntimeError(f"backend {backend!r} failed: {type(err).__name__}: {err}") from err
@@ -573,7 +583,7 @@ def _run(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
                 AttendFallbackWarning,
                 stacklevel=_caller_stacklevel(),
             )
-        return out
+        return result
 
 
 def _caller_stacklevel() -> int:
@@ -590,41 +600,55 @@ def _caller_stacklevel() -> int:
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
-def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Tensor:
+def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Result:
     """The run policy for validated inputs: empty inputs, the choice (auto or named), the kernel, the
     narrow fallback, and the NaN/inf exact path (contract items 2 and 3). `call` is the same with the
-    validation and the choice cached per call signature."""
+    validation and the choice cached per call signature. Returns out (b, h, i, e), or (out, lse) with
+    `inp.return_lse`."""
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    shown, (inp, e) = inp, lower_score(inp)
-    return _narrow(_execute(inp, select(inp, backend, fused_only=fused_only, shown=shown), backend), e)
+    low = lower_score(inp)
+    return _narrow(_execute(low.inp, select(low.inp, backend, fused_only=fused_only, shown=inp), backend), low)
 
 
-def _narrow(out: Tensor, e: int | None) -> Tensor:
-    """The output of a lowered call back to the caller's value width (`masks.lower_score` padded v)."""
-    return out if e is None else out[..., :e]
+def _narrow(result: Result, low: Lowered) -> Result:
+    """A lowered call's result back to the caller's terms (`masks.lower_score`): the value width it padded v
+    from, and its log-sum-exp shifted by the per-row constant the lowering added to every logit."""
+    if low.e is None and low.lse_shift is None:
+        return result
+    if isinstance(result, tuple):
+        out, lse = result
+        return (out if low.e is None else out[..., : low.e]), (lse if low.lse_shift is None else lse + low.lse_shift)
+    return result if low.e is None else result[..., : low.e]
 
 
-def _empty(inp: AttnInputs, backend: str | None) -> Tensor:
+def _empty(inp: AttnInputs, backend: str | None) -> Result:
     # empty queries: empty output. No keys: every row has nothing to attend, so 0 (contract item 2).
     # The zero terms keep the graph connected so gradients are zeros, not None.
     if backend is not None:
         select(inp, backend)  # a named backend still has to exist and accept the inputs
     # (nan_to_num: a NaN in q still has no key to reach, so the row stays 0)
     zero = ((inp.q.sum() + inp.k.sum() + inp.v.sum()) * 0).nan_to_num(0.0, 0.0, 0.0)
-    return inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
-
-
-def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Tensor:
-    out = _run(inp, chosen, backend)
-    mode = inp.finite_check
-    if mode is None or not _checkable(inp) or _all_finite(inp, out, mode):
+    out = inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
+    if not inp.return_lse:
         return out
+    return out, inp.q.new_full((inp.b, inp.h, inp.i), -math.inf, dtype=accum_dtype(inp.dtype)) + zero
+
+
+def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Result:
+    result = _run(inp, chosen, backend)
+    mode = inp.finite_check
+    out = result[0] if isinstance(result, tuple) else result
+    if mode is None or not _checkable(inp) or _all_finite(inp, out, mode):
+        return result
     # rare: run the finite part (non-finite entries and keys no query may attend set to 0), then mark the
     # rows that see a NaN/inf: no kernel's masking can leak it
     clean, q_bad, kv_bad = _finite_part(inp)
-    out = _run(clean, chosen, backend)
-    return out.masked_fill(rows_that_see(inp, q_bad, kv_bad)[..., None], float("nan"))
+    result = _run(clean, chosen, backend)
+    rows = rows_that_see(inp, q_bad, kv_bad)
+    if isinstance(result, tuple):
+        return result[0].masked_fill(rows[..., None], math.nan), result[1].masked_fill(rows, math.nan)
+    return result.masked_fill(rows[..., None], math.nan)
 
 
 @dataclass(frozen=True)
@@ -648,9 +672,10 @@ class _Entry:
         bias_shape = None if inp.bias is None else tuple(inp.bias.shape)
         options = (
             inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite, inp.window,
-            None, None, None, inp.score,
+            None, None, None, inp.score, inp.return_lse,
         )  # fmt: skip  (AttnInputs' fields after bias, in order; documents never take the cached path)
         plain = inp.mask is None and inp.bias is None and inp.score == "dot" and inp.finite_check is None
+        plain = plain and not inp.return_lse
         fast = backend.plan(inp) if plain and not inp.structured else None
         return cls(backend, auto, mask_2d, mask_shape, bias_shape, options, fast)
 
@@ -705,7 +730,7 @@ def call(
     options: Options = _NO_OPTIONS,
     backend: str | None = None,
     fused_only: bool = False,
-) -> Tensor:
+) -> Result:
     """Validate, choose and run: what `attention` and `Attend` do per call. The first call of a signature
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
     from the cached entry and run (`CACHE_SIZE` signatures are kept, the oldest first out).
@@ -723,13 +748,13 @@ def call(
                 return value.fast(q, k, v)
             except (RuntimeError, MemoryError):
                 pass  # the full path below runs it again, with the run policy's narrow fallback
-        inp, e = lower_score(value.inputs(q, k, v, mask, bias))
-        return _narrow(_execute(inp, value.backend, backend), e)
+        low = lower_score(value.inputs(q, k, v, mask, bias))
+        return _narrow(_execute(low.inp, value.backend, backend), low)
     inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    raw, (inp, e) = inp, lower_score(inp)
-    chosen = select(inp, backend, fused_only=fused_only, shown=raw)
+    raw, low = inp, lower_score(inp)
+    chosen = select(low.inp, backend, fused_only=fused_only, shown=raw)
     if key is not None:
         value = _Entry.of(chosen, raw, backend is None and not fused_only, mask is not None and mask.dim() == 2)
         with _lock:
@@ -737,4 +762,4 @@ def call(
                 _cache[key] = _Cached(value, generation)
                 while len(_cache) > CACHE_SIZE:
                     _cache.pop(next(iter(_cache)))
-    return _narrow(_execute(inp, chosen, backend), e)
+    return _narrow(_execute(low.inp, chosen, backend), low)

@@ -68,7 +68,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -992,5 +992,5 @@ def context_parallel_attention(
         # causal and the window are about global positions: each query's diagonal is its own position
         inp = replace(inp, q_pos=q_pos_local[None])
     if inp.dropout_p > 0:  # chunked's keep-mask, hashed over global positions: the one a single process draws
-        return chunked_attention(inp, seed=seed, positions=q_pos_local)
-    return run(inp)
+        return cast(Tensor, chunked_attention(inp, seed=seed, positions=q_pos_local))
+    return cast(Tensor, run(inp))

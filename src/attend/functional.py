@@ -6,6 +6,8 @@ d head dim (q and k), e value head dim.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 from torch import Tensor
 
 from ._helpers import any_autocast, autocast_inputs
@@ -43,6 +45,7 @@ DOC_SEMANTICS = """
 """
 
 
+@overload
 def attention(
     q: Tensor,
     k: Tensor,
@@ -59,10 +62,52 @@ def attention(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
-) -> Tensor:
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score: str = "dot",
+    deterministic: bool = False,
+    check_finite: bool | None = None,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score: str = "dot",
+    deterministic: bool = False,
+    check_finite: bool | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     if any_autocast():  # (one C call; the function call and its tuples cost more than the check)
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
     return call(q, k, v, mask, bias, documents, options=options, backend=backend)
 
 
@@ -94,6 +139,11 @@ attention.__doc__ = (
             on CUDA, where reading a result would stall the GPU pipeline once per call. True: the exact
             check everywhere: q, k, v are read too, and NaN/inf make NaN exactly the rows that see them
             (on CUDA one host sync per call). False: off; each kernel's own NaN behaviour applies.
+        return_lse: also return the log-sum-exp: `(out, lse)`, lse (b, h, i) float32 (float64 for float64
+            inputs), the natural log of each row's softmax normaliser over the keys it may attend, after the
+            scale and bias (`logsumexp(sim, dim=-1)` in the formula below); -inf for a row with no key; NaN where
+            the row's output is NaN. Differentiable (into q, k and bias), second order too. Backends that give
+            it declare `Caps.lse` (einsum, chunked; not PyTorch's SDPA kernels, `explain` says so).
 
     Faults: in auto mode, a backend that runs out of memory or says it cannot run the inputs ("No
     available kernel", "not implemented for", "not supported") is retried on the next eligible backend
@@ -134,9 +184,10 @@ def explain(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
+    return_lse: bool = False,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite)
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
     return explain_inputs(validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options), backend)
 
 

@@ -61,12 +61,17 @@ def records_graph() -> bool:
 
 
 def recompute_grads(
-    inp: AttnInputs, dout: Tensor, wanted: tuple[bool, bool, bool, bool], dropout_keep: Tensor | None = None
+    inp: AttnInputs,
+    dout: Tensor,
+    wanted: tuple[bool, bool, bool, bool],
+    dropout_keep: Tensor | None = None,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(dq, dk, dv, dbias) of the reference at `inp` for the output gradient `dout`, as differentiable
-    functions of inp.q, inp.k, inp.v, inp.bias and dout. `wanted` flags which of the four are needed
-    (None is returned for the others). `dropout_keep`: the forward's bool keep-mask, broadcastable to
-    (b, h, i, j); required when inp.dropout_p > 0.
+    """(dq, dk, dv, dbias) of the reference at `inp` for the output gradient `dout` (and `dlse`, the gradient
+    of the log-sum-exp output, (b, h, i), where the call returned one), as differentiable functions of inp.q,
+    inp.k, inp.v, inp.bias, dout and dlse. `wanted` flags which of the four are needed (None is returned for
+    the others). `dropout_keep`: the forward's bool keep-mask, broadcastable to (b, h, i, j); required when
+    inp.dropout_p > 0.
 
     Runs in float32 (float64 for float64 inputs): the gradients are cast back to each input's dtype.
     """
@@ -82,10 +87,14 @@ def recompute_grads(
         # a fresh alias of each input (a view, or the cast): with `attention(x, x, x)` or k and v the same tensor,
         # the gradient for k must be the one through k alone, not x's total (then counted once per use)
         wide = [None if t is None else (t.view_as(t) if t.dtype == acc else t.to(acc)) for t in leaves]
-        run = replace(inp, q=cast(Tensor, wide[0]), k=cast(Tensor, wide[1]), v=cast(Tensor, wide[2]), bias=wide[3])
-        out = einsum_attention(run, dropout_keep=dropout_keep)
+        q, k, v = cast(Tensor, wide[0]), cast(Tensor, wide[1]), cast(Tensor, wide[2])
+        run = replace(inp, q=q, k=k, v=v, bias=wide[3], return_lse=dlse is not None)
+        result_ = einsum_attention(run, dropout_keep=dropout_keep)
+        outs: list[Tensor] = [result_] if isinstance(result_, Tensor) else list(result_)
+        cotangents = [dout] if dlse is None else [dout, dlse]  # (out, lse): the log-sum-exp's gradient too
         targets = [w for w, want in zip(wide, wanted) if want and w is not None]
-        grads = iter(torch.autograd.grad(out, targets, dout.to(out.dtype), create_graph=True, allow_unused=True))
+        cotangents = [c.to(o.dtype) for c, o in zip(cotangents, outs)]
+        grads = iter(torch.autograd.grad(outs, targets, cotangents, create_graph=True, allow_unused=True))
     result: list[Tensor | None] = []
     for t, want in zip(leaves, wanted):
         if not want or t is None:

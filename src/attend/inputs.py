@@ -14,6 +14,7 @@ are raised before any kernel runs, and never with `assert` (it vanishes under `p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,6 +36,8 @@ __all__ = [
     "pages_in_use",
     "sides",
     "check_options",
+    "VOCABULARY",
+    "Term",
     "default_scale",
 ]
 
@@ -98,9 +101,11 @@ class Options(NamedTuple):
     """Every non-tensor option of a call, as the caller gave it (unchecked; `validate` checks it).
 
     `attention`, `explain`, `Attend` and the dispatcher pass this one record, and its hash is part of the
-    per-call cache key: a new option is a field here and its check in `check_options` (plus the keyword
-    in the public signatures, which a test keeps identical between `attention` and `explain`). A NamedTuple:
-    built on every call, and about 2 us cheaper to build than a frozen dataclass."""
+    per-call cache key. Its fields are the rows of `VOCABULARY`, in order (a test keeps them equal): a new option
+    is a row there (its check, CLI flag, spelling and how `describe` shows it) plus this field, the `AttnInputs`
+    field, the keyword in the public signatures (a test keeps `attention` and `explain` identical), its lowering
+    and the backends' capability fields. A NamedTuple: built on every call, and about 2 us cheaper to build than
+    a frozen dataclass."""
 
     causal: Any = False
     scale: Any = None
@@ -109,6 +114,7 @@ class Options(NamedTuple):
     score: Any = "dot"
     deterministic: Any = False
     check_finite: Any = None
+    return_lse: Any = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +153,9 @@ class AttnInputs:
     k_docs: Tensor | None = None
     q_pos: Tensor | None = None
     score: str = "dot"  # "dot" | "l2" (lowered to "dot" before any backend runs, `masks.lower_score`)
+    # also return the log-sum-exp of each row's softmax normaliser, (b, h, i) in the accumulation dtype, -inf for a
+    # row with no key; differentiable (`Caps.lse` says which backends give it)
+    return_lse: bool = False
 
     @property
     def structured(self) -> bool:
@@ -240,12 +249,14 @@ class AttnInputs:
             self.score,
             self.dropout_p > 0,
             self.dropout_p,
+            self.return_lse,
             self.needs_grad,
             self.deterministic or torch.are_deterministic_algorithms_enabled(),
         )
 
     def describe(self) -> str:
-        """Multi-line summary of the inputs, for error messages and `explain`."""
+        """Multi-line summary of the inputs, for error messages and `explain`: the tensors, then every option of
+        `VOCABULARY` that is not at its default (the scale always)."""
         causal = "False"
         if self.causal:
             causal = "True (bottom-right aligned)" if self.i != self.j else "True"
@@ -254,18 +265,21 @@ class AttnInputs:
         lines = [
             f"  q      : shape={fmt_shape(self.q.shape)} dtype={fmt_dtype(self.dtype)} device={self.device}",
             f"  k, v   : shape={fmt_shape(self.k.shape)}, {fmt_shape(self.v.shape)}",
-            f"  causal : {causal}   mask: {mask}   bias: {bias}",
-            f"  scale  : {self.scale:.6g}   dropout_p: {self.dropout_p}   grad: {self.needs_grad}",
+            f"  causal : {causal}   mask: {mask}   bias: {bias}   grad: {self.needs_grad}",
         ]
-        if self.structured or self.score != "dot":
-            docs = "None"
-            if self.q_docs is not None and self.k_docs is not None:
-                docs = f"q {fmt_shape(self.q_docs.shape)}, k {fmt_shape(self.k_docs.shape)}"
-            lines.append(f"  window : {self.window}   documents: {docs}   score: {self.score!r}")
+        shown = [
+            f"{term.name}: {term.show(getattr(self, term.name))}"
+            for term in VOCABULARY
+            if term.show is not None and (term.name == "scale" or getattr(self, term.name) != term.default)
+        ]
+        lines.append("  " + "   ".join(shown))
+        if self.q_docs is not None and self.k_docs is not None:
+            lines.append(f"  documents: q {fmt_shape(self.q_docs.shape)}, k {fmt_shape(self.k_docs.shape)}")
         return "\n".join(lines)
 
     def cli_hint(self, backend: str | None = None) -> str:
-        """The `attend explain ...` command that reproduces these inputs (and the named `backend`, if any)."""
+        """The `attend explain ...` command that reproduces these inputs (and the named `backend`, if any): the
+        shapes, the mask kind, grad, documents, and every option `VOCABULARY` spells."""
         parts = [f"attend explain --shape {self.b},{self.h},{self.i},{self.d}"]
         if self.gqa:
             parts.append(f"--kv-heads {self.g}")
@@ -274,25 +288,21 @@ class AttnInputs:
         if self.e != self.d:
             parts.append(f"--v-dim {self.e}")
         parts.append(f"--dtype {fmt_dtype(self.dtype)} --device {self.device.type}")
-        if self.causal:
-            parts.append("--causal")
         if self.mask is not None:
             parts.append(f"--mask {'padding' if self.mask_kind == 'key_padding' else 'bool'}")
         elif self.bias is not None:
             parts.append("--mask bias")
         if self.needs_grad:
             parts.append("--grad")
-        if self.dropout_p > 0:
-            parts.append(f"--dropout {self.dropout_p}")
-        if self.window is not None:
-            parts.append("--window " + ",".join("none" if w is None else str(w) for w in self.window))
+        for term in VOCABULARY:
+            spelled = term.spell(getattr(self, term.name), self)
+            if spelled is not None:
+                parts.append(term.flag if spelled == "" else f"{term.flag} {spelled}")
         if self.q_docs is not None and self.q_docs is self.k_docs and self.q_docs.device.type == "cpu":
             ids = self.q_docs[0]
             starts = torch.nonzero(torch.cat([ids.new_ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])).flatten()
             lengths = torch.diff(torch.cat([starts, starts.new_tensor([ids.numel()])])).tolist()
             parts.append("--documents " + ",".join(str(n) for n in lengths))
-        if self.score != "dot":
-            parts.append(f"--score {self.score}")
         if backend is not None:
             parts.append(f"--backend {backend}")
         return " ".join(parts)
@@ -496,42 +506,136 @@ def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
-def check_options(
-    opts: Options, d: int, extent: int | None = None
-) -> tuple[float, float, tuple[int | None, int | None] | None]:
-    """causal a bool, scale a finite float (None: d ** -0.5), dropout_p in [0, 1), window a pair, score "dot" or
-    "l2", deterministic a bool, check_finite a bool or None. Returns (scale, dropout_p, window) resolved, the
-    window saturated at `extent` (`check_window`)."""
-    causal, scale, dropout_p = opts.causal, opts.scale, opts.dropout_p
+# the vocabulary: one row per option
+
+
+def _check_causal(value: Any, ctx: dict[str, Any]) -> bool:
     # bool, or the ints 0 and 1 (a flag read from a config file); `causal=2` is a bug, not a flag
-    if isinstance(causal, Tensor) or not isinstance(causal, (bool, int)) or causal not in (0, 1):
-        raise TypeError(f"expected `causal` to be a bool, got {describe(causal)}")
+    if isinstance(value, Tensor) or not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise TypeError(f"expected `causal` to be a bool, got {describe(value)}")
+    return bool(value)
 
-    if scale is None:
-        scale_f = default_scale(d)
-    else:
-        if isinstance(scale, Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"expected `scale` to be a Python float, got {describe(scale)}")
-        scale_f = float(scale)
-        if not math.isfinite(scale_f):
-            raise ValueError(
-                f"expected a finite `scale`, got {scale_f}; hint: leave it None for d ** -0.5 = {d**-0.5:.6g}"
-            )
 
-    if isinstance(dropout_p, Tensor) or isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {describe(dropout_p)}")
-    if not (0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"expected `dropout_p` in [0, 1), got {dropout_p}")
-    if opts.score not in ("dot", "l2"):
+def _check_scale(value: Any, ctx: dict[str, Any]) -> float:
+    d = ctx["d"]
+    if value is None:
+        return default_scale(d)
+    if isinstance(value, Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected `scale` to be a Python float, got {describe(value)}")
+    if not math.isfinite(float(value)):
         raise ValueError(
-            f"expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got {describe(opts.score)}"
+            f"expected a finite `scale`, got {float(value)}; hint: leave it None for d ** -0.5 = {d**-0.5:.6g}"
         )
-    if not isinstance(opts.deterministic, bool):
-        raise TypeError(f"expected `deterministic` to be a bool, got {describe(opts.deterministic)}")
-    if opts.check_finite is not None and not isinstance(opts.check_finite, bool):
-        raise TypeError(f"expected `check_finite` to be a bool or None, got {describe(opts.check_finite)}")
+    return float(value)
 
-    return scale_f, float(dropout_p), check_window(opts.window, bool(causal), extent)
+
+def _check_dropout(value: Any, ctx: dict[str, Any]) -> float:
+    if isinstance(value, Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected `dropout_p` to be a Python float in [0, 1), got {describe(value)}")
+    if not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"expected `dropout_p` in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_score(value: Any, ctx: dict[str, Any]) -> str:
+    if value not in ("dot", "l2"):
+        raise ValueError(f"expected `score` to be 'dot' (q . k) or 'l2' (-|q - k|^2, GigaGAN's), got {describe(value)}")
+    return value
+
+
+def _check_flag(name: str, none_ok: bool = False) -> Callable[[Any, dict[str, Any]], Any]:
+    def check(value: Any, ctx: dict[str, Any]) -> Any:
+        if not isinstance(value, bool) and not (none_ok and value is None):
+            raise TypeError(f"expected `{name}` to be a bool{' or None' if none_ok else ''}, got {describe(value)}")
+        return value
+
+    return check
+
+
+def _parse_window(text: str) -> tuple[int | None, int | None]:
+    try:
+        window = tuple(None if w.strip().lower() == "none" else int(w) for w in text.split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 2:
+        raise ValueError(f"expected --window LEFT,RIGHT (ints, or 'none' for unbounded), got {text!r}")
+    return window[0], window[1]
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+class Term(NamedTuple):
+    """One option of the vocabulary (a row of `VOCABULARY`): everything the library says about it in one place.
+
+    `name`: the keyword of `attention`/`explain` and the field of `Options` and `AttnInputs`. `check(value, ctx)`
+    raises "expected X, got Y" or returns the resolved value (`ctx`: the head dim `d`, the call's `extent` and the
+    options resolved before this one). `flag`: its `attend explain` flag; `metavar` None makes it a switch;
+    `parse` turns the flag's text into the value; `spell(value, inp)` gives the flag's text for a resolved value
+    ("" for a switch), or None to leave the flag out (the value is the default). `show`: how `describe` prints
+    it, or None where `describe` says it already (causal, with its alignment)."""
+
+    name: str
+    default: Any
+    check: Callable[[Any, dict[str, Any]], Any]
+    flag: str
+    help: str
+    metavar: str | None = None
+    parse: Callable[[str], Any] = str
+    spell: Callable[[Any, AttnInputs], str | None] = lambda value, inp: None
+    show: Callable[[Any], str] | None = repr
+
+
+VOCABULARY: tuple[Term, ...] = (
+    Term(
+        "causal", False, _check_causal, "--causal", "bottom-right aligned causal masking",
+        spell=lambda v, inp: "" if v else None, show=None,
+    ),
+    Term(
+        "scale", None, _check_scale, "--scale", "logit scale; default d ** -0.5", "S", float,
+        spell=lambda v, inp: None if v == default_scale(inp.d) else repr(v), show=lambda v: f"{v:.6g}",
+    ),
+    Term(
+        "dropout_p", 0.0, _check_dropout, "--dropout", "dropout probability", "P", float,
+        spell=lambda v, inp: repr(v) if v > 0 else None,
+    ),
+    Term(
+        "window", None, lambda v, ctx: check_window(v, ctx["causal"], ctx["extent"]), "--window",
+        "sliding window, each side an int or 'none' (unbounded)", "LEFT,RIGHT", _parse_window,
+        spell=lambda v, inp: None if v is None else ",".join("none" if w is None else str(w) for w in v),
+    ),
+    Term(
+        "score", "dot", _check_score, "--score", "dot (default) or l2 (GigaGAN)", "{dot,l2}", str,
+        spell=lambda v, inp: None if v == "dot" else v,
+    ),
+    Term(
+        "deterministic", False, _check_flag("deterministic"), "--deterministic", "ask for deterministic kernels",
+        spell=lambda v, inp: "" if v else None,
+    ),
+    Term(
+        "check_finite", None, _check_flag("check_finite", none_ok=True), "--check-finite",
+        "the NaN/inf check: true (exact, every device) or false (off); default: the guard on CPU",
+        "{true,false}", _parse_bool, spell=lambda v, inp: None if v is None else str(v).lower(),
+    ),
+    Term(
+        "return_lse", False, _check_flag("return_lse"), "--return-lse",
+        "also return the log-sum-exp of each row (b, h, i), differentiable",
+        spell=lambda v, inp: "" if v else None,
+    ),
+)  # fmt: skip
+
+
+def check_options(opts: Options, d: int, extent: int | None = None) -> Options:
+    """Every option checked by its row of `VOCABULARY`, in order; returns them resolved (scale a float,
+    d ** -0.5 by default; dropout_p a float; window merged with causal and saturated at `extent`, `check_window`).
+    """
+    ctx: dict[str, Any] = {"d": d, "extent": extent}
+    for term, value in zip(VOCABULARY, opts):
+        ctx[term.name] = term.check(value, ctx)
+    return Options(*(ctx[term.name] for term in VOCABULARY))
 
 
 def _doc_ids(name: str, t: Any, q: Tensor, b: int, n: int, letter: str) -> Tensor:
@@ -601,7 +705,7 @@ def validate(
     mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
     bias4 = _check_bias(bias, q, (b, h, i, j))
     q_docs, k_docs = _check_documents(documents, q, b, i, j)
-    scale_f, dropout_f, window = check_options(opts, d, i + j)
+    resolved = check_options(opts, d, i + j)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
     # a transposed view is copied here, once, instead of failing inside the kernel. Expanded (stride-0)
@@ -615,14 +719,15 @@ def validate(
         v=v,
         mask=mask4,
         bias=bias4,
-        causal=bool(opts.causal),
-        scale=scale_f,
-        dropout_p=dropout_f,
-        deterministic=opts.deterministic,
+        causal=resolved.causal,
+        scale=resolved.scale,
+        dropout_p=resolved.dropout_p,
+        deterministic=resolved.deterministic,
         mask_kind=kind,
-        check_finite=opts.check_finite,
-        window=window,
+        check_finite=resolved.check_finite,
+        window=resolved.window,
         q_docs=q_docs,
         k_docs=k_docs,
-        score=opts.score,
+        score=resolved.score,
+        return_lse=resolved.return_lse,
     )

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._helpers import fmt_dtype, fmt_shape, no_autocast
-from .dispatch import Report, explain_inputs, get_backend, run, select
+from .dispatch import Report, explain_inputs, get_backend, output_is_finite, run, select
 from .inputs import (
     FLOAT_DTYPES,
     AttnInputs,
@@ -57,7 +57,7 @@ from .inputs import (
     sides,
     validate,
 )
-from .masks import bias_as
+from .masks import bias_as, interval
 from .merge import merge
 
 __all__ = ["with_kvcache", "explain_kvcache", "KVCachePlan", "DECODE_ROWS"]
@@ -175,12 +175,8 @@ def _bounds(
 ) -> tuple[list[int], list[int]]:
     """Keys [lo_t, hi_t) query t of a row with `length` keys may see (causal and window, bottom-right)."""
     left, right = sides(window, causal)
-    los, his = [], []
-    for t in range(i):
-        pos = length - i + t
-        los.append(0 if left is None else min(max(pos - left, 0), length))
-        his.append(length if right is None else min(max(pos + right + 1, 0), length))
-    return los, his
+    bounds = [interval(length - i + t, left, right, length) for t in range(i)]
+    return [lo for lo, _ in bounds], [hi for _, hi in bounds]
 
 
 def _check_grad(tensors: dict[str, Tensor | None]) -> None:
@@ -341,7 +337,8 @@ def _prepare(
 
     mask4 = _check_mask_like("mask", mask, q, (b, h, i, cap))
     bias4 = _check_mask_like("bias", bias, q, (b, h, i, cap))
-    scale_f, _, win = check_options(Options(causal=causal, scale=scale, window=window), d, i + cap)
+    resolved = check_options(Options(causal=causal, scale=scale, window=window), d, i + cap)
+    scale_f, win = resolved.scale, resolved.window
     _check_grad({**named, "bias": bias4})
     if backend is not None:
         get_backend(backend)  # an unknown name raises here, before any write
@@ -631,7 +628,7 @@ def _dispatch_inputs(call: _Call, stand_in: bool = False) -> AttnInputs:
 def _dispatch(call: _Call, backend: str | None) -> Tensor:
     if max(call.lengths, default=0) == 0 or call.i == 0:
         return call.q.new_zeros(call.b, call.h, call.i, call.e)
-    return run(_dispatch_inputs(call), backend)
+    return cast(Tensor, run(_dispatch_inputs(call), backend))
 
 
 # the decode kernel
@@ -947,7 +944,7 @@ def with_kvcache(
     plan, batches = _plan(call)
     if plan.path == "decode":
         out = _decode(call, batches)
-        if math.isfinite((out.mean() if out.dtype == torch.float16 else out.sum()).item()):
+        if output_is_finite(out):
             return out
         # a NaN or inf reached the output: rerun exactly (garbage a row may not see never reaches it there)
     with torch.no_grad():

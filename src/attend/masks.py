@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -47,7 +47,9 @@ from .inputs import AttnInputs, sides
 
 __all__ = [
     "Structure",
+    "interval",
     "lower_score",
+    "Lowered",
     "bias_as",
     "causal_keep",
     "combined_keep",
@@ -58,6 +60,14 @@ __all__ = [
     "visible",
     "rows_that_see",
 ]
+
+
+def interval(pos: int, left: int | None, right: int | None, j: int) -> tuple[int, int]:
+    """Keys [lo, hi) of [0, j) that a query whose diagonal is key `pos` sees through the sides (left, right)
+    (`inputs.sides`; None unbounded): p - left <= key <= p + right. Every door's per-row bounds are this."""
+    lo = 0 if left is None else min(max(pos - left, 0), j)
+    hi = j if right is None else min(max(pos + right + 1, 0), j)
+    return lo, hi
 
 
 class Structure:
@@ -107,13 +117,9 @@ class Structure:
         every row sees every key of [full_lo, full_hi) (empty when full_lo >= full_hi)."""
         if self.lo is None:  # a window (and causal) alone: bounds of the row index
             off = self.j - self.i
-            first, last = r0 + off, r1 - 1 + off
-            lo = 0 if self.left is None else first - self.left
-            hi = self.j if self.right is None else last + self.right + 1
-            full_lo = 0 if self.left is None else last - self.left
-            full_hi = self.j if self.right is None else first + self.right + 1
-            clip = lambda x: min(max(x, 0), self.j)  # noqa: E731
-            return clip(lo), clip(hi), clip(full_lo), clip(full_hi)
+            first, last = (interval(p, self.left, self.right, self.j) for p in (r0 + off, r1 - 1 + off))
+            (lo, full_hi), (full_lo, hi) = first, last
+            return lo, hi, full_lo, full_hi
         if self.tracing:
             return 0, self.j, 0, 0
         # blocked callers walk rows [0, s), [s, 2s), ... (the last one short): one host read per block size
@@ -216,7 +222,16 @@ def _with_column(t: Tensor, column: Tensor | float) -> Tensor:
     return out
 
 
-def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
+class Lowered(NamedTuple):
+    """`lower_score`'s result: the inputs every kernel runs, the value width to slice the output back to (or
+    None), and what to add to the lowered call's log-sum-exp to get the caller's (or None)."""
+
+    inp: AttnInputs
+    e: int | None
+    lse_shift: Tensor | None
+
+
+def lower_score(inp: AttnInputs) -> Lowered:
     """`score="l2"` as a dot product that every kernel runs, and the value width to slice the output back to.
 
     -(|q|^2 + |k|^2 - 2 q.k) * scale = 2 scale (q.k - |k|^2 / 2) - scale |q|^2, and the last term is constant
@@ -224,10 +239,11 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
     float32; c the median of |k|^2 over the keys of each (b, g) that some query may see, also constant per row)
     and scale' = 2 scale.
     Autograd differentiates the concatenation, so every gradient (second order too) is exact. Kernels that need
-    d == e get v padded with a zero column; returns e to slice the output to, or None.
+    d == e get v padded with a zero column; returns e to slice the output to, or None. With `return_lse` the
+    lowered logits are the caller's plus scale (|q|^2 + c), so `lse_shift` = -scale (|q|^2 + c), (b, h, i).
     """
     if inp.score != "l2":
-        return inp, None
+        return Lowered(inp, None, None)
     acc = torch.float64 if inp.dtype == torch.float64 else torch.float32
     # |k|^2 accumulated in acc without a widened copy of k; (b, g, j, 1)
     sq = torch.linalg.vector_norm(inp.k, dim=-1, keepdim=True, dtype=acc).square()
@@ -245,7 +261,12 @@ def lower_score(inp: AttnInputs) -> tuple[AttnInputs, int | None]:
         center = center.nan_to_num(0.0)
     pad_v = inp.e == inp.d
     q, k, v = _L2Columns.apply(inp.q, inp.k, inp.v, sq, center, pad_v)
-    return replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot"), inp.e if pad_v else None
+    shift = None
+    if inp.return_lse:
+        q_sq = torch.linalg.vector_norm(inp.q, dim=-1, dtype=acc).square()  # (b, h, i), differentiable in q
+        shift = -inp.scale * (q_sq + center[..., 0].repeat_interleave(inp.h // inp.g, dim=1))
+    lowered = replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot")
+    return Lowered(lowered, inp.e if pad_v else None, shift)
 
 
 class _L2Columns(torch.autograd.Function):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -138,12 +138,12 @@ class Attend(nn.Module):
         options = self._options(causal, window)
         if self.flash is True and self.backend is None:
             try:
-                return call(q, k, v, mask, bias, documents, options=options, fused_only=True)
+                return cast(Tensor, call(q, k, v, mask, bias, documents, options=options, fused_only=True))
             except NoBackendError:
                 # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
                 hint = self._inputs(q, k, v, mask, bias, causal, documents, window).cli_hint()
                 _log_once(f"Attend(flash=True): no fused kernel can run {hint!r}; using auto")
-        return call(q, k, v, mask, bias, documents, options=options, backend=self.backend)
+        return cast(Tensor, call(q, k, v, mask, bias, documents, options=options, backend=self.backend))
 
     def explain(
         self,

@@ -34,12 +34,18 @@ def _group(t: Tensor, g: int) -> Tensor:
 
 
 def einsum_attention(
-    inp: AttnInputs, *, softmax_dtype: torch.dtype | None = None, dropout_keep: Tensor | None = None
-) -> Tensor:
+    inp: AttnInputs,
+    *,
+    softmax_dtype: torch.dtype | None = None,
+    dropout_keep: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as the contract defines it. `softmax_dtype` overrides where the softmax runs (the
     seed's behaviour, softmax in the input dtype, is `softmax_dtype=q.dtype`; benchmarks only).
     `dropout_keep`: a bool keep-mask broadcastable to (b, h, i, j) to apply instead of drawing one (the
-    second-order recompute of another backend replays that backend's own mask, `attend.grad2`)."""
+    second-order recompute of another backend replays that backend's own mask, `attend.grad2`).
+    `return_lse` (or `inp.return_lse`): also the log-sum-exp of each row's logits over the keys it may attend,
+    (b, h, i) in the softmax's dtype, -inf for a row with no key: `log(den) + row_max` below."""
     acc = softmax_dtype or accum_dtype(inp.dtype)
 
     # scale q before the matmul rather than the logits after it: in float16 q @ k overflows (> 65504) long
@@ -76,7 +82,13 @@ def einsum_attention(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = (sim - row_max).exp()
     den = exp.sum(dim=-1, keepdim=True)
-    attn = exp / torch.where(den > 0, den, torch.ones_like(den))
+    seen = den > 0
+    attn = exp / torch.where(seen, den, torch.ones_like(den))
+    lse = None
+    if return_lse or inp.return_lse:
+        # m + log(sum exp(s - m)), m detached: its gradient is the softmax, exactly (a NaN logit stays NaN)
+        lse = torch.where(seen, row_max + torch.where(seen, den, torch.ones_like(den)).log(), -torch.inf)
+        lse = rearrange(lse[..., 0], "b g r i -> b (g r) i")
 
     if dropout_keep is not None:
         attn = attn * _group(dropout_keep, inp.g).to(attn.dtype) * (1.0 / (1.0 - inp.dropout_p))
@@ -84,4 +96,5 @@ def einsum_attention(
         attn = F.dropout(attn, p=inp.dropout_p, training=True)
 
     out = torch.einsum("b g r i j, b g j e -> b g r i e", attn.to(inp.v.dtype), inp.v)
-    return rearrange(out, "b g r i e -> b (g r) i e").to(inp.dtype)
+    out = rearrange(out, "b g r i e -> b (g r) i e").to(inp.dtype)
+    return out if lse is None else (out, lse)

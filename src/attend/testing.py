@@ -26,12 +26,13 @@ import torch
 from torch import Tensor
 
 from ._helpers import fmt_dtype
-from .dispatch import get_backend
+from .dispatch import get_backend, list_backends
 from .inputs import FLOAT_DTYPES, AttnInputs, validate
 from .masks import lower_score
 from .reference import einsum_attention
 
 __all__ = [
+    "backends_for",
     "FUDGE",
     "GRAD_FUDGE",
     "FLOOR",
@@ -93,6 +94,14 @@ TOLERANCE: dict[tuple[str, torch.dtype], tuple[float, float]] = {
     # the second-order hvp of two backends in float64: both exact formulas, summed in different orders
     ("second-order", torch.float64): (1e-12, 1e-10),
 }
+
+
+
+def backends_for(device_type: str) -> list[str]:
+    """The registered backends that declare `device_type` ("cpu", "cuda") among their capabilities, in
+    registration order: the (backend, device) pairs a test grid runs. A declared backend that cannot run a case
+    is the case's to skip, with the backend's own reasons; one that never declared the device is not a case."""
+    return [name for name in list_backends() if device_type in get_backend(name).caps]
 
 
 def tolerance(dtype: torch.dtype, kind: str | None = None) -> dict[str, float]:
@@ -208,9 +217,9 @@ def _lowered(run):
     """A backend's `run` behind the dispatcher's score lowering (`masks.lower_score`), as `attention` calls it."""
 
     def call(inp: AttnInputs) -> Tensor:
-        low, e = lower_score(inp)
-        out = run(low)
-        return out if e is None else out[..., :e]
+        low = lower_score(inp)
+        out = run(low.inp)
+        return out if low.e is None else out[..., : low.e]
 
     return call
 
@@ -260,7 +269,7 @@ def check_backend(
     ):
         with torch.set_grad_enabled(grad):
             rinp, leaves = _clone_inputs(inp, run_dtype)
-            out = fn(rinp)
+            out = cast(Tensor, fn(rinp))
             grads: list[Tensor | None] = []
             if grad:
                 d_out = torch.randn(out.shape, generator=gen.manual_seed(seed + 1), dtype=torch.float64)

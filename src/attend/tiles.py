@@ -520,15 +520,21 @@ def forward(
     return out, lse
 
 
-def backward(plan: Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias_grad: bool):
+def backward(
+    plan: Plan, dout: Tensor, q, k, v, out: Tensor, lse: Tensor, bias_grad: bool, dlse: Tensor | None = None
+):
     """dq (b*g, r, i, d), dk (b*g, j, d), dv (b*g, j, e) in the accumulation dtype, and dbias (bias's
-    shape) or None. Recomputes p = exp(s - lse) tile by tile (FlashAttention-2)."""
+    shape) or None. Recomputes p = exp(s - lse) tile by tile (FlashAttention-2). `dlse` (b, h, i): the gradient
+    of the log-sum-exp output, where the caller returned it: d lse_i / d s_ij = p_ij, so it enters as
+    ds = p * (dp - (D - dlse)), one subtraction from D."""
     qg, kk, vv = plan.split(q, k, v)
     g, r, acc = plan.g, plan.r, plan.acc
     dog = dout.reshape(plan.b * g, r, plan.i, plan.e)
     lse = lse.reshape(plan.b * g, r, plan.i)
     # D = rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, dropout included
     delta = (dog.to(acc) * out.reshape(dog.shape).to(acc)).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(delta.shape).to(acc)
     # accumulators from dout: under torch.func.vmap over the cotangent (jacrev) they are batched like it,
     # so the in-place accumulation below stays legal (a plain zeros tensor cannot take a batched add)
     dq = dout.new_zeros(plan.b * g, r, plan.i, plan.d, dtype=acc)

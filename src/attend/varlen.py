@@ -419,11 +419,11 @@ def _per_sequence(inp: AttnInputs, cu_q: list[int], cu_k: list[int], lse: bool) 
             k_docs=None,
             q_pos=None,
         )
-        outs.append(run(one))
+        outs.append(cast(Tensor, run(one)))
         if lse:
             lses.append(_logsumexp(one))
     if not outs:  # no query token at all
-        out = run(inp)
+        out = cast(Tensor, run(inp))
         return out, (_logsumexp(inp) if lse else None)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out, (None if not lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2))
@@ -525,7 +525,7 @@ def varlen_attn(
         cu_q, cu_k = cu_seq_q.tolist(), cast(Tensor, cu_seq_k).tolist()  # checked by _varlen_inputs
         out, lse = _per_sequence(inp, cu_q, cu_k, lse_wanted)
     else:
-        out = run(inp)
+        out = cast(Tensor, run(inp))
         lse = _logsumexp(inp) if lse_wanted else None
     if lse is not None:
         return _tokens_first(out), lse[0]

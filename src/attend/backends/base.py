@@ -38,6 +38,10 @@ class Caps:
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
     min_capability_for: dict = field(default_factory=dict)  # dtype -> capability (bf16 needs sm80)
     mask: bool = True  # bool masks and causal combined with other constraints
+    # a sliding window (with per-sequence positions where a door sets them), and document ids (packed sequences,
+    # varlen): each lowered per block of queries (`masks.Structure`), which a kernel that takes no mask cannot apply
+    window: bool = True
+    documents: bool = True
     bias: bool = True
     bias_grad: bool = True  # gradient with respect to `bias`
     causal: bool = True
@@ -57,12 +61,17 @@ class Caps:
     # `Backend.intermediate_bytes`). None = not declared: non-fused backends do (einsum, sdpa:math), fused
     # kernels do not; a memory-bounded non-fused backend (chunked) declares False.
     dense_scores: bool | None = None
+    # gives the log-sum-exp of each row (`return_lse=True`), differentiable, second order included. Opt-in: a
+    # backend claims it (einsum, chunked); PyTorch's SDPA returns none
+    lse: bool = False
 
 
 class Backend:
     """A way to compute attention. Subclasses set `name` and `caps` and implement `run`.
 
-    `run(inp)` takes validated `AttnInputs` and returns `(b, h, i, e)` in the dtype of q.
+    `run(inp)` takes validated `AttnInputs` and returns `(b, h, i, e)` in the dtype of q; with `inp.return_lse`
+    (only where its `Caps.lse` says so) the pair `(out, lse)`, lse `(b, h, i)` in the accumulation dtype, -inf
+    for a row with no key, differentiable.
     """
 
     name: str = ""  # a class default; an instance may carry its own (a tuned copy registered anew)
@@ -108,9 +117,10 @@ class Backend:
                 reasons.append(f"compute capability sm{cap[0]}{cap[1]} < sm{need[0]}{need[1]}")
         if inp.mask is not None and not caps.mask:
             reasons.append(f"mask given ({inp.mask_kind}); this backend takes no mask")
-        if inp.structured and not caps.mask:
-            what = "window" if inp.window is not None else "documents" if inp.q_docs is not None else "varlen positions"
-            reasons.append(f"{what} given: lowered to a mask per block, and this backend takes no mask")
+        if inp.window is not None and not caps.window:
+            reasons.append(f"window={inp.window} given; this backend takes no window")
+        if inp.q_docs is not None and not caps.documents:
+            reasons.append("documents given; this backend takes no documents")
         if inp.bias is not None and not caps.bias:
             reasons.append("bias given; this backend takes no bias")
         if inp.bias_needs_grad and not caps.bias_grad:
@@ -134,6 +144,8 @@ class Backend:
             steps = inp.dropout_p / caps.dropout_step
             if abs(steps - round(steps)) > 1e-9:
                 reasons.append(f"dropout_p={inp.dropout_p} is not a multiple of {caps.dropout_step}")
+        if inp.return_lse and not caps.lse:
+            reasons.append("return_lse=True; this backend gives no log-sum-exp")
         if inp.needs_grad and not caps.grad:
             reasons.append("inputs require grad; this backend has no backward")
         if not caps.deterministic and (inp.deterministic or torch.are_deterministic_algorithms_enabled()):
@@ -167,7 +179,7 @@ class Backend:
     def supports(self, inp: AttnInputs) -> bool:
         return not self.reasons_unsupported(inp)
 
-    def run(self, inp: AttnInputs) -> Tensor:
+    def run(self, inp: AttnInputs) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def __repr__(self) -> str:

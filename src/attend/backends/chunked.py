@@ -109,13 +109,13 @@ class _ChunkedFn(torch.autograd.Function):
         q, k, v, bias, mask, causal, scale, dropout_p, seed, positions, q_tile, k_tile, facts = inputs
         out, lse, *extra = output
         out_acc = extra[0] if extra else out
-        ctx.mark_non_differentiable(lse, *extra)
+        ctx.mark_non_differentiable(*extra)  # lse is an output too (`return_lse`): its gradient is taken
         seed_t = seed if isinstance(seed, Tensor) else None
         ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse, seed_t, positions)
         ctx.args = (causal, scale, dropout_p, None if seed_t is not None else seed, q_tile, k_tile, facts)
 
     @staticmethod
-    def backward(ctx, dout, *_):
+    def backward(ctx, dout, dlse, *_):
         q, k, v, bias, mask, out, lse, seed_t, positions = ctx.saved_tensors
         causal, scale, dropout_p, seed, q_tile, k_tile, facts = ctx.args
         seed = seed_t if seed_t is not None else seed
@@ -137,10 +137,10 @@ class _ChunkedFn(torch.autograd.Function):
                 **(plan.structure.fields if plan.structure else {}),
             )
             keep = tiles.dense_keep(plan) if plan.dropout_p > 0 else None
-            grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep)
+            grads = recompute_grads(inp, dout, tuple(ctx.needs_input_grad[:4]), keep, dlse)
             return (*grads, None, None, None, None, None, None, None, None, None)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = tiles.backward(plan, dout, q, k, v, out, lse, bias_grad)
+        dq, dk, dv, dbias = tiles.backward(plan, dout, q, k, v, out, lse, bias_grad, dlse)
         b, h, g = plan.b, plan.h, plan.g
         dq = dq.view(b, h, plan.i, plan.d).to(q.dtype)
         dk = dk.view(b, g, plan.j, plan.d).to(k.dtype)
@@ -200,10 +200,11 @@ def chunked_attention(
     k_tile: int | None = None,
     seed: int | None = None,
     positions: Tensor | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention by tiles with an online softmax; differentiable with a tile-recomputing backward.
 
-    q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) -> (b, h, i, e) in q's dtype. Never holds more than one
+    q (b, h, i, d), k (b, g, j, d), v (b, g, j, e) -> (b, h, i, e) in q's dtype; with `inp.return_lse` also the
+    log-sum-exp (b, h, i) in the accumulation dtype (-inf: no key), differentiable. Never holds more than one
     (batch slice, h, q_tile, k_tile) score tile. `seed` fixes the dropout mask (only its value modulo 2**32
     counts; default: drawn from torch's default generator); `dropout_keep_mask(inp, seed, ...)` rebuilds
     that mask densely, for tests. The mask does not depend on the tile sizes: each entry is a hash of (seed,
@@ -233,10 +234,13 @@ def chunked_attention(
             f"expected `positions` to be an integer tensor of shape (i,) = ({inp.i},) on {inp.device}, the query "
             f"rows' positions in the dropout keep-mask, got {positions!r:.80}; hint: leave it None for 0..i-1"
         )
-    return _ChunkedFn.apply(
+    out, lse, *_ = _ChunkedFn.apply(
         inp.q, inp.k, inp.v, inp.bias, inp.mask, inp.causal, inp.scale, inp.dropout_p, drawn, positions, q_tile,
         k_tile, facts,
-    )[0]  # fmt: skip
+    )  # fmt: skip
+    if not inp.return_lse:
+        return out
+    return out, lse.masked_fill(lse == torch.inf, -torch.inf)  # the tiles mark a row with no key +inf
 
 
 def dropout_keep_mask(inp: AttnInputs, seed: int, *, positions: Tensor | None = None) -> Tensor:
@@ -270,9 +274,9 @@ class ChunkedBackend(Backend):
     name = "chunked"
     # every feature on every device; memory bounded by the tile, so no (i, j) scores for the budget to count
     caps = {
-        "cpu": Caps(dense_scores=False),
-        "cuda": Caps(dense_scores=False),
-        "mps": Caps(dtypes=NO_FLOAT64, dense_scores=False),
+        "cpu": Caps(dense_scores=False, lse=True),
+        "cuda": Caps(dense_scores=False, lse=True),
+        "mps": Caps(dtypes=NO_FLOAT64, dense_scores=False, lse=True),
     }
 
     def __init__(self, q_tile: int | None = None, k_tile: int | None = None, *, name: str | None = None):
@@ -283,7 +287,7 @@ class ChunkedBackend(Backend):
         if name is not None:
             self.name = name
 
-    def run(self, inp: AttnInputs) -> Tensor:
+    def run(self, inp: AttnInputs) -> Tensor | tuple[Tensor, Tensor]:
         return chunked_attention(inp, q_tile=self.q_tile, k_tile=self.k_tile)
 
     def lowering(self, inp: AttnInputs) -> str | None:

@@ -24,12 +24,12 @@ class EinsumBackend(Backend):
 
     name = "einsum"
     caps = {
-        "cpu": Caps(),
-        "cuda": Caps(),
-        "mps": Caps(dtypes=NO_FLOAT64),
+        "cpu": Caps(lse=True),
+        "cuda": Caps(lse=True),
+        "mps": Caps(dtypes=NO_FLOAT64, lse=True),
     }
 
-    def run(self, inp: AttnInputs) -> Tensor:
+    def run(self, inp: AttnInputs) -> Tensor | tuple[Tensor, Tensor]:
         return einsum_attention(inp)
 
     def lowering(self, inp: AttnInputs) -> str | None:

@@ -514,6 +514,8 @@ class SdpaFlash(SdpaBackend):
             same_value_dim=True,
             min_capability=(8, 0),
             mask=False,
+            window=False,
+            documents=False,
             bias=False,
             deterministic=False,
             grad2=False,

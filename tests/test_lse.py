@@ -1,0 +1,157 @@
+"""`return_lse=True`: the log-sum-exp of each row's softmax normaliser, against a float64 formula written from the
+semantics (issue 23's first item), on every backend that declares it (`Caps.lse`), with gradients and second order.
+
+    lse[b, h, i] = log sum_{j visible} exp(scale * q_i . k_j + bias[b, h, i, j])      (-inf: no visible key)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attend import attention, explain, get_backend
+from attend.inputs import validate
+
+from .helpers import CPU_BACKENDS, make_qkv, skip_unless_runs
+
+LSE_BACKENDS = [n for n in CPU_BACKENDS if get_backend(n).caps["cpu"].lse]
+
+
+def _formula(q, k, v, *, mask=None, bias=None, causal=False, scale=None, score="dot"):
+    """The semantics, in float64, as one dense (b, h, i, j) computation."""
+    q, k, v = q.double(), k.double(), v.double()
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if score == "l2":
+        s = -(q.square().sum(-1, keepdim=True) + k.square().sum(-1)[..., None, :] - 2 * (q @ k.transpose(-1, -2)))
+        s = s * scale
+    if bias is not None:
+        s = s + bias.double()
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & (mask[:, None, None, :] if mask.dim() == 2 else mask)
+    if causal:
+        i, j = s.shape[-2:]
+        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+    s = s.masked_fill(~keep, -math.inf)
+    return s.logsumexp(-1)
+
+
+CASES = {
+    "plain": {},
+    "causal-i<j": {"causal": True},
+    "padding": {"mask": "pad"},
+    "bias": {"bias": True},
+    "causal-i>j": {"causal": True, "swap": True},  # rows with no key: -inf
+    "l2": {"score": "l2", "mask": "pad"},
+}
+
+
+def _inputs(case, dtype=torch.float64, grad=False):
+    spec = dict(CASES[case])
+    i, j = (9, 5) if spec.pop("swap", False) else (5, 9)
+    q, k, v = make_qkv(b=2, h=4, g=2, i=i, j=j, d=8, dtype=dtype)
+    kw: dict = {}
+    if spec.pop("mask", None):
+        pad = torch.ones(2, j, dtype=torch.bool)
+        pad[1, j - 3 :] = False
+        kw["mask"] = pad
+    if spec.pop("bias", None):
+        kw["bias"] = torch.randn(1, 4, i, j, dtype=dtype)
+    kw.update(spec)
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        if "bias" in kw:
+            kw["bias"].requires_grad_()
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", LSE_BACKENDS)
+def test_lse_matches_the_formula(name, case):
+    q, k, v, kw = _inputs(case)
+    skip_unless_runs(name, validate(q, k, v, return_lse=True, **kw))
+    out, lse = attention(q, k, v, backend=name, return_lse=True, **kw)
+    want = _formula(q, k, v, **kw)
+    assert lse.shape == want.shape and lse.dtype == torch.float64
+    torch.testing.assert_close(lse, want)
+    torch.testing.assert_close(out, attention(q, k, v, backend=name, **kw))  # the output is the plain call's
+
+
+@pytest.mark.parametrize("name", LSE_BACKENDS)
+def test_lse_is_float32_for_half_inputs(name):
+    q, k, v, kw = _inputs("padding", dtype=torch.bfloat16)
+    _, lse = attention(q, k, v, backend=name, return_lse=True, **kw)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), _formula(q, k, v, **kw), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("case", ["plain", "padding", "bias", "causal-i>j", "l2"])
+@pytest.mark.parametrize("name", LSE_BACKENDS)
+def test_lse_gradients_and_second_order(name, case):
+    """gradcheck and gradgradcheck of (out, lse) in q, k, v (and bias): the lse's gradient flows into q, k, bias."""
+    q, k, v, kw = _inputs(case, grad=True)
+    leaves = [q, k, v] + ([kw.pop("bias")] if "bias" in kw else [])
+
+    def f(*xs):
+        extra = {"bias": xs[3]} if len(xs) > 3 else {}
+        out, lse = attention(*xs[:3], backend=name, return_lse=True, **kw, **extra)
+        return out, lse.masked_fill(torch.isinf(lse), 0.0)  # a dead row's -inf is a constant
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
+def test_lse_gradient_is_the_softmax():
+    """d lse_i / d bias_ij = p_ij: the lse's gradient alone (no output gradient)."""
+    q, k, v, kw = _inputs("bias", grad=True)
+    for name in LSE_BACKENDS:
+        bias = kw["bias"].detach().clone().requires_grad_()
+        _, lse = attention(q, k, v, bias=bias, backend=name, return_lse=True)
+        (grad,) = torch.autograd.grad(lse.sum(), bias)
+        p = torch.softmax(
+            q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * 8**-0.5 + bias.double(), -1
+        )
+        torch.testing.assert_close(grad, p.sum(0, keepdim=True), msg=name)
+
+
+def test_auto_picks_a_backend_that_gives_it_and_explain_says_why_not_sdpa():
+    q, k, v = make_qkv(b=1, h=2, g=2, i=16, j=16, d=16)
+    report = explain(q, k, v, return_lse=True)
+    assert report.backend in LSE_BACKENDS
+    for name in ("sdpa:flash", "sdpa:math"):
+        assert "return_lse=True; this backend gives no log-sum-exp" in report.reasons[name]
+    with pytest.raises(ValueError, match="this backend gives no log-sum-exp"):
+        attention(q, k, v, backend="sdpa:math", return_lse=True)
+    assert "--return-lse" in report.hint
+
+
+def test_lse_with_dropout_is_the_undropped_normaliser():
+    q, k, v, kw = _inputs("padding")
+    torch.manual_seed(1)
+    _, lse = attention(q, k, v, dropout_p=0.5, return_lse=True, **kw)
+    torch.testing.assert_close(lse, _formula(q, k, v, **kw))
+
+
+def test_garbage_and_empty_inputs_keep_the_lse():
+    """Garbage behind padding changes no lse; no keys at all: every lse is -inf."""
+    q, k, v, kw = _inputs("padding")
+    want = attention(q, k, v, return_lse=True, **kw)[1]
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, -3:] = v2[1, :, -3:] = float("nan")
+    torch.testing.assert_close(attention(q, k2, v2, return_lse=True, **kw)[1], want)
+    out, lse = attention(q, k[:, :, :0], v[:, :, :0], return_lse=True)
+    assert (out == 0).all() and (lse == -math.inf).all() and lse.shape == (2, 4, 5)
+
+
+def test_check_finite_marks_the_lse_of_rows_that_see_a_nan():
+    q, k, v, _ = _inputs("plain")
+    k = k.clone()
+    k[0, 0, 2] = float("nan")
+    out, lse = attention(q, k, v, return_lse=True, check_finite=True)
+    assert torch.isnan(lse[0, :2]).all() and torch.isfinite(lse[1]).all()
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(lse))
