@@ -29,7 +29,7 @@ from ._helpers import accum_dtype, any_autocast, fmt_shape, functorch_wrapped, n
 from .backends import REGISTERED
 from .backends.base import Backend
 from .inputs import AttnInputs, Options, validate
-from .masks import Lowered, dead_keys, lower_score, rows_that_see, zero_keys
+from .masks import dead_keys, lower, rows_that_see, zero_keys
 
 __all__ = [
     "PRIORITY",
@@ -383,7 +383,7 @@ def fallbacks(inp: AttnInputs, failed: set[str], *, oom: bool = False) -> list[B
 
 def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Report:
     """Every registered backend with its reasons, and the one that runs `inp`."""
-    shown, inp = inp, lower_score(inp).inp
+    shown, inp = inp, lower(inp).inp
     auto = _auto_order(inp)
     order = list(auto) + [n for n in _registry if n not in auto]
     reasons = {n: _registry[n].reasons_unsupported(inp) for n in order}
@@ -408,11 +408,13 @@ def explain_inputs(inp: AttnInputs, backend: str | None = None, *, fused_only: b
         hint=shown.cli_hint(backend),
         candidates=auto,
         requested=backend,
-        lowering=_lowering(inp, reasons, chosen, l2=shown.score == "l2"),
+        lowering=_lowering(inp, reasons, chosen, l2=shown.score == "l2", sinks=shown.sinks is not None),
     )
 
 
-def _lowering(inp: AttnInputs, reasons: dict[str, list[str]], chosen: str | None, *, l2: bool) -> list[str]:
+def _lowering(
+    inp: AttnInputs, reasons: dict[str, list[str]], chosen: str | None, *, l2: bool, sinks: bool = False
+) -> list[str]:
     """How each backend that can run `inp` (the chosen one first) runs what no kernel takes directly: the l2
     score, window and documents (each backend says it: `Backend.lowering`)."""
     notes = []
@@ -420,6 +422,11 @@ def _lowering(inp: AttnInputs, reasons: dict[str, list[str]], chosen: str | None
         notes.append(
             "score='l2' runs as a dot product: q' = [q, 1], k' = [k, -(|k|^2 - c) / 2], scale' = 2 * scale "
             "(|q|^2 and c, a median per (b, g), are constant per row and cancel in softmax)"
+        )
+    if sinks:
+        notes.append(
+            "sinks run as a rescale of the call's log-sum-exp: out * sigmoid(lse - sink), lse' = logaddexp(lse, "
+            "sink) (so only backends that give the log-sum-exp can run them)"
         )
     if inp.structured:
         names = [n for n, why in reasons.items() if not why]
@@ -607,19 +614,8 @@ def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False
     `inp.return_lse`."""
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    low = lower_score(inp)
-    return _narrow(_execute(low.inp, select(low.inp, backend, fused_only=fused_only, shown=inp), backend), low)
-
-
-def _narrow(result: Result, low: Lowered) -> Result:
-    """A lowered call's result back to the caller's terms (`masks.lower_score`): the value width it padded v
-    from, and its log-sum-exp shifted by the per-row constant the lowering added to every logit."""
-    if low.e is None and low.lse_shift is None:
-        return result
-    if isinstance(result, tuple):
-        out, lse = result
-        return (out if low.e is None else out[..., : low.e]), (lse if low.lse_shift is None else lse + low.lse_shift)
-    return result if low.e is None else result[..., : low.e]
+    low = lower(inp)
+    return low.finish(_execute(low.inp, select(low.inp, backend, fused_only=fused_only, shown=inp), backend))
 
 
 def _empty(inp: AttnInputs, backend: str | None) -> Result:
@@ -632,7 +628,10 @@ def _empty(inp: AttnInputs, backend: str | None) -> Result:
     out = inp.q.new_zeros(inp.b, inp.h, inp.i, inp.e) + zero
     if not inp.return_lse:
         return out
-    return out, inp.q.new_full((inp.b, inp.h, inp.i), -math.inf, dtype=accum_dtype(inp.dtype)) + zero
+    lse = inp.q.new_full((inp.b, inp.h, inp.i), -math.inf, dtype=accum_dtype(inp.dtype)) + zero
+    if inp.sinks is not None:  # the normaliser of a row with no key is its sink's alone
+        lse = torch.logaddexp(lse, inp.sinks.to(lse.dtype)[..., None])
+    return out, lse
 
 
 def _execute(inp: AttnInputs, chosen: Backend, backend: str | None) -> Result:
@@ -726,6 +725,7 @@ def call(
     mask: Any = None,
     bias: Any = None,
     documents: Any = None,
+    sinks: Any = None,
     *,
     options: Options = _NO_OPTIONS,
     backend: str | None = None,
@@ -734,9 +734,10 @@ def call(
     """Validate, choose and run: what `attention` and `Attend` do per call. The first call of a signature
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
     from the cached entry and run (`CACHE_SIZE` signatures are kept, the oldest first out).
-    Calls with `documents` always validate (the ids are data)."""
+    Calls with `documents` or `sinks` always validate (the ids are data; sinks are rare enough to skip the cache)."""
     generation = _generation  # read first: a registry change during this call must not be cached after it
-    key = None if documents is not None else _call_key(q, k, v, mask, bias, (options, backend, fused_only))
+    cacheable = documents is None and sinks is None
+    key = _call_key(q, k, v, mask, bias, (options, backend, fused_only)) if cacheable else None
     try:
         entry = None if key is None else _cache.get(key)
     except TypeError:  # an unhashable option
@@ -748,12 +749,12 @@ def call(
                 return value.fast(q, k, v)
             except (RuntimeError, MemoryError):
                 pass  # the full path below runs it again, with the run policy's narrow fallback
-        low = lower_score(value.inputs(q, k, v, mask, bias))
-        return _narrow(_execute(low.inp, value.backend, backend), low)
-    inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options)
+        low = lower(value.inputs(q, k, v, mask, bias))
+        return low.finish(_execute(low.inp, value.backend, backend))
+    inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, sinks=sinks, options=options)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
-    raw, low = inp, lower_score(inp)
+    raw, low = inp, lower(inp)
     chosen = select(low.inp, backend, fused_only=fused_only, shown=raw)
     if key is not None:
         value = _Entry.of(chosen, raw, backend is None and not fused_only, mask is not None and mask.dim() == 2)
@@ -762,4 +763,4 @@ def call(
                 _cache[key] = _Cached(value, generation)
                 while len(_cache) > CACHE_SIZE:
                     _cache.pop(next(iter(_cache)))
-    return _narrow(_execute(low.inp, chosen, backend), low)
+    return low.finish(_execute(low.inp, chosen, backend))

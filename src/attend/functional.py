@@ -62,6 +62,7 @@ def attention(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
+    sinks: Tensor | None = None,
     return_lse: Literal[False] = False,
 ) -> Tensor: ...
 
@@ -83,6 +84,7 @@ def attention(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
+    sinks: Tensor | None = None,
     return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -103,12 +105,13 @@ def attention(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     if any_autocast():  # (one C call; the function call and its tuples cost more than the check)
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
-    return call(q, k, v, mask, bias, documents, options=options, backend=backend)
+    return call(q, k, v, mask, bias, documents, sinks, options=options, backend=backend)
 
 
 attention.__doc__ = (
@@ -139,10 +142,15 @@ attention.__doc__ = (
             on CUDA, where reading a result would stall the GPU pipeline once per call. True: the exact
             check everywhere: q, k, v are read too, and NaN/inf make NaN exactly the rows that see them
             (on CUDA one host sync per call). False: off; each kernel's own NaN behaviour applies.
+        sinks: attention sinks, float (h,) or (b, h): one logit per query head added to every row's softmax
+            denominator with no value (gpt-oss): `p = softmax([s_1 .. s_j, sink_h])[:j]`, `out = p @ v`. A row
+            with no key still gives 0. Differentiable in `sinks`. Run as a rescale of the log-sum-exp, so by the
+            backends that give one (`return_lse` below).
         return_lse: also return the log-sum-exp: `(out, lse)`, lse (b, h, i) float32 (float64 for float64
             inputs), the natural log of each row's softmax normaliser over the keys it may attend, after the
             scale and bias (`logsumexp(sim, dim=-1)` in the formula below); -inf for a row with no key; NaN where
-            the row's output is NaN. Differentiable (into q, k and bias), second order too. Backends that give
+            the row's output is NaN; with sinks it includes the sink (a row with no key: the sink). Differentiable
+            (into q, k, bias and sinks), second order too. Backends that give
             it declare `Caps.lse` (einsum, chunked; not PyTorch's SDPA kernels, `explain` says so).
 
     Faults: in auto mode, a backend that runs out of memory or says it cannot run the inputs ("No
@@ -184,11 +192,13 @@ def explain(
     score: str = "dot",
     deterministic: bool = False,
     check_finite: bool | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
     options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
-    return explain_inputs(validate(q, k, v, mask=mask, bias=bias, documents=documents, options=options), backend)
+    inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, sinks=sinks, options=options)
+    return explain_inputs(inp, backend)
 
 
 explain.__doc__ = (

@@ -156,6 +156,9 @@ class AttnInputs:
     # also return the log-sum-exp of each row's softmax normaliser, (b, h, i) in the accumulation dtype, -inf for a
     # row with no key; differentiable (`Caps.lse` says which backends give it)
     return_lse: bool = False
+    # attention sinks (b|1, h): one logit per query head in every row's softmax denominator, with no value
+    # (gpt-oss); lowered by the dispatcher to a rescale of the call's log-sum-exp (`masks.lower`)
+    sinks: Tensor | None = None
 
     @property
     def structured(self) -> bool:
@@ -219,7 +222,7 @@ class AttnInputs:
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.bias)
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.bias, self.sinks)
         )
 
     @property
@@ -250,6 +253,7 @@ class AttnInputs:
             self.dropout_p > 0,
             self.dropout_p,
             self.return_lse,
+            desc(self.sinks),
             self.needs_grad,
             self.deterministic or torch.are_deterministic_algorithms_enabled(),
         )
@@ -275,6 +279,8 @@ class AttnInputs:
         lines.append("  " + "   ".join(shown))
         if self.q_docs is not None and self.k_docs is not None:
             lines.append(f"  documents: q {fmt_shape(self.q_docs.shape)}, k {fmt_shape(self.k_docs.shape)}")
+        if self.sinks is not None:
+            lines.append(f"  sinks  : {fmt_dtype(self.sinks.dtype)} {fmt_shape(self.sinks.shape)}")
         return "\n".join(lines)
 
     def cli_hint(self, backend: str | None = None) -> str:
@@ -411,6 +417,24 @@ def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, i
             kind = "key_padding" if mask4.shape[1] == 1 and mask4.shape[2] == 1 else "bool"
 
     return mask4, kind
+
+
+def _check_sinks(sinks: Any, q: Tensor, b: int, h: int) -> Tensor | None:
+    """sinks: None or a float tensor (h,) or (b, h) on q's device: one logit per query head (per batch element)
+    in every row's softmax denominator, with no value. Returns the (b|1, h) view."""
+    if sinks is None:
+        return None
+    check_tensor("sinks", sinks, "(h,) or (b, h)")
+    if not sinks.is_floating_point():
+        raise TypeError(f"expected `sinks` of a floating dtype (one logit per head), got {fmt_dtype(sinks.dtype)}")
+    if sinks.device != q.device:
+        raise ValueError(f"expected `sinks` on {q.device} like q, got {sinks.device}")
+    if tuple(sinks.shape) not in ((h,), (b, h), (1, h)):
+        raise ValueError(
+            f"expected `sinks` of shape (h,) = ({h},) or (b, h) = {fmt_shape((b, h))}, one logit per query head, "
+            f"got shape {fmt_shape(sinks.shape)}; hint: gpt-oss keeps one learned sink per head, `sinks=s_aux`"
+        )
+    return sinks.reshape(-1, h)
 
 
 def _check_bias(bias: Any, q: Tensor, target: tuple[int, int, int, int]) -> Tensor | None:
@@ -685,6 +709,7 @@ def validate(
     mask: Any = None,
     bias: Any = None,
     documents: Any = None,
+    sinks: Any = None,
     options: Options | None = None,
     names: tuple[str, str, str] = ("q", "k", "v"),
     **option_kwargs: Any,
@@ -693,7 +718,8 @@ def validate(
 
     Shapes: q (b, h, i, d); k (b, g, j, d); v (b, g, j, e); mask bool broadcastable to (b, h, i, j) or
     (b, j) key padding; bias float broadcastable to (b, h, i, j); documents int (b, j), or a pair
-    ((b, i), (b, j)). The options come as one `Options` record or as its fields by keyword. `names`: how the
+    ((b, i), (b, j)); sinks float (h,) or (b, h). The options come as one `Options` record or as its fields by
+    keyword. `names`: how the
     messages name q, k, v (a door with its own argument names passes them: `query`, `key`, `value`).
 
     Raises:
@@ -705,6 +731,7 @@ def validate(
     mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
     bias4 = _check_bias(bias, q, (b, h, i, j))
     q_docs, k_docs = _check_documents(documents, q, b, i, j)
+    sinks2 = _check_sinks(sinks, q, b, h)
     resolved = check_options(opts, d, i + j)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so
@@ -730,4 +757,5 @@ def validate(
         k_docs=k_docs,
         score=resolved.score,
         return_lse=resolved.return_lse,
+        sinks=sinks2,
     )

@@ -48,6 +48,7 @@ from .inputs import AttnInputs, sides
 __all__ = [
     "Structure",
     "interval",
+    "lower",
     "lower_score",
     "Lowered",
     "bias_as",
@@ -223,12 +224,45 @@ def _with_column(t: Tensor, column: Tensor | float) -> Tensor:
 
 
 class Lowered(NamedTuple):
-    """`lower_score`'s result: the inputs every kernel runs, the value width to slice the output back to (or
-    None), and what to add to the lowered call's log-sum-exp to get the caller's (or None)."""
+    """What `lower` and `lower_score` return: the inputs every kernel runs, the value width to slice the output
+    back to (or None), what to add to the lowered call's log-sum-exp to get the caller's (or None), the sinks to
+    apply to the result (or None), and whether the caller asked for the log-sum-exp. `finish` turns the
+    kernel's result into the caller's."""
 
     inp: AttnInputs
     e: int | None
     lse_shift: Tensor | None
+    sinks: Tensor | None = None
+    want_lse: bool = False
+
+    def finish(self, result: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+        """The lowered call's out (or (out, lse)) back in the caller's terms: v's width, the l2 score's lse, and
+        sinks: p = softmax([s_1 .. s_j, sink])[:j] is the plain softmax times Z / (Z + e^sink), Z = e^lse, so
+        out * sigmoid(lse - sink), and the normaliser includes the sink: logaddexp(lse, sink) (a row with no key:
+        out 0, lse = sink). Differentiable in everything, sinks included."""
+        if self.e is None and self.lse_shift is None and self.sinks is None:
+            return result
+        out, lse = result if isinstance(result, tuple) else (result, None)
+        if self.e is not None:
+            out = out[..., : self.e]
+        if lse is not None and self.lse_shift is not None:
+            lse = lse + self.lse_shift
+        if self.sinks is not None:
+            assert lse is not None  # `lower` asked the kernel for it
+            sink = self.sinks.to(lse.dtype)[..., None]  # (b|1, h, 1)
+            out = (out.to(lse.dtype) * torch.sigmoid(lse - sink)[..., None]).to(out.dtype)
+            lse = torch.logaddexp(lse, sink)
+        return (out, lse) if self.want_lse and lse is not None else out
+
+
+def lower(inp: AttnInputs) -> Lowered:
+    """Everything the pipeline rewrites before a kernel runs, and how to undo it (`Lowered.finish`): the l2 score
+    as a dot product (`lower_score`), and sinks as the call's log-sum-exp (the kernel runs without them, with
+    `return_lse`, and `finish` rescales; any backend that gives the log-sum-exp runs sinks)."""
+    low = lower_score(inp)
+    if inp.sinks is None:
+        return low
+    return Lowered(replace(low.inp, sinks=None, return_lse=True), low.e, low.lse_shift, inp.sinks, inp.return_lse)
 
 
 def lower_score(inp: AttnInputs) -> Lowered:
@@ -243,7 +277,7 @@ def lower_score(inp: AttnInputs) -> Lowered:
     lowered logits are the caller's plus scale (|q|^2 + c), so `lse_shift` = -scale (|q|^2 + c), (b, h, i).
     """
     if inp.score != "l2":
-        return Lowered(inp, None, None)
+        return Lowered(inp, None, None, None, inp.return_lse)
     acc = torch.float64 if inp.dtype == torch.float64 else torch.float32
     # |k|^2 accumulated in acc without a widened copy of k; (b, g, j, 1)
     sq = torch.linalg.vector_norm(inp.k, dim=-1, keepdim=True, dtype=acc).square()
@@ -266,7 +300,7 @@ def lower_score(inp: AttnInputs) -> Lowered:
         q_sq = torch.linalg.vector_norm(inp.q, dim=-1, dtype=acc).square()  # (b, h, i), differentiable in q
         shift = -inp.scale * (q_sq + center[..., 0].repeat_interleave(inp.h // inp.g, dim=1))
     lowered = replace(inp, q=q, k=k, v=v, scale=2 * inp.scale, score="dot")
-    return Lowered(lowered, inp.e if pad_v else None, shift)
+    return Lowered(lowered, inp.e if pad_v else None, shift, None, inp.return_lse)
 
 
 class _L2Columns(torch.autograd.Function):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -132,18 +132,22 @@ class Attend(nn.Module):
         causal: bool | None = None,
         documents: Tensor | tuple[Tensor, Tensor] | None = None,
         window: tuple[int | None, int | None] | None = None,
-    ) -> Tensor:
+        sinks: Tensor | None = None,
+        return_lse: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         if any_autocast():
             q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
         options = self._options(causal, window)
+        if return_lse:
+            options = options._replace(return_lse=return_lse)
         if self.flash is True and self.backend is None:
             try:
-                return cast(Tensor, call(q, k, v, mask, bias, documents, options=options, fused_only=True))
+                return call(q, k, v, mask, bias, documents, sinks, options=options, fused_only=True)
             except NoBackendError:
                 # the seed fell back to SDPA's math kernel here; keep that, but say so (once)
                 hint = self._inputs(q, k, v, mask, bias, causal, documents, window).cli_hint()
                 _log_once(f"Attend(flash=True): no fused kernel can run {hint!r}; using auto")
-        return cast(Tensor, call(q, k, v, mask, bias, documents, options=options, backend=self.backend))
+        return call(q, k, v, mask, bias, documents, sinks, options=options, backend=self.backend)
 
     def explain(
         self,
@@ -191,6 +195,8 @@ Attend.__doc__ = (
     forward(q, k, v, mask=None, bias=None, causal=None, documents=None, window=None) -> out
         documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.
         window: this call's (left, right), overriding the module's (None: the module's).
+        sinks: attention sinks (h,) or (b, h), as in `attention` (gpt-oss keeps them as a learned parameter).
+        return_lse: return `(out, lse)`, lse (b, h, i) the log-sum-exp, as in `attention`.
 """
     + DOC_SEMANTICS
     + """

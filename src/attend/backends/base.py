@@ -145,7 +145,7 @@ class Backend:
             if abs(steps - round(steps)) > 1e-9:
                 reasons.append(f"dropout_p={inp.dropout_p} is not a multiple of {caps.dropout_step}")
         if inp.return_lse and not caps.lse:
-            reasons.append("return_lse=True; this backend gives no log-sum-exp")
+            reasons.append("needs each row's log-sum-exp (return_lse=True, or sinks); this backend gives none")
         if inp.needs_grad and not caps.grad:
             reasons.append("inputs require grad; this backend has no backward")
         if not caps.deterministic and (inp.deterministic or torch.are_deterministic_algorithms_enabled()):

@@ -1,0 +1,129 @@
+"""Attention sinks (issue 23): one logit per query head in every row's softmax denominator, with no value,
+against gpt-oss's eager formula in float64, through `attention` and `Attend`, with gradients and second order.
+
+    p = softmax([s_i1 .. s_ij, sink_h])[:j]        out_i = sum_j p_ij v_j        lse_i = logsumexp([s_i, sink_h])
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attend import Attend, attention, explain
+
+from .helpers import make_qkv
+
+BACKENDS = [None, "einsum", "chunked"]  # auto, and every CPU backend that gives the log-sum-exp
+
+
+def _formula(q, k, v, sinks, *, mask=None, causal=False):
+    """gpt-oss's eager attention with sinks, float64, dense."""
+    q, k, v = q.double(), k.double(), v.double()
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & mask[:, None, None, :]
+    if causal:
+        i, j = s.shape[-2:]
+        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+    s = s.masked_fill(~keep, -math.inf)
+    sink = sinks.double().reshape(-1, s.shape[1], 1, 1).expand(*s.shape[:-1], 1)
+    full = torch.cat([s, sink], -1)
+    p = full.softmax(-1)[..., :-1]
+    return p @ v, full.logsumexp(-1)
+
+
+def _case(i=6, j=9, grad=False, per_batch=False):
+    q, k, v = make_qkv(b=2, h=4, g=2, i=i, j=j, d=8, dtype=torch.float64)
+    sinks = torch.randn(2, 4, dtype=torch.float64) if per_batch else torch.randn(4, dtype=torch.float64)
+    pad = torch.ones(2, j, dtype=torch.bool)
+    pad[1, j - 4 :] = False
+    if grad:
+        q, k, v, sinks = (t.requires_grad_() for t in (q, k, v, sinks))
+    return q, k, v, sinks, pad
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["(h,)", "(b, h)"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+def test_sinks_match_gpt_oss_eager(backend, causal, per_batch):
+    q, k, v, sinks, pad = _case(per_batch=per_batch)
+    want_out, want_lse = _formula(q, k, v, sinks, mask=pad, causal=causal)
+    out, lse = attention(q, k, v, mask=pad, causal=causal, sinks=sinks, backend=backend, return_lse=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(attention(q, k, v, mask=pad, causal=causal, sinks=sinks, backend=backend), want_out)
+    module = Attend(causal=causal, backend=backend)
+    torch.testing.assert_close(module(q, k, v, mask=pad, sinks=sinks), want_out)
+
+
+def test_a_row_with_no_key_gives_zero_and_its_lse_is_the_sink():
+    q, k, v, sinks, _ = _case(i=9, j=4)  # causal, i > j: the first 5 rows see no key
+    out, lse = attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    assert (out[:, :, :5] == 0).all()
+    torch.testing.assert_close(lse[:, :, :5], sinks[None, :, None].expand(2, 4, 5))
+    out0, lse0 = attention(q, k[:, :, :0], v[:, :, :0], sinks=sinks, return_lse=True)  # no key at all
+    assert (out0 == 0).all()
+    torch.testing.assert_close(lse0, sinks[None, :, None].expand(2, 4, 9))
+
+
+@pytest.mark.parametrize("backend", ["einsum", "chunked"])
+def test_sinks_gradients_and_second_order(backend):
+    # small (h = 2, g = 1, d = 4): gradgradcheck's numerical Jacobians grow with the square of the inputs' size
+    q, k, v = (t.requires_grad_() for t in make_qkv(b=2, h=2, g=1, i=3, j=5, d=4, dtype=torch.float64))
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    pad = torch.tensor([[True] * 5, [True, True, True, False, False]])
+
+    def f(q, k, v, sinks):
+        return attention(q, k, v, mask=pad, sinks=sinks, backend=backend, return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, sinks))
+
+
+def test_sinks_gradient_matches_the_formula():
+    q, k, v, sinks, pad = _case(grad=True)
+    out = attention(q, k, v, mask=pad, causal=True, sinks=sinks)
+    want = _formula(q, k, v, sinks, mask=pad, causal=True)[0]
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, sinks), dout)
+    ref = torch.autograd.grad(want, (q, k, v, sinks), dout)
+    for a, b, name in zip(got, ref, ("q", "k", "v", "sinks")):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_garbage_behind_padding_with_sinks():
+    q, k, v, sinks, pad = _case()
+    want = attention(q, k, v, mask=pad, sinks=sinks)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, -4:] = v2[1, :, -4:] = float("nan")
+    torch.testing.assert_close(attention(q, k2, v2, mask=pad, sinks=sinks), want)
+
+
+def test_explain_says_how_sinks_run_and_why_sdpa_cannot():
+    q, k, v, sinks, _ = _case()
+    report = explain(q, k, v, sinks=sinks)
+    assert report.backend in ("chunked", "einsum")
+    assert any("sinks run as a rescale" in note for note in report.lowering)
+    assert any("log-sum-exp" in why for why in report.reasons["sdpa:flash"])
+    assert "sinks  : float64 (1, 4)" in report.inputs
+
+
+@pytest.mark.parametrize(
+    "sinks, error, text",
+    [
+        (torch.randn(3), ValueError, "expected `sinks` of shape (h,) = (4,) or (b, h) = (2, 4)"),
+        (torch.ones(4, dtype=torch.long), TypeError, "expected `sinks` of a floating dtype"),
+        ([0.0] * 4, TypeError, "expected `sinks` to be a torch.Tensor of shape (h,) or (b, h)"),
+    ],
+    ids=["shape", "dtype", "list"],
+)
+def test_bad_sinks(sinks, error, text):
+    q, k, v, _, _ = _case()
+    with pytest.raises(error) as info:
+        attention(q, k, v, sinks=sinks)
+    assert text in str(info.value)
