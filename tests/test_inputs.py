@@ -101,6 +101,7 @@ def test_the_vocabulary_is_the_options_record():
         {"dropout_p": 0.125, "deterministic": True},
         {"window": (3, None), "score": "l2", "check_finite": False},
         {"window": (0, 2), "check_finite": True},
+        {"scale": -1e-05, "return_lse": True},
     ],
     ids=str,
 )

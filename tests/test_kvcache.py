@@ -474,3 +474,25 @@ def test_strided_layouts(split, request):
     got = with_kvcache(q_t, kc_t, vc_t, k, v, cache_seqlens=lens)
     check(got, want, q.dtype)
     assert torch.equal(kc_t, appended(kc, vc, k, v, lens)[0])
+
+
+def test_ragged_causal_rows_need_a_backend_that_takes_per_row_positions():
+    """A ragged cache's dispatch inputs carry per-row positions (q_pos) even when the window folds into causal:
+    a backend declaring no window must say so (it did not, and would have been chosen)."""
+    from dataclasses import replace
+
+    from attend.backends.base import Backend, Caps
+    from attend.kvcache import _dispatch_inputs, _prepare
+
+    class NoWindow(Backend):
+        name = "no-window"
+        caps = {"cpu": Caps(mask=False, window=False, documents=False)}
+
+    q, kc, vc, k, v, lens = make(3)
+    lens = torch.tensor([3, 9, 5], dtype=torch.int32)
+    call = _prepare(q, kc, vc, None, None, lens, None, None, None, True, None, None, None)
+    inp = _dispatch_inputs(call, stand_in=True)
+    assert inp.q_pos is not None and inp.window is None
+    reasons = NoWindow().reasons_unsupported(inp)
+    assert any("per-row query positions" in r for r in reasons), reasons
+    assert not NoWindow().reasons_unsupported(replace(inp, q_pos=None, causal=False))

@@ -159,3 +159,38 @@ def test_check_finite_marks_the_lse_of_rows_that_see_a_nan():
     out, lse = attention(q, k, v, return_lse=True, check_finite=True)
     assert torch.isnan(lse[0, :2]).all() and torch.isfinite(lse[1]).all()
     assert torch.equal(torch.isnan(out).any(-1), torch.isnan(lse))
+
+
+def test_jacobians_of_the_lse_alone_and_of_both():
+    """torch.func.jacrev of the lse alone (the output unused) and of (out, lse): vmapped over dlse only, the
+    chunked backward's accumulators must be batched like it."""
+    from torch.func import jacrev
+
+    q, k, v = make_qkv(b=1, h=2, g=1, i=3, j=4, d=4, dtype=torch.float64)
+    for name in LSE_BACKENDS:
+        got = jacrev(lambda x, n=name: attention(x, k, v, backend=n, return_lse=True)[1])(q)
+        want = jacrev(lambda x: _formula(x, k, v))(q)
+        torch.testing.assert_close(got, want, msg=name)
+        both = jacrev(lambda x, n=name: attention(x, k, v, backend=n, return_lse=True))(q)
+        torch.testing.assert_close(both[1], want, msg=name)
+
+
+def test_a_plain_call_pays_nothing_for_the_lse_in_backward(monkeypatch):
+    """The chunked backward gets no dlse when the loss does not use the lse (no subtraction, no zeros)."""
+    import attend.tiles as tiles
+
+    seen = []
+    original = tiles.backward
+
+    def spy(*args, **kwargs):
+        seen.append(args[8] if len(args) > 8 else kwargs.get("dlse"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiles, "backward", spy)
+    q, k, v, kw = _inputs("padding", grad=True)
+    attention(q, k, v, backend="chunked", **kw).sum().backward()
+    out, lse = attention(q, k, v, backend="chunked", return_lse=True, **kw)
+    out.sum().backward()
+    assert seen == [None, None]
+    attention(q, k, v, backend="chunked", return_lse=True, **kw)[1].sum().backward()
+    assert seen[-1] is not None

@@ -127,3 +127,63 @@ def test_bad_sinks(sinks, error, text):
     with pytest.raises(error) as info:
         attention(q, k, v, sinks=sinks)
     assert text in str(info.value)
+
+
+# with_kvcache: gpt-oss's decoding path (sinks, a sliding window, GQA), contiguous and paged
+
+
+def _cache_case(dtype=torch.float32, cap=64):
+    gen = torch.Generator().manual_seed(3)
+    kc = torch.randn(3, 2, cap, 16, generator=gen).to(dtype)
+    vc = torch.randn(3, 2, cap, 16, generator=gen).to(dtype)
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32)
+    sinks = torch.randn(8, generator=gen)
+    return kc, vc, lens, sinks
+
+
+@pytest.mark.parametrize("i", [1, 3])
+@pytest.mark.parametrize("window", [None, (8, 0)], ids=["full", "window"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("backend", [None, "chunked", "einsum"], ids=str)
+def test_with_kvcache_sinks_and_lse_match_attention_per_row(backend, layout, window, i):
+    from attend import with_kvcache
+
+    from .test_kvcache import paged
+
+    kc, vc, lens, sinks = _cache_case()
+    q = torch.randn(3, 8, i, 16, generator=torch.Generator().manual_seed(4))
+    args: dict = {"cache_seqlens": lens, "window": window, "sinks": sinks, "backend": backend}
+    if layout == "paged":
+        pool_k, pool_v, table = paged(kc, vc, block_size=16)
+        caches, args["block_table"] = (pool_k, pool_v), table
+    else:
+        caches = (kc, vc)
+    with torch.no_grad():
+        out, lse = with_kvcache(q, *caches, return_lse=True, **args)
+        plain = with_kvcache(q, *caches, **args)
+    for row, n in enumerate(lens.tolist()):
+        want_out, want_lse = attention(
+            q[row : row + 1], kc[row : row + 1, :, :n], vc[row : row + 1, :, :n], causal=True, window=window,
+            sinks=sinks, return_lse=True, backend="einsum",
+        )  # fmt: skip
+        torch.testing.assert_close(out[row : row + 1], want_out, msg=lambda m, r=row: f"row {r} out: {m}")
+        torch.testing.assert_close(lse[row : row + 1], want_lse, msg=lambda m, r=row: f"row {r} lse: {m}")
+    torch.testing.assert_close(plain, out)
+
+
+def test_with_kvcache_split_kv_long_rows_with_sinks():
+    """Rows of 8k keys and more run split-KV (chunks merged by log-sum-exp): sinks apply once, after the merge."""
+    from attend import with_kvcache
+
+    kc, vc, _, sinks = _cache_case(cap=9000)
+    lens = torch.tensor([8999, 9000, 8500], dtype=torch.int32)
+    q = torch.randn(3, 8, 1, 16)
+    with torch.no_grad():
+        out, lse = with_kvcache(q, kc, vc, cache_seqlens=lens, sinks=sinks, return_lse=True)
+    for row, n in enumerate(lens.tolist()):
+        want_out, want_lse = attention(
+            q[row : row + 1], kc[row : row + 1, :, :n], vc[row : row + 1, :, :n], causal=True, sinks=sinks,
+            return_lse=True, backend="chunked",
+        )  # fmt: skip
+        torch.testing.assert_close(out[row : row + 1], want_out)
+        torch.testing.assert_close(lse[row : row + 1], want_lse)

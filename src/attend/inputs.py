@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "check_tensor",
     "check_float",
+    "check_sinks",
     "broadcast_4d",
     "check_window",
     "pages_in_use",
@@ -303,7 +304,8 @@ class AttnInputs:
         for term in VOCABULARY:
             spelled = term.spell(getattr(self, term.name), self)
             if spelled is not None:
-                parts.append(term.flag if spelled == "" else f"{term.flag} {spelled}")
+                # `--flag=value` for a negative value: argparse would read `--scale -1e-05` as a missing value
+                parts.append(term.flag if spelled == "" else f"{term.flag}{'=' if spelled[0] == '-' else ' '}{spelled}")
         if self.q_docs is not None and self.q_docs is self.k_docs and self.q_docs.device.type == "cpu":
             ids = self.q_docs[0]
             starts = torch.nonzero(torch.cat([ids.new_ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])).flatten()
@@ -419,7 +421,7 @@ def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, i
     return mask4, kind
 
 
-def _check_sinks(sinks: Any, q: Tensor, b: int, h: int) -> Tensor | None:
+def check_sinks(sinks: Any, q: Tensor, b: int, h: int) -> Tensor | None:
     """sinks: None or a float tensor (h,) or (b, h) on q's device: one logit per query head (per batch element)
     in every row's softmax denominator, with no value. Returns the (b|1, h) view."""
     if sinks is None:
@@ -731,7 +733,7 @@ def validate(
     mask4, kind = _check_mask(mask, q, k, v, (b, h, i, j))
     bias4 = _check_bias(bias, q, (b, h, i, j))
     q_docs, k_docs = _check_documents(documents, q, b, i, j)
-    sinks2 = _check_sinks(sinks, q, b, h)
+    sinks2 = check_sinks(sinks, q, b, h)
     resolved = check_options(opts, d, i + j)
     # Views work everywhere: every fused kernel needs a unit stride on the last dim (PyTorch's
     # sdp_utils_cpp.h: "All fused kernels require the last dimension of the input to have stride 1"), so

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._helpers import fmt_dtype, fmt_shape, no_autocast
+from ._helpers import accum_dtype, fmt_dtype, fmt_shape, no_autocast
 from .dispatch import Report, explain_inputs, get_backend, output_is_finite, run, select
 from .inputs import (
     FLOAT_DTYPES,
@@ -51,13 +51,14 @@ from .inputs import (
     Options,
     broadcast_4d,
     check_options,
+    check_sinks,
     check_tensor,
     describe,
     pages_in_use,
     sides,
     validate,
 )
-from .masks import bias_as, interval
+from .masks import apply_sinks, bias_as, interval
 from .merge import merge
 
 __all__ = ["with_kvcache", "explain_kvcache", "KVCachePlan", "DECODE_ROWS"]
@@ -141,6 +142,13 @@ class _Call:
     scale: float
     backend: str | None
     spans: list[tuple[int, int]] = field(default_factory=list)  # keys [a, z) some query of the row may see
+    sinks: Tensor | None = None  # (b|1, h): attention sinks
+    return_lse: bool = False
+
+    @property
+    def need_lse(self) -> bool:
+        """The kernels give each row's log-sum-exp: asked for, or for the sinks (`masks.apply_sinks`)."""
+        return self.return_lse or self.sinks is not None
 
     @property
     def b(self) -> int:
@@ -235,6 +243,8 @@ def _prepare(
     window: Any,
     scale: Any,
     backend: Any,
+    sinks: Any = None,
+    return_lse: Any = False,
 ) -> _Call:
     """Check everything and read the lengths (and the pages in use) to the host. Writes nothing."""
     paged = block_table is not None
@@ -337,9 +347,10 @@ def _prepare(
 
     mask4 = _check_mask_like("mask", mask, q, (b, h, i, cap))
     bias4 = _check_mask_like("bias", bias, q, (b, h, i, cap))
-    resolved = check_options(Options(causal=causal, scale=scale, window=window), d, i + cap)
+    resolved = check_options(Options(causal=causal, scale=scale, window=window, return_lse=return_lse), d, i + cap)
     scale_f, win = resolved.scale, resolved.window
-    _check_grad({**named, "bias": bias4})
+    sinks2 = check_sinks(sinks, q, b, h)
+    _check_grad({**named, "bias": bias4, "sinks": sinks2})
     if backend is not None:
         get_backend(backend)  # an unknown name raises here, before any write
 
@@ -366,6 +377,8 @@ def _prepare(
         scale=scale_f,
         backend=backend,
         spans=spans,
+        sinks=sinks2,
+        return_lse=resolved.return_lse,
     )
 
 
@@ -470,8 +483,9 @@ def _decode_reasons(call: _Call) -> list[str]:
         reasons.append(f"d = {call.q.shape[3]} != e = {call.e}: PyTorch's CPU flash kernel needs one head dim")
     if call.k_cache.stride(-1) != 1 or call.v_cache.stride(-1) != 1:
         reasons.append("a cache whose last dim is not contiguous")
-    if call.paged and _flash_lse is None:
-        reasons.append("this PyTorch has no aten._scaled_dot_product_flash_attention_for_cpu (paged in place)")
+    if (call.paged or call.need_lse) and _flash_lse is None:
+        what = "paged in place" if call.paged else "the log-sum-exp for return_lse or sinks"
+        reasons.append(f"this PyTorch has no aten._scaled_dot_product_flash_attention_for_cpu ({what})")
     return reasons
 
 
@@ -618,17 +632,17 @@ def _dispatch_inputs(call: _Call, stand_in: bool = False) -> AttnInputs:
         window = (left, right)
         device = call.q.device
         q_pos = torch.tensor(call.lengths, device=device)[:, None] - call.i + torch.arange(call.i, device=device)
-    options = Options(causal=call.causal, scale=call.scale, window=window, check_finite=None)
-    inp = validate(call.q, k, v, mask=mask, bias=bias, options=options)
+    options = Options(causal=call.causal, scale=call.scale, window=window, return_lse=call.return_lse)
+    inp = validate(call.q, k, v, mask=mask, bias=bias, sinks=call.sinks, options=options)
     if q_pos is not None:
         inp = replace(inp, q_pos=q_pos)
     return inp
 
 
-def _dispatch(call: _Call, backend: str | None) -> Tensor:
+def _dispatch(call: _Call, backend: str | None) -> Tensor | tuple[Tensor, Tensor]:
     if max(call.lengths, default=0) == 0 or call.i == 0:
-        return call.q.new_zeros(call.b, call.h, call.i, call.e)
-    return cast(Tensor, run(_dispatch_inputs(call), backend))
+        return _finish(call, call.q.new_zeros(call.b, call.h, call.i, call.e), _no_keys(call))
+    return run(_dispatch_inputs(call), backend)
 
 
 # the decode kernel
@@ -733,20 +747,28 @@ def _partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
     return out, lse
 
 
-def _decode_contiguous(call: _Call) -> Tensor:
+def _decode_contiguous(call: _Call) -> tuple[Tensor, Tensor | None]:
     g, r, i, d, e = call.g, call.h // call.g, call.i, call.q.shape[3], call.e
-    outs = []
+    outs, lses = [], []
+    acc = accum_dtype(call.q.dtype)
     for rows, a, z in _groups(call):
         q = call.q[rows]
         nb = q.shape[0]
         if z <= a:
             outs.append(q.new_zeros(nb, call.h, i, e))
+            lses.append(q.new_full((nb, call.h, i), -math.inf, dtype=acc))
             continue
         keep, bias = _keep_and_bias(call, rows, a, z, call.lengths[rows.start])
         chunks, stride, size = _split(z - a)
         if chunks == 1:
             qf = q.reshape(nb, g, r * i, d)
             kk, vv = call.k_cache[rows, :, a:z], call.v_cache[rows, :, a:z]
+            if call.need_lse:  # PyTorch's CPU flash op itself: it returns the log-sum-exp beside the output
+                masked = keep is not None or bias is not None
+                out, lse = _partial(qf, kk, vv, _kernel_mask(keep, bias, q.dtype, True), call.scale, masked)
+                outs.append(out.reshape(nb, call.h, i, e))
+                lses.append(lse.reshape(nb, call.h, i))
+                continue
             out = _sdpa(qf, kk, vv, attn_mask=_kernel_mask(keep, bias, q.dtype, False), scale=call.scale)
             dead = _dead(keep, bias)
             if dead is not None:
@@ -762,11 +784,15 @@ def _decode_contiguous(call: _Call) -> Tensor:
         kk = _windows(call.k_cache[rows, :, a:z].flatten(0, 1), chunks, stride, size)
         vv = _windows(call.v_cache[rows, :, a:z].flatten(0, 1), chunks, stride, size)
         part, lse = _partial(qf.expand(chunks, heads, r * i, d), kk, vv, mask, call.scale, masked)
-        outs.append(merge(part, lse)[0].to(q.dtype).reshape(nb, call.h, i, e))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        merged, total = merge(part, lse, with_lse=call.need_lse)
+        outs.append(merged.to(q.dtype).reshape(nb, call.h, i, e))
+        if total is not None:
+            lses.append(total.reshape(nb, call.h, i))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out, (None if not call.need_lse else lses[0] if len(lses) == 1 else torch.cat(lses))
 
 
-def _decode_paged(call: _Call, batches: list[_Batch]) -> Tensor:
+def _decode_paged(call: _Call, batches: list[_Batch]) -> tuple[Tensor, Tensor | None]:
     """A paged cache: each kernel call takes pages as its batch dim (q repeated per page from its row) and gives
     each page's output and log-sum-exp, merged per row in float32 (split-KV, the split being the pages)."""
     g, r, i, d, e, bs, b = call.g, call.h // call.g, call.i, call.q.shape[3], call.e, call.block_size, call.b
@@ -829,12 +855,14 @@ def _decode_paged(call: _Call, batches: list[_Batch]) -> Tensor:
         lses.append(lse)
         owners.extend(slot[1] for slot in batch.slots)
     if not outs:
-        return call.q.new_zeros(b, call.h, i, e)
+        return call.q.new_zeros(b, call.h, i, e), _no_keys(call)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
     if b == 1:  # every page is row 0's
-        return merge(out, lse)[0].to(dtype).reshape(1, call.h, i, e)
-    res = merge(out, lse, torch.tensor(owners, device=device), b)[0]
-    return res.to(dtype).reshape(b, call.h, i, e)
+        res, total = merge(out, lse, with_lse=call.need_lse)
+        res = res[None]
+    else:
+        res, total = merge(out, lse, torch.tensor(owners, device=device), b, with_lse=call.need_lse)
+    return res.to(dtype).reshape(b, call.h, i, e), (None if total is None else total.reshape(b, call.h, i))
 
 
 def _columns(t: Tensor | None, cols: Tensor) -> Tensor | None:
@@ -850,14 +878,31 @@ def _columns(t: Tensor | None, cols: Tensor) -> Tensor | None:
     return got.view(gt, rows, pages, -1).permute(2, 0, 1, 3)
 
 
-def _decode(call: _Call, batches: list[_Batch] | None) -> Tensor:
+def _no_keys(call: _Call) -> Tensor | None:
+    """The log-sum-exp of rows that see no key (-inf), where the call needs it."""
+    if not call.need_lse:
+        return None
+    return call.q.new_full((call.b, call.h, call.i), -math.inf, dtype=accum_dtype(call.q.dtype))
+
+
+def _decode(call: _Call, batches: list[_Batch] | None) -> tuple[Tensor, Tensor | None]:
+    """out (b, h, i, e) and, where the call needs it, the log-sum-exp (b, h, i) in float32 (float64)."""
     with torch.no_grad(), no_autocast(call.q.device.type):
         if call.i == 0 or max(call.lengths, default=0) == 0:
-            return call.q.new_zeros(call.b, call.h, call.i, call.e)
+            return call.q.new_zeros(call.b, call.h, call.i, call.e), _no_keys(call)
         if not call.paged:
             return _decode_contiguous(call)
         assert batches is not None
         return _decode_paged(call, batches)
+
+
+def _finish(call: _Call, out: Tensor, lse: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The decode kernel's result in the caller's terms: the sinks applied (`masks.apply_sinks`, as every door
+    does), and the log-sum-exp returned where asked."""
+    if call.sinks is not None:
+        assert lse is not None
+        out, lse = apply_sinks(out, lse, call.sinks)
+    return (out, lse) if call.return_lse and lse is not None else out
 
 
 # main functions
@@ -878,7 +923,9 @@ def with_kvcache(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     backend: str | None = None,
-) -> Tensor:
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of new queries over a KV cache, appending their keys and values in place first: flash-attn's
     `flash_attn_with_kvcache` (no rotary, no cache_batch_idx), on every device. Inference only.
 
@@ -915,6 +962,11 @@ def with_kvcache(
         scale: logit scale, default d ** -0.5.
         backend: None (auto: the decode kernel where it applies, else attend's dispatcher) or the name of an
             attend backend (`attend.list_backends()`), which then runs the call through the dispatcher.
+        sinks: attention sinks, float (h,) or (b, h), as in `attention` (gpt-oss's decoding): one logit per
+            query head in every row's softmax denominator, with no value. The decode kernel takes each row's
+            log-sum-exp from PyTorch's CPU flash op and rescales (`masks.apply_sinks`, as every door).
+        return_lse: return `(out, lse)`, lse (b, h, i) float32 (float64 for float64 inputs), the log of each
+            row's softmax normaliser over the keys it attends (with the sinks, if any); -inf for a row with no key.
 
     The decode kernel (CPU, r * i <= DECODE_ROWS = 64 with r = h // g, d == e) folds the r query heads that share a
     key/value head into rows and reads each cache head once with PyTorch's CPU flash kernel (float32 softmax
@@ -936,16 +988,19 @@ def with_kvcache(
         ...     out = with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)   # (2, 32, 1, 128)
         >>> lens += 1
     """
-    call = _prepare(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend)
+    call = _prepare(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend, sinks,
+        return_lse,
+    )  # fmt: skip
     if backend is not None:
         select(_dispatch_inputs(call, stand_in=True), backend)  # a named backend that cannot run raises here
     if call.k is not None:
         _append(call)
     plan, batches = _plan(call)
     if plan.path == "decode":
-        out = _decode(call, batches)
+        out, lse = _decode(call, batches)
         if output_is_finite(out):
-            return out
+            return _finish(call, out, lse)
         # a NaN or inf reached the output: rerun exactly (garbage a row may not see never reaches it there)
     with torch.no_grad():
         return _dispatch(call, backend)
@@ -966,6 +1021,8 @@ def explain_kvcache(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
 ) -> KVCachePlan:
     """How `with_kvcache(...)` with these arguments would run: a `KVCachePlan` (`str(plan)` is readable).
 
@@ -981,5 +1038,8 @@ def explain_kvcache(
         with_kvcache: keys per row L_b = [18, 301]
         decode kernel: query heads folded onto their key/value head (q as (b, g, r * i, d)), ...
     """
-    call = _prepare(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend)
+    call = _prepare(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend, sinks,
+        return_lse,
+    )  # fmt: skip
     return _plan(call, explain=True)[0]

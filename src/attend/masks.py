@@ -49,6 +49,7 @@ __all__ = [
     "Structure",
     "interval",
     "lower",
+    "apply_sinks",
     "lower_score",
     "Lowered",
     "bias_as",
@@ -237,9 +238,7 @@ class Lowered(NamedTuple):
 
     def finish(self, result: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         """The lowered call's out (or (out, lse)) back in the caller's terms: v's width, the l2 score's lse, and
-        sinks: p = softmax([s_1 .. s_j, sink])[:j] is the plain softmax times Z / (Z + e^sink), Z = e^lse, so
-        out * sigmoid(lse - sink), and the normaliser includes the sink: logaddexp(lse, sink) (a row with no key:
-        out 0, lse = sink). Differentiable in everything, sinks included."""
+        the sinks (`apply_sinks`)."""
         if self.e is None and self.lse_shift is None and self.sinks is None:
             return result
         out, lse = result if isinstance(result, tuple) else (result, None)
@@ -249,10 +248,18 @@ class Lowered(NamedTuple):
             lse = lse + self.lse_shift
         if self.sinks is not None:
             assert lse is not None  # `lower` asked the kernel for it
-            sink = self.sinks.to(lse.dtype)[..., None]  # (b|1, h, 1)
-            out = (out.to(lse.dtype) * torch.sigmoid(lse - sink)[..., None]).to(out.dtype)
-            lse = torch.logaddexp(lse, sink)
+            out, lse = apply_sinks(out, lse, self.sinks)
         return (out, lse) if self.want_lse and lse is not None else out
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention sinks on a result computed without them: out (b, h, i, e), lse (b, h, i), sinks (b|1, h).
+    p = softmax([s_1 .. s_j, sink])[:j] is the plain softmax times Z / (Z + e^sink), Z = e^lse, so the output is
+    out * sigmoid(lse - sink) and the normaliser logaddexp(lse, sink) (a row with no key: 0 and the sink).
+    Differentiable in out, lse and sinks. Every door applies sinks with this function."""
+    sink = sinks.to(lse.dtype)[..., None]  # (b|1, h, 1)
+    out = (out.to(lse.dtype) * torch.sigmoid(lse - sink)[..., None]).to(out.dtype)
+    return out, torch.logaddexp(lse, sink)
 
 
 def lower(inp: AttnInputs) -> Lowered:

@@ -119,6 +119,11 @@ class Backend:
             reasons.append(f"mask given ({inp.mask_kind}); this backend takes no mask")
         if inp.window is not None and not caps.window:
             reasons.append(f"window={inp.window} given; this backend takes no window")
+        elif inp.q_pos is not None and not caps.window:
+            reasons.append(
+                "per-row query positions given (a KV cache's ragged rows, varlen's sequences); this backend takes no "
+                "window or causal offset per row"
+            )
         if inp.q_docs is not None and not caps.documents:
             reasons.append("documents given; this backend takes no documents")
         if inp.bias is not None and not caps.bias:

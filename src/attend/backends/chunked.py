@@ -110,6 +110,9 @@ class _ChunkedFn(torch.autograd.Function):
         out, lse, *extra = output
         out_acc = extra[0] if extra else out
         ctx.mark_non_differentiable(*extra)  # lse is an output too (`return_lse`): its gradient is taken
+        # an output the loss does not use gets None, not zeros: a plain call's backward pays nothing for the lse,
+        # and a jacrev of the lse alone vmaps over dlse without an unbatched zeros dout in the way
+        ctx.set_materialize_grads(False)
         seed_t = seed if isinstance(seed, Tensor) else None
         ctx.save_for_backward(q, k, v, bias, mask, out_acc, lse, seed_t, positions)
         ctx.args = (causal, scale, dropout_p, None if seed_t is not None else seed, q_tile, k_tile, facts)
@@ -117,6 +120,10 @@ class _ChunkedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse, *_):
         q, k, v, bias, mask, out, lse, seed_t, positions = ctx.saved_tensors
+        if dout is None and dlse is None:  # neither output reaches the loss
+            return (None,) * 13
+        if dout is None:  # only the lse reaches the loss: zeros batched like dlse (under vmap over it)
+            dout = dlse.new_zeros((*lse.shape, v.shape[-1]), dtype=q.dtype)
         causal, scale, dropout_p, seed, q_tile, k_tile, facts = ctx.args
         seed = seed_t if seed_t is not None else seed
         plan = tiles.Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts, rows=positions)
