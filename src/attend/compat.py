@@ -41,7 +41,7 @@ from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
 from .dispatch import call
 from .inputs import Options
 
-__all__ = ["scaled_dot_product_attention", "SdpaArgumentError"]
+__all__ = ["scaled_dot_product_attention", "SdpaArgumentError", "upper_left_causal"]
 
 
 class SdpaArgumentError(ValueError, RuntimeError):
@@ -79,6 +79,18 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 # main function
+
+
+def upper_left_causal(k: Tensor, v: Tensor, i: int) -> tuple[Tensor, Tensor, bool, Tensor | None]:
+    """PyTorch's `is_causal` (UPPER-LEFT: query x sees key y iff y <= x) in attend's terms, for k (b, g, j, d),
+    v (b, g, j, e) and i queries: (k, v, causal, mask). With i <= j the keys past i are never visible, so they
+    are dropped, and on the i x i square upper-left and attend's bottom-right causal are the same triangle
+    (the kernels skip its upper half); with i > j the rows past j see every key: one shared (1, 1, i, j) bool
+    tile, never (b, h, i, j)."""
+    j = k.shape[2]
+    if i <= j:
+        return k[:, :, :i], v[:, :, :i], True, None
+    return k, v, False, torch.ones(i, j, dtype=torch.bool, device=k.device).tril()[None, None]
 
 
 def scaled_dot_product_attention(
@@ -205,13 +217,7 @@ def scaled_dot_product_attention(
 
     causal = False
     if is_causal:
-        if L <= S:
-            # upper-left: keys j >= L are never visible, so drop them; on the L x L square upper-left and
-            # our bottom-right causal are the same lower triangle (and the kernels skip its upper half)
-            k4, v4, causal = k4[:, :, :L], v4[:, :, :L], True
-        else:
-            # L > S: rows i >= S see every key; one shared (1, 1, L, S) bool tile, never (N, Hq, L, S)
-            mask = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()[None, None]
+        k4, v4, causal, mask = upper_left_causal(k4, v4, L)
 
     out = cast(Tensor, call(q4, k4, v4, mask, bias, options=Options(causal=causal, scale=scale, dropout_p=dropout_p)))
     return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

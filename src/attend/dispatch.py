@@ -671,10 +671,10 @@ class _Entry:
         bias_shape = None if inp.bias is None else tuple(inp.bias.shape)
         options = (
             inp.causal, inp.scale, inp.dropout_p, inp.deterministic, inp.mask_kind, inp.check_finite, inp.window,
-            None, None, None, inp.score, inp.return_lse,
-        )  # fmt: skip  (AttnInputs' fields after bias, in order; documents never take the cached path)
+            None, None, None, inp.score, inp.return_lse, None, inp.softcap,
+        )  # fmt: skip  (AttnInputs' fields after bias, in order; documents and sinks never take the cached path)
         plain = inp.mask is None and inp.bias is None and inp.score == "dot" and inp.finite_check is None
-        plain = plain and not inp.return_lse
+        plain = plain and not inp.return_lse and inp.softcap is None
         fast = backend.plan(inp) if plain and not inp.structured else None
         return cls(backend, auto, mask_2d, mask_shape, bias_shape, options, fast)
 

@@ -63,6 +63,7 @@ def attention(
     deterministic: bool = False,
     check_finite: bool | None = None,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: Literal[False] = False,
 ) -> Tensor: ...
 
@@ -85,6 +86,7 @@ def attention(
     deterministic: bool = False,
     check_finite: bool | None = None,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -106,11 +108,12 @@ def attention(
     deterministic: bool = False,
     check_finite: bool | None = None,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     if any_autocast():  # (one C call; the function call and its tuples cost more than the check)
         q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse, softcap)
     return call(q, k, v, mask, bias, documents, sinks, options=options, backend=backend)
 
 
@@ -146,6 +149,10 @@ attention.__doc__ = (
             denominator with no value (gpt-oss): `p = softmax([s_1 .. s_j, sink_h])[:j]`, `out = p @ v`. A row
             with no key still gives 0. Differentiable in `sinks`. Run as a rescale of the log-sum-exp, so by the
             backends that give one (`return_lse` below).
+        softcap: logit soft-capping (Gemma 2), a float > 0: `s = softcap * tanh(scale * q.k / softcap)` before the
+            bias and the masks (flash-attention's order); with score="l2" it caps the l2 score. Backends that
+            cap inside their tiles declare `Caps.softcap` (einsum, chunked); the others are ineligible rather
+            than build (b, h, i, j) scores.
         return_lse: also return the log-sum-exp: `(out, lse)`, lse (b, h, i) float32 (float64 for float64
             inputs), the natural log of each row's softmax normaliser over the keys it may attend, after the
             scale and bias (`logsumexp(sim, dim=-1)` in the formula below); -inf for a row with no key; NaN where
@@ -193,10 +200,11 @@ def explain(
     deterministic: bool = False,
     check_finite: bool | None = None,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
 ) -> Report:
     q, k, v, bias = autocast_inputs(q, k, v, bias)  # type: ignore[assignment]
-    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse)
+    options = Options(causal, scale, dropout_p, window, score, deterministic, check_finite, return_lse, softcap)
     inp = validate(q, k, v, mask=mask, bias=bias, documents=documents, sinks=sinks, options=options)
     return explain_inputs(inp, backend)
 

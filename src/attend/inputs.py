@@ -116,6 +116,7 @@ class Options(NamedTuple):
     deterministic: Any = False
     check_finite: Any = None
     return_lse: Any = False
+    softcap: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +161,8 @@ class AttnInputs:
     # attention sinks (b|1, h): one logit per query head in every row's softmax denominator, with no value
     # (gpt-oss); lowered by the dispatcher to a rescale of the call's log-sum-exp (`masks.lower`)
     sinks: Tensor | None = None
+    # logit soft-capping (Gemma 2): s = softcap * tanh(s / softcap) on the scaled logits, before bias and masks
+    softcap: float | None = None
 
     @property
     def structured(self) -> bool:
@@ -255,6 +258,7 @@ class AttnInputs:
             self.dropout_p,
             self.return_lse,
             desc(self.sinks),
+            self.softcap,
             self.needs_grad,
             self.deterministic or torch.are_deterministic_algorithms_enabled(),
         )
@@ -578,6 +582,16 @@ def _check_flag(name: str, none_ok: bool = False) -> Callable[[Any, dict[str, An
     return check
 
 
+def _check_softcap(value: Any, ctx: dict[str, Any]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected `softcap` to be a Python float > 0 or None, got {describe(value)}")
+    if not (math.isfinite(float(value)) and value > 0):
+        raise ValueError(f"expected `softcap` to be a finite float > 0 (Gemma 2 uses 50.0), got {value!r}")
+    return float(value)
+
+
 def _parse_window(text: str) -> tuple[int | None, int | None]:
     try:
         window = tuple(None if w.strip().lower() == "none" else int(w) for w in text.split(","))
@@ -650,6 +664,10 @@ VOCABULARY: tuple[Term, ...] = (
         "return_lse", False, _check_flag("return_lse"), "--return-lse",
         "also return the log-sum-exp of each row (b, h, i), differentiable",
         spell=lambda v, inp: "" if v else None,
+    ),
+    Term(
+        "softcap", None, _check_softcap, "--softcap", "logit soft-capping: softcap * tanh(s / softcap)", "C", float,
+        spell=lambda v, inp: None if v is None else repr(v),
     ),
 )  # fmt: skip
 
@@ -760,4 +778,5 @@ def validate(
         score=resolved.score,
         return_lse=resolved.return_lse,
         sinks=sinks2,
+        softcap=resolved.softcap,
     )

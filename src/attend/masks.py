@@ -283,7 +283,9 @@ def lower_score(inp: AttnInputs) -> Lowered:
     d == e get v padded with a zero column; returns e to slice the output to, or None. With `return_lse` the
     lowered logits are the caller's plus scale (|q|^2 + c), so `lse_shift` = -scale (|q|^2 + c), (b, h, i).
     """
-    if inp.score != "l2":
+    if inp.score != "l2" or inp.softcap is not None:
+        # (with soft-capping the lowering's per-row shift of the logits would move them under the cap: the l2
+        # score then runs where a backend computes it natively, `Caps.l2`)
         return Lowered(inp, None, None, None, inp.return_lse)
     acc = torch.float64 if inp.dtype == torch.float64 else torch.float32
     # |k|^2 accumulated in acc without a widened copy of k; (b, g, j, 1)

@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from ._helpers import any_autocast, autocast_inputs, default, exists
 from .dispatch import NoBackendError, Report, call, explain_inputs
 from .functional import DOC_SEMANTICS
-from .inputs import Options, check_window, validate
+from .inputs import Options, check_options, check_window, validate
 
 __all__ = ["Attend"]
 
 log = logging.getLogger("attend")
 # the attributes `Attend._options` reads: setting one drops the cached options of a plain call
 _OPTION_ATTRS = frozenset(
-    {"causal", "scale", "dropout", "window", "score", "deterministic", "check_finite", "training"}
+    {"causal", "scale", "dropout", "window", "score", "deterministic", "check_finite", "softcap", "training"}
 )
 
 
@@ -40,6 +40,7 @@ class Attend(nn.Module):
         score: str = "dot",
         deterministic: bool = False,
         check_finite: bool | None = None,
+        softcap: float | None = None,
     ):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -70,7 +71,8 @@ class Attend(nn.Module):
 
             get_backend(backend)  # unknown names fail here, at construction
 
-        check_window(window, False)  # a bad window or score fails here, at construction
+        check_window(window, False)  # a bad window, score or softcap fails here, at construction
+        check_options(Options(softcap=softcap), 1)
         if score not in ("dot", "l2"):
             raise ValueError(f"expected `score` to be 'dot' or 'l2', got {score!r}")
         self.dropout = float(dropout)
@@ -82,6 +84,7 @@ class Attend(nn.Module):
         self.score = score
         self.deterministic = deterministic
         self.check_finite = check_finite
+        self.softcap = softcap
 
     def extra_repr(self) -> str:
         extra = "" if self.window is None else f", window={self.window}"
@@ -89,6 +92,7 @@ class Attend(nn.Module):
         return (
             f"dropout={self.dropout}, flash={self.flash}, causal={self.causal}, scale={self.scale}, "
             f"backend={self.backend!r}{extra}, deterministic={self.deterministic}, check_finite={self.check_finite}"
+            + ("" if self.softcap is None else f", softcap={self.softcap}")
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -115,6 +119,7 @@ class Attend(nn.Module):
             score=self.score,
             deterministic=self.deterministic,
             check_finite=self.check_finite,
+            softcap=self.softcap,
         )
 
     def _inputs(self, q, k, v, mask, bias, causal, documents=None, window=None):
@@ -191,8 +196,10 @@ Attend.__doc__ = (
         check_finite: the NaN/inf check, as in `attention`. None (default): on CPU a call that masks
             anything reads its output (nothing a row may not see reaches it), off on CUDA (no host sync per
             call); True: exact everywhere (q, k, v read: NaN exactly in the rows that see one); False: off.
+        softcap: logit soft-capping (Gemma 2), as in `attention`.
 
-    forward(q, k, v, mask=None, bias=None, causal=None, documents=None, window=None) -> out
+    forward(q, k, v, mask=None, bias=None, causal=None, documents=None, window=None, sinks=None,
+            return_lse=False) -> out, or (out, lse)
         documents: int (b, j) document ids, or a pair ((b, i), (b, j)), as in `attention`.
         window: this call's (left, right), overriding the module's (None: the module's).
         sinks: attention sinks (h,) or (b, h), as in `attention` (gpt-oss keeps them as a learned parameter).

@@ -64,6 +64,10 @@ def einsum_attention(
         k_sq = inp.k.to(acc).square().sum(-1)[:, :, None, None, :]
         sim = -(q_sq + k_sq) * inp.scale + 2 * sim
 
+    if inp.softcap is not None:
+        # Gemma 2's soft-capping, on the scaled logits, before the bias and the masks
+        sim = torch.tanh(sim / inp.softcap) * inp.softcap
+
     if inp.bias is not None:
         sim = sim + _group(inp.bias, inp.g).to(acc)
 

@@ -185,6 +185,7 @@ class Facts(NamedTuple):
     pad_none: tuple[bool, ...] | None = None  # per key tile: all padding for every batch element (skipped)
     bias_inf: bool = True  # the bias may hold -inf: each tile masks those entries
     structure: Any = None  # masks.Structure: window / documents; the key tiles each query tile visits
+    softcap: float | None = None  # logit soft-capping: s = c * tanh(s / c) on the scaled logits, before the bias
 
 
 NO_FACTS = Facts()
@@ -303,6 +304,7 @@ class Plan:
         self.pad_all, self.pad_none = facts.pad_all, facts.pad_none
         self.bias_inf = facts.bias_inf and bias is not None
         self.structure: Structure | None = facts.structure
+        self.softcap = facts.softcap
         if self.structure is not None:
             self.may_be_empty = True
 
@@ -350,14 +352,23 @@ class Plan:
 
     def scores(
         self, qt: Tensor, kk: Tensor, bs: slice, r0, r1, c0, c1, crosses, shift: Tensor | None = None
-    ) -> tuple[Tensor, list[Tensor]]:
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """Logits of one tile in the accumulation dtype, minus `shift` (nb*g, r*tq, 1) if given, masked
-        to -inf; and the drop masks applied.
+        to -inf; the drop masks applied; and with soft-capping tanh(raw / softcap) (the backward's derivative
+        1 - tanh^2 comes from it without a second matmul), else None.
 
         qt: (nb*g, r*tq, d) already scaled; kk: (nb*g, j, d). Returns s: (nb*g, r*tq, tk).
         """
         kt = kk[:, c0:c1].transpose(1, 2)
-        if shift is not None and qt.dtype == self.acc:
+        tanh = None
+        if self.softcap is not None:
+            # capped before the shift, the bias and the masks: the shift cannot ride on the matmul here
+            raw = torch.bmm(qt, kt)
+            tanh = (raw.to(self.acc) if raw.dtype != self.acc else raw).div_(self.softcap).tanh_()
+            s = tanh * self.softcap
+            if shift is not None:
+                s.sub_(shift)
+        elif shift is not None and qt.dtype == self.acc:
             # the subtraction rides on the matmul's beta term: one pass over the tile fewer
             s = torch.baddbmm(shift.neg().expand(-1, -1, c1 - c0), qt, kt)
         else:
@@ -390,7 +401,7 @@ class Plan:
         for drop in drops:
             # masked_fill, not an add: a garbage (even inf) logit at a masked key never reaches the softmax
             s5.masked_fill_(drop, _NEG_INF)
-        return s, drops
+        return s, drops, tanh
 
     def keep_rows(self, bs: slice, r0: int, r1: int) -> Tensor:
         """Row keys of the dropout keep-mask (nb, h, r1 - r0) for the batch slice and query rows [r0, r1)."""
@@ -462,7 +473,8 @@ def forward(
             ref, shifted = m, False  # lazy path: exp is taken against `ref`, see _LAZY
             for c0, c1, crosses in plan.key_tiles(r0, r1):
                 if plan.lazy:
-                    s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=ref[..., None] if shifted else None)
+                    shift = ref[..., None] if shifted else None
+                    s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=shift)
                     t = s.amax(dim=-1) + ref  # the tile's row max, absolute
                     m = t if first else torch.maximum(m, t)
                     # move a row's reference only when its running max leaves [ref + LO, ref + HI]: usually
@@ -480,7 +492,7 @@ def forward(
                     p = s.exp_()
                     alpha = None
                 else:
-                    s, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
+                    s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
                     m_new = s.amax(dim=-1) if first else torch.maximum(m, s.amax(dim=-1))
                     # a row with nothing visible so far has max -inf: subtract 0 so exp gives 0, not NaN
                     m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if plan.may_be_empty else m_new
@@ -582,7 +594,7 @@ def backward_into(
             delta_t = delta[gs, :, r0:r1].reshape(nbg, r * n, 1)
             dqt = dog.new_zeros(nbg, r * n, plan.d, dtype=acc)
             for c0, c1, crosses in plan.key_tiles(r0, r1):
-                s, drops = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
+                s, drops, tanh = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
                 p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
                 vt = vb[:, c0:c1].transpose(1, 2)
                 if plan.dropout_p > 0:
@@ -604,6 +616,12 @@ def backward_into(
                     ds5.masked_fill_(drop, 0.0)
                 if dbias is not None:
                     _accumulate_bias_grad(dbias, ds5, bs, r0, r1, c0, c1)
+                if tanh is not None:
+                    # through the cap: d(c tanh(x / c)) / dx = 1 - tanh(x / c)^2 (masked keys again after: garbage
+                    # there may make it NaN, and ds is 0 there)
+                    ds = ds.mul_(tanh.square_().neg_().add_(1.0))
+                    for drop in drops:
+                        ds.view(ds5.shape).masked_fill_(drop, 0.0)
                 dsm = ds.to(plan.mm)
                 _add_bmm(dqt, dsm, kb[:, c0:c1], fused)
                 _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt, fused)  # qt carries the scale already

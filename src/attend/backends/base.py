@@ -64,6 +64,12 @@ class Caps:
     # gives the log-sum-exp of each row (`return_lse=True`), differentiable, second order included. Opt-in: a
     # backend claims it (einsum, chunked); PyTorch's SDPA returns none
     lse: bool = False
+    # caps the logits inside its tiles (`softcap`: s = c * tanh(s / c) before bias and masks). Opt-in; a kernel
+    # that cannot would have to densify (b, h, i, j) scores, so it is ineligible instead
+    softcap: bool = False
+    # computes score="l2" itself. Needed only with softcap: otherwise the dispatcher lowers l2 to a dot product
+    # every backend runs (`masks.lower_score`), whose per-row shift of the logits capping would not allow
+    l2: bool = False
 
 
 class Backend:
@@ -151,6 +157,13 @@ class Backend:
                 reasons.append(f"dropout_p={inp.dropout_p} is not a multiple of {caps.dropout_step}")
         if inp.return_lse and not caps.lse:
             reasons.append("needs each row's log-sum-exp (return_lse=True, or sinks); this backend gives none")
+        if inp.score == "l2" and inp.softcap is not None and not caps.l2:
+            reasons.append(
+                "score='l2' with softcap: the l2 score must be computed in the kernel (its dot-product lowering "
+                "shifts each row's logits, which the cap does not allow); this backend computes q.k only"
+            )
+        if inp.softcap is not None and not caps.softcap:
+            reasons.append(f"softcap={inp.softcap} given; this backend cannot cap logits inside its kernel")
         if inp.needs_grad and not caps.grad:
             reasons.append("inputs require grad; this backend has no backward")
         if not caps.deterministic and (inp.deterministic or torch.are_deterministic_algorithms_enabled()):

@@ -141,6 +141,7 @@ class _ChunkedFn(torch.autograd.Function):
                 causal=plan.causal,
                 scale=plan.scale,
                 dropout_p=plan.dropout_p,
+                softcap=plan.softcap,
                 **(plan.structure.fields if plan.structure else {}),
             )
             keep = tiles.dense_keep(plan) if plan.dropout_p > 0 else None
@@ -231,6 +232,8 @@ def chunked_attention(
     facts = tiles.read_facts(inp.mask, inp.bias, inp.j, k_tile)
     if inp.structured:
         facts = facts._replace(structure=Structure(inp))
+    if inp.softcap is not None:
+        facts = facts._replace(softcap=inp.softcap)
     if positions is not None and (
         not isinstance(positions, Tensor)
         or positions.shape != (inp.i,)
@@ -281,9 +284,9 @@ class ChunkedBackend(Backend):
     name = "chunked"
     # every feature on every device; memory bounded by the tile, so no (i, j) scores for the budget to count
     caps = {
-        "cpu": Caps(dense_scores=False, lse=True),
-        "cuda": Caps(dense_scores=False, lse=True),
-        "mps": Caps(dtypes=NO_FLOAT64, dense_scores=False, lse=True),
+        "cpu": Caps(dense_scores=False, lse=True, softcap=True),
+        "cuda": Caps(dense_scores=False, lse=True, softcap=True),
+        "mps": Caps(dtypes=NO_FLOAT64, dense_scores=False, lse=True, softcap=True),
     }
 
     def __init__(self, q_tile: int | None = None, k_tile: int | None = None, *, name: str | None = None):

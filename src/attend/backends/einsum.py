@@ -24,9 +24,9 @@ class EinsumBackend(Backend):
 
     name = "einsum"
     caps = {
-        "cpu": Caps(lse=True),
-        "cuda": Caps(lse=True),
-        "mps": Caps(dtypes=NO_FLOAT64, lse=True),
+        "cpu": Caps(lse=True, softcap=True, l2=True),
+        "cuda": Caps(lse=True, softcap=True, l2=True),
+        "mps": Caps(dtypes=NO_FLOAT64, lse=True, softcap=True, l2=True),
     }
 
     def run(self, inp: AttnInputs) -> Tensor | tuple[Tensor, Tensor]:

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compat import scaled_dot_product_attention
+from ..compat import scaled_dot_product_attention, upper_left_causal
 from ..functional import attention
 
 __all__ = ["attend_attention_forward", "register_transformers", "NAME"]
@@ -172,6 +172,8 @@ def _packed_attention(
     scaling: float | None,
     causal: bool,
     docs: tuple[Tensor, Tensor],
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention over the packed sequences `docs`: out (b, h, i, e).
 
@@ -198,8 +200,39 @@ def _packed_attention(
         else:
             bias = attention_mask  # a float mask is added to the logits
     return attention(
-        query, key, value, mask=mask, bias=bias, causal=causal, documents=documents, scale=scaling, dropout_p=dropout
-    )
+        query, key, value, mask=mask, bias=bias, causal=causal, documents=documents, scale=scaling, dropout_p=dropout,
+        softcap=softcap, sinks=sinks,
+    )  # fmt: skip
+
+
+def _vocabulary_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool,
+    softcap: float | None,
+    sinks: Tensor | None,
+) -> tuple[Tensor, None]:
+    """A call with soft-capping or sinks: transformers' sdpa mask (bool, True = attend; float, added; or None
+    with PyTorch's upper-left `is_causal`) as `attend.attention`'s mask, bias and causal. Returns
+    (out (b, i, h, e), None)."""
+    mask = bias = None
+    causal = False
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            mask = attention_mask
+        else:
+            bias = attention_mask
+    elif is_causal:
+        key, value, causal, mask = upper_left_causal(key, value, query.shape[2])
+    out = attention(
+        query, key, value, mask=mask, bias=bias, causal=causal, scale=scaling, dropout_p=dropout, softcap=softcap,
+        sinks=sinks,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
 
 
 # main functions
@@ -225,26 +258,28 @@ def attend_attention_forward(
     Packed batches (`cu_seq_lens_q` / `cu_seq_lens_k`, or restarting `position_ids` with b == 1 and i == j,
     in kwargs) run as `attend.attention(..., documents=...)`, one document per sequence (module docstring).
 
+    Logit soft-capping (`softcap`, Gemma 2) and attention sinks (`s_aux`, gpt-oss), which `sdpa` cannot run,
+    go to `attend.attention(..., softcap=, sinks=)` with the same mask (transformers' eager formula; no
+    fallback to eager and no (i, j) scores on the backends that run them).
+
     Raises:
-        ValueError: `softcap` or attention sinks (`s_aux`), which `sdpa` does not support either; malformed
-            `cu_seq_lens_q` / `cu_seq_lens_k` (one without the other, b != 1, lengths that do not add up to
-            i and j, different boundaries for queries and keys under causal attention).
+        ValueError: malformed `cu_seq_lens_q` / `cu_seq_lens_k` (one without the other, b != 1, lengths that do
+            not add up to i and j, different boundaries for queries and keys under causal attention).
     """
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(
-                f"expected no `{unsupported}` for attn_implementation={NAME!r}, got one; hint: use "
-                "attn_implementation='eager' (or a kernel that supports it) for this model"
-            )
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     i, j = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     docs = _packed_documents(query, key, attention_mask, kwargs) if kwargs.get("position_bias") is None else None
     if docs is not None:  # a packed batch (module docstring): one document per sequence
-        out = _packed_attention(query, key, value, attention_mask, dropout, scaling, bool(is_causal), docs)
+        out = _packed_attention(
+            query, key, value, attention_mask, dropout, scaling, bool(is_causal), docs, softcap, sinks
+        )
         return out.transpose(1, 2).contiguous(), None
     # as in transformers' sdpa path: causal only without a mask and with more than one query (a single
     # decoding query attends every cached key). Shape test first: under torch.compile it must stay a bool.
     is_causal = bool(i > 1 and attention_mask is None and is_causal)
+    if softcap is not None or sinks is not None:
+        return _vocabulary_attention(query, key, value, attention_mask, dropout, scaling, is_causal, softcap, sinks)
 
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style learned bias: one float mask, built the way transformers does

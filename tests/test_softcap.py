@@ -1,0 +1,109 @@
+"""Logit soft-capping (issue 23): s = softcap * tanh((scale * q.k) / softcap) before bias and masks (Gemma 2's
+eager formula and flash-attention's order), against a float64 formula, on every backend that declares it
+(`Caps.softcap`), with gradients, second order, the log-sum-exp and sinks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attend import Attend, attention, explain, get_backend
+
+from .helpers import CPU_BACKENDS, make_qkv
+
+CAP_BACKENDS = [n for n in CPU_BACKENDS if get_backend(n).caps["cpu"].softcap]
+
+
+def _formula(q, k, v, cap, *, mask=None, bias=None, causal=False, score="dot"):
+    q, k, v = q.double(), k.double(), v.double()
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    scale = q.shape[-1] ** -0.5
+    if score == "l2":
+        s = -(q.square().sum(-1, keepdim=True) + k.square().sum(-1)[..., None, :] - 2 * q @ k.transpose(-1, -2)) * scale
+    else:
+        s = q @ k.transpose(-1, -2) * scale
+    s = cap * torch.tanh(s / cap)
+    if bias is not None:
+        s = s + bias.double()
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & mask[:, None, None, :]
+    if causal:
+        i, j = s.shape[-2:]
+        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+    s = s.masked_fill(~keep, -math.inf)
+    p = torch.where(keep.any(-1, keepdim=True), s.softmax(-1), 0.0)
+    return p @ v, s.logsumexp(-1)
+
+
+def _case(grad=False, small=False, **kw):
+    if small:
+        q, k, v = make_qkv(b=1, h=2, g=1, i=3, j=5, d=4, dtype=torch.float64)
+    else:
+        q, k, v = make_qkv(b=2, h=4, g=2, i=7, j=11, d=8, dtype=torch.float64)
+    q = q * 4  # logits of several units: the cap bends them
+    pad = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool)
+    pad[-1, -2:] = False
+    if grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize("cap", [2.0, 50.0])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", [None, *CAP_BACKENDS], ids=str)
+def test_softcap_matches_the_formula(backend, causal, cap):
+    q, k, v, pad = _case()
+    bias = torch.randn(1, 4, 7, 11, dtype=torch.float64)
+    want_out, want_lse = _formula(q, k, v, cap, mask=pad, bias=bias, causal=causal)
+    out, lse = attention(q, k, v, mask=pad, bias=bias, causal=causal, softcap=cap, backend=backend, return_lse=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(Attend(causal=causal, softcap=cap, backend=backend)(q, k, v, mask=pad, bias=bias), want_out)
+
+
+@pytest.mark.parametrize("backend", CAP_BACKENDS)
+def test_softcap_gradients_and_second_order(backend):
+    q, k, v, pad = _case(grad=True, small=True)
+    bias = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        return attention(q, k, v, mask=pad, bias=bias, causal=True, softcap=2.0, backend=backend, return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, bias))
+
+
+def test_softcap_with_sinks_and_garbage_behind_padding():
+    q, k, v, pad = _case()
+    sinks = torch.randn(4, dtype=torch.float64)
+    want = attention(q, k, v, mask=pad, softcap=3.0, sinks=sinks, backend="einsum")
+    k2, v2 = k.clone(), v.clone()
+    k2[-1, :, -2:] = v2[-1, :, -2:] = float("nan")
+    for backend in CAP_BACKENDS:
+        torch.testing.assert_close(attention(q, k2, v2, mask=pad, softcap=3.0, sinks=sinks, backend=backend), want)
+
+
+def test_l2_with_softcap_caps_the_l2_score():
+    """score="l2" with softcap caps the l2 score itself; its dot-product lowering cannot (it shifts each row),
+    so it runs where the l2 score is computed natively, and explain says why the others cannot."""
+    q, k, v, pad = _case()
+    want = _formula(q, k, v, 5.0, mask=pad, score="l2")[0]
+    torch.testing.assert_close(attention(q, k, v, mask=pad, score="l2", softcap=5.0), want)
+    report = explain(q, k, v, mask=pad, score="l2", softcap=5.0)
+    assert report.backend == "einsum"
+    assert any("score='l2' with softcap" in why for why in report.reasons["chunked"])
+
+
+def test_explain_and_errors():
+    q, k, v, _ = _case()
+    report = explain(q, k, v, softcap=30.0)
+    assert report.backend in CAP_BACKENDS
+    assert "softcap=30.0 given; this backend cannot cap logits inside its kernel" in report.reasons["sdpa:flash"]
+    assert "--softcap 30.0" in report.hint
+    for bad, error in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("50", TypeError)):
+        with pytest.raises(error, match="expected `softcap`"):
+            attention(q, k, v, softcap=bad)
