@@ -187,3 +187,27 @@ def test_with_kvcache_split_kv_long_rows_with_sinks():
         )  # fmt: skip
         torch.testing.assert_close(out[row : row + 1], want_out)
         torch.testing.assert_close(lse[row : row + 1], want_lse)
+
+
+def test_varlen_attn_takes_sinks_and_softcap_like_attention():
+    """varlen_attn's keyword extensions: each packed sequence equals attention on that sequence alone."""
+    from attend import varlen_attn
+    from attend.varlen import AuxRequest
+
+    lengths = [5, 1, 7]
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(13, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, lse = varlen_attn(
+        q, k, v, cu, cu, 7, 7, window_size=(-1, 0), enable_gqa=True, sinks=sinks, softcap=3.0,
+        return_aux=AuxRequest(lse=True),
+    )  # fmt: skip
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        qs, ks, vs = (t[rows].transpose(0, 1)[None] for t in (q, k, v))
+        want_out, want_lse = attention(qs, ks, vs, causal=True, sinks=sinks, softcap=3.0, return_lse=True)
+        torch.testing.assert_close(out[rows], want_out[0].transpose(0, 1))
+        torch.testing.assert_close(lse[:, rows], want_lse[0])
+        start += n

@@ -107,3 +107,29 @@ def test_explain_and_errors():
     for bad, error in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("50", TypeError)):
         with pytest.raises(error, match="expected `softcap`"):
             attention(q, k, v, softcap=bad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_with_kvcache_softcap_matches_attention_per_row(layout):
+    """Gemma 2's decoding: the decode kernel cannot cap, so the call takes the dispatch path, and says so."""
+    from attend import explain_kvcache, with_kvcache
+
+    from .test_kvcache import paged
+
+    gen = torch.Generator().manual_seed(6)
+    kc, vc = torch.randn(2, 2, 32, 8, generator=gen), torch.randn(2, 2, 32, 8, generator=gen)
+    q = torch.randn(2, 4, 1, 8, generator=gen) * 4
+    lens = torch.tensor([9, 30], dtype=torch.int32)
+    args: dict = {"cache_seqlens": lens, "softcap": 2.0, "window": (4, 0)}
+    caches = (kc, vc)
+    if layout == "paged":
+        pool_k, pool_v, table = paged(kc, vc, block_size=8)
+        caches, args["block_table"] = (pool_k, pool_v), table
+    plan = explain_kvcache(q, *caches, **args)
+    assert plan.path == "dispatch" and any("cannot cap" in why for why in plan.reasons)
+    with torch.no_grad():
+        out = with_kvcache(q, *caches, **args)
+    for row, n in enumerate(lens.tolist()):
+        want = attention(q[row : row + 1], kc[row : row + 1, :, :n], vc[row : row + 1, :, :n], causal=True,
+                         window=(4, 0), softcap=2.0, backend="einsum")  # fmt: skip
+        torch.testing.assert_close(out[row : row + 1], want)

@@ -107,14 +107,11 @@ def assert_close_all(got, want):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of a few rows everywhere, so the packed sequences straddle query and key blocks."""
-    import attend.varlen as varlen
 
     monkeypatch.setattr(get_backend("chunked"), "q_tile", 4)
     monkeypatch.setattr(get_backend("chunked"), "k_tile", 8)
     for name in ("sdpa:flash", "sdpa:math"):
         monkeypatch.setattr(get_backend(name), "query_block", 8)
-    monkeypatch.setattr(varlen, "_LSE_ROWS", 5)
-    monkeypatch.setattr(varlen, "_LSE_COLS", 8)
 
 
 # forward and gradients
@@ -232,7 +229,10 @@ def test_torch_aux_request_is_accepted():
     out, lse = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=varlen.AuxRequest(lse=True), **kw)
     assert lse.shape == (q.shape[1], q.shape[0])
     only = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=AuxRequest(lse=False), **kw)
-    assert isinstance(only, torch.Tensor) and torch.equal(only, out)
+    assert isinstance(only, torch.Tensor)
+    # the lse comes from the kernel that gives the output (a backend that gives both), so the two calls may run
+    # on different backends: equal within the dtype's tolerance, not bit for bit
+    torch.testing.assert_close(only, out)
 
 
 # num_splits=1: batch invariance
@@ -262,7 +262,10 @@ def test_signature_matches_torch():
     except (ImportError, AttributeError):
         pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn to compare with")
     ours, want = inspect.signature(varlen_attn).parameters, inspect.signature(theirs).parameters
-    assert list(ours) == list(want)
+    # PyTorch's parameters, in its order, then attend's keyword-only extensions (issue 23)
+    extensions = ["sinks", "softcap"]
+    assert list(ours) == list(want) + extensions
+    assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY and ours[name].default is None for name in extensions)
     for name, p in want.items():
         assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
 

@@ -144,6 +144,7 @@ class _Call:
     spans: list[tuple[int, int]] = field(default_factory=list)  # keys [a, z) some query of the row may see
     sinks: Tensor | None = None  # (b|1, h): attention sinks
     return_lse: bool = False
+    softcap: float | None = None
 
     @property
     def need_lse(self) -> bool:
@@ -245,6 +246,7 @@ def _prepare(
     backend: Any,
     sinks: Any = None,
     return_lse: Any = False,
+    softcap: Any = None,
 ) -> _Call:
     """Check everything and read the lengths (and the pages in use) to the host. Writes nothing."""
     paged = block_table is not None
@@ -347,7 +349,8 @@ def _prepare(
 
     mask4 = _check_mask_like("mask", mask, q, (b, h, i, cap))
     bias4 = _check_mask_like("bias", bias, q, (b, h, i, cap))
-    resolved = check_options(Options(causal=causal, scale=scale, window=window, return_lse=return_lse), d, i + cap)
+    options = Options(causal=causal, scale=scale, window=window, return_lse=return_lse, softcap=softcap)
+    resolved = check_options(options, d, i + cap)
     scale_f, win = resolved.scale, resolved.window
     sinks2 = check_sinks(sinks, q, b, h)
     _check_grad({**named, "bias": bias4, "sinks": sinks2})
@@ -379,6 +382,7 @@ def _prepare(
         spans=spans,
         sinks=sinks2,
         return_lse=resolved.return_lse,
+        softcap=resolved.softcap,
     )
 
 
@@ -481,6 +485,8 @@ def _decode_reasons(call: _Call) -> list[str]:
         reasons.append(f"r * i = {r} * {call.i} = {r * call.i} > DECODE_ROWS = {DECODE_ROWS} rows per key/value head")
     if call.q.shape[3] != call.e:
         reasons.append(f"d = {call.q.shape[3]} != e = {call.e}: PyTorch's CPU flash kernel needs one head dim")
+    if call.softcap is not None:
+        reasons.append(f"softcap={call.softcap}: PyTorch's CPU flash kernel cannot cap logits")
     if call.k_cache.stride(-1) != 1 or call.v_cache.stride(-1) != 1:
         reasons.append("a cache whose last dim is not contiguous")
     if (call.paged or call.need_lse) and _flash_lse is None:
@@ -632,7 +638,9 @@ def _dispatch_inputs(call: _Call, stand_in: bool = False) -> AttnInputs:
         window = (left, right)
         device = call.q.device
         q_pos = torch.tensor(call.lengths, device=device)[:, None] - call.i + torch.arange(call.i, device=device)
-    options = Options(causal=call.causal, scale=call.scale, window=window, return_lse=call.return_lse)
+    options = Options(
+        causal=call.causal, scale=call.scale, window=window, return_lse=call.return_lse, softcap=call.softcap
+    )
     inp = validate(call.q, k, v, mask=mask, bias=bias, sinks=call.sinks, options=options)
     if q_pos is not None:
         inp = replace(inp, q_pos=q_pos)
@@ -925,6 +933,7 @@ def with_kvcache(
     backend: str | None = None,
     sinks: Tensor | None = None,
     return_lse: bool = False,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of new queries over a KV cache, appending their keys and values in place first: flash-attn's
     `flash_attn_with_kvcache` (no rotary, no cache_batch_idx), on every device. Inference only.
@@ -967,6 +976,8 @@ def with_kvcache(
             log-sum-exp from PyTorch's CPU flash op and rescales (`masks.apply_sinks`, as every door).
         return_lse: return `(out, lse)`, lse (b, h, i) float32 (float64 for float64 inputs), the log of each
             row's softmax normaliser over the keys it attends (with the sinks, if any); -inf for a row with no key.
+        softcap: logit soft-capping (Gemma 2), as in `attention`. PyTorch's flash kernel cannot cap, so such a
+            call takes the dispatch path (a backend that caps inside its tiles; `explain_kvcache` says so).
 
     The decode kernel (CPU, r * i <= DECODE_ROWS = 64 with r = h // g, d == e) folds the r query heads that share a
     key/value head into rows and reads each cache head once with PyTorch's CPU flash kernel (float32 softmax
@@ -990,7 +1001,7 @@ def with_kvcache(
     """
     call = _prepare(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend, sinks,
-        return_lse,
+        return_lse, softcap,
     )  # fmt: skip
     if backend is not None:
         select(_dispatch_inputs(call, stand_in=True), backend)  # a named backend that cannot run raises here
@@ -1023,6 +1034,7 @@ def explain_kvcache(
     backend: str | None = None,
     sinks: Tensor | None = None,
     return_lse: bool = False,
+    softcap: float | None = None,
 ) -> KVCachePlan:
     """How `with_kvcache(...)` with these arguments would run: a `KVCachePlan` (`str(plan)` is readable).
 
@@ -1040,6 +1052,6 @@ def explain_kvcache(
     """
     call = _prepare(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, bias, causal, window, scale, backend, sinks,
-        return_lse,
+        return_lse, softcap,
     )  # fmt: skip
     return _plan(call, explain=True)[0]

@@ -19,7 +19,6 @@ sorted, so every backend skips the key blocks of other sequences) and the per-se
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
@@ -27,16 +26,12 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from ._helpers import accum_dtype, autocast_inputs, fmt_dtype, fmt_shape
+from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
 from .dispatch import run
 from .inputs import AttnInputs, Options, check_float, check_tensor, describe, pages_in_use, validate
-from .masks import Structure, combined_keep
 
 __all__ = ["varlen_attn", "AuxRequest"]
 
-# The log-sum-exp pass (`return_aux`) works on blocks of this many query rows and key columns.
-_LSE_ROWS = 256
-_LSE_COLS = 4096
 
 
 class AuxRequest(NamedTuple):
@@ -307,6 +302,8 @@ def _varlen_inputs(
     enable_gqa: bool = False,
     seqused_k: Tensor | None = None,
     block_table: Tensor | None = None,
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> AttnInputs:
     """Check everything and build the packed `AttnInputs`: q (1, h, total_q, d), k (1, g, total_k, d),
     v (1, g, total_k, e), document ids from the cumulative lengths and each query's diagonal (`q_pos`) where
@@ -336,8 +333,10 @@ def _varlen_inputs(
     # the sequence of each token; sorted, so `Structure` finds each query's key interval by binary search
     q_docs = torch.searchsorted(cu_seq_q[1:], torch.arange(total_q, dtype=torch.int32, device=device), right=True)
     k_docs = torch.searchsorted(cu_seq_k[1:], torch.arange(total_k, dtype=torch.int32, device=device), right=True)
-    options = Options(scale=scale, window=window)
-    inp = validate(q, k, v, documents=(q_docs[None], k_docs[None]), options=options, names=("query", "key", "value"))
+    options = Options(scale=scale, window=window, softcap=softcap)
+    inp = validate(
+        q, k, v, documents=(q_docs[None], k_docs[None]), sinks=sinks, options=options, names=("query", "key", "value")
+    )
     # causal and the window are bottom-right aligned per sequence: query x of sequence s has its diagonal at
     # global key x + (cu_seq_k[s+1] - cu_seq_q[s+1]). Only a window reads it; skipped where it is attend's
     # default diagonal x + (total_k - total_q) for every sequence that has queries.
@@ -355,56 +354,10 @@ def _group_heads(t: Tensor, g: int) -> Tensor:
     return t.reshape(b, g, h // g, i, d)
 
 
-def _logsumexp(inp: AttnInputs) -> Tensor:
-    """log sum_j exp(scale * q . k_j) over the keys each query may see: (b, h, i) in float32 (float64 for
-    float64 inputs); -inf for a query that sees no key. Blocks of rows and keys, never (h, i, j) at once; under
-    autograd each block of rows is checkpointed (recomputed in backward), so the gradient costs no memory
-    beyond one block."""
-    acc = accum_dtype(inp.dtype)
-    b, h, g, i = inp.b, inp.h, inp.g, inp.i
-    structure = Structure(inp) if inp.structured else None
-    grad = inp.needs_grad
-    k = inp.k if inp.k.dtype == acc else inp.k.to(acc)
-
-    def block(qb: Tensor, r0: int, r1: int, lo: int, hi: int) -> Tensor:
-        qb = _group_heads(qb.to(acc) * inp.scale, g)  # (b, g, r, rows, d)
-        m = qb.new_full(qb.shape[:-1], -math.inf)
-        den = qb.new_zeros(qb.shape[:-1])
-        for c0 in range(lo, hi, _LSE_COLS):
-            c1 = min(hi, c0 + _LSE_COLS)
-            s = torch.einsum("b g r i d, b g j d -> b g r i j", qb, k[:, :, c0:c1])
-            keep = combined_keep(inp, slice(r0, r1), slice(c0, c1), structure)
-            if keep is not None:
-                s = s.masked_fill(~keep[:, :, None], -math.inf)
-            m_new = torch.maximum(m, s.detach().amax(-1))
-            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            rescale = torch.where(torch.isfinite(m), (m - m_safe).exp(), torch.zeros_like(m))
-            den = den * rescale + (s - m_safe[..., None]).exp().sum(-1)
-            m = m_new
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        seen = den != 0  # NaN (a NaN logit the row sees) stays NaN
-        lse = torch.where(seen, m_safe + torch.where(seen, den, torch.ones_like(den)).log(), -math.inf)
-        return lse.reshape(b, h, r1 - r0)
-
-    parts = []
-    for r0 in range(0, i, _LSE_ROWS):
-        r1 = min(i, r0 + _LSE_ROWS)
-        lo, hi = structure.rows(r0, r1)[:2] if structure is not None else (0, inp.j)
-        qb = inp.q[:, :, r0:r1]
-        if hi <= lo:
-            parts.append(qb.new_full((b, h, r1 - r0), -math.inf, dtype=acc))
-        elif grad:
-            parts.append(torch.utils.checkpoint.checkpoint(block, qb, r0, r1, lo, hi, use_reentrant=False))
-        else:
-            parts.append(block(qb, r0, r1, lo, hi))
-    if not parts:
-        return inp.q.new_zeros((b, h, 0), dtype=acc)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
-def _per_sequence(inp: AttnInputs, cu_q: list[int], cu_k: list[int], lse: bool) -> tuple[Tensor, Tensor | None]:
+def _per_sequence(inp: AttnInputs, cu_q: list[int], cu_k: list[int]) -> Tensor | tuple[Tensor, Tensor]:
     """num_splits=1: every sequence through the dispatcher on its own, so its result is the same bit for bit
-    whatever else is in the batch. Returns (1, h, total_q, e) and the log-sum-exp (1, h, total_q) if asked."""
+    whatever else is in the batch. Returns (1, h, total_q, e), with the log-sum-exp (1, h, total_q) where
+    `inp.return_lse`."""
     outs, lses = [], []
     for s in range(len(cu_q) - 1):
         rows, cols = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
@@ -419,14 +372,17 @@ def _per_sequence(inp: AttnInputs, cu_q: list[int], cu_k: list[int], lse: bool) 
             k_docs=None,
             q_pos=None,
         )
-        outs.append(cast(Tensor, run(one)))
-        if lse:
-            lses.append(_logsumexp(one))
+        result = run(one)
+        out, lse = result if isinstance(result, tuple) else (result, None)
+        outs.append(out)
+        lses.append(lse)
     if not outs:  # no query token at all
-        out = cast(Tensor, run(inp))
-        return out, (_logsumexp(inp) if lse else None)
+        return run(inp)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out, (None if not lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2))
+    if not inp.return_lse:
+        return out
+    parts = cast(list[Tensor], lses)
+    return out, parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 # main function
@@ -448,6 +404,8 @@ def varlen_attn(
     seqused_k: Tensor | None = None,
     block_table: Tensor | None = None,
     num_splits: int | None = None,
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over variable-length sequences packed one after the other: PyTorch 2.13's
     `torch.nn.attention.varlen.varlen_attn`, with its signature and semantics, on every device, with backward.
@@ -471,8 +429,9 @@ def varlen_attn(
         max_q, max_k: Python ints, at least the longest query and key sequence (PyTorch's kernel sizes its grid
             with them; here they are only checked).
         return_aux: `AuxRequest(lse=True)` also returns the log-sum-exp of the scaled logits over the keys each
-            query sees, (h, total_q), float32 (float64 for float64 inputs), -inf for a query that sees no key. It
-            has a gradient (PyTorch's drops it). Cost: one more pass over the visible logits, in blocks.
+            query sees, (h, total_q), float32 (float64 for float64 inputs), -inf for a query that sees no key (with
+            sinks, the sink's). It has a gradient (PyTorch's drops it). It comes from the same kernel call as the
+            output (`attention(..., return_lse=True)`), so only backends that give it run such a call.
         scale: logit scale, default d ** -0.5.
         window_size: (left, right) as above; default (-1, -1), full attention within each sequence.
         enable_gqa: allow g < h key/value heads (h % g == 0; query head x uses key/value head x // (h // g)).
@@ -484,6 +443,9 @@ def varlen_attn(
             be None (its values are not read). The used keys and values are gathered into a packed copy first (one
             `index_select` each), then run as plain packing. For decoding from a cache, `attend.with_kvcache` reads
             the pages in place.
+        sinks: attend's extension: attention sinks (h,), one logit per query head in every row's softmax
+            denominator with no value, as in `attention` (gpt-oss).
+        softcap: attend's extension: logit soft-capping, `softcap * tanh(s / softcap)`, as in `attention`.
         num_splits: PyTorch's split-KV setting. 1 asks for batch invariance: each sequence then runs through the
             dispatcher on its own (bitwise the same result whatever else is packed with it; slower for many
             short sequences). None or > 1: the packed path (attend's kernels have no split-KV to tune).
@@ -520,13 +482,15 @@ def varlen_attn(
         enable_gqa=enable_gqa,
         seqused_k=seqused_k,
         block_table=block_table,
+        sinks=sinks,
+        softcap=softcap,
     )
+    inp = replace(inp, return_lse=lse_wanted)
     if num_splits == 1:
         cu_q, cu_k = cu_seq_q.tolist(), cast(Tensor, cu_seq_k).tolist()  # checked by _varlen_inputs
-        out, lse = _per_sequence(inp, cu_q, cu_k, lse_wanted)
+        result = _per_sequence(inp, cu_q, cu_k)
     else:
-        out = cast(Tensor, run(inp))
-        lse = _logsumexp(inp) if lse_wanted else None
-    if lse is not None:
-        return _tokens_first(out), lse[0]
-    return _tokens_first(out)
+        result = run(inp)
+    if isinstance(result, tuple):
+        return _tokens_first(result[0]), result[1][0]
+    return _tokens_first(result)
