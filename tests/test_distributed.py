@@ -460,10 +460,48 @@ def _job_windows(rank: int, world: int) -> None:
                         torch.testing.assert_close(got, want, msg=_prefixed(what))
 
 
+def _job_vocabulary(rank: int, world: int) -> None:
+    """sinks, softcap and return_lse across ranks: out, lse and the gradients of q, k, v and sinks (a loss on
+    both outputs) equal one process's attention on the full sequence, sliced to this rank, both strategies."""
+    n = 6 * world + 1
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    pad = torch.ones(1, n, dtype=torch.bool)
+    pad[0, -2:] = False
+    kw = {"causal": True, "softcap": 2.0, "return_lse": True}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out, lse = attend.attention(*leaves[:3], mask=pad, sinks=leaves[3], **kw)
+    (out.square().sum() + lse.sum()).backward()
+    for layout in LAYOUTS:
+        for strategy in ("allgather", "ring"):
+            mine = [shard(t.detach(), 2, layout).requires_grad_() for t in (q, k, v)]
+            s = sinks.clone().requires_grad_()
+            got_out, got_lse = context_parallel_attention(
+                *mine, mask=shard(pad, 1, layout), sinks=s, layout=layout, strategy=strategy, **kw
+            )
+            (got_out.square().sum() + got_lse.sum()).backward()
+            what = f"{layout} {strategy}"
+            torch.testing.assert_close(got_out, shard(out.detach(), 2, layout), msg=_prefixed(f"{what} out"))
+            torch.testing.assert_close(got_lse, shard(lse.detach(), 2, layout), msg=_prefixed(f"{what} lse"))
+            for name, got, full in zip("qkv", mine, leaves[:3]):
+                torch.testing.assert_close(got.grad, shard(full.grad, 2, layout), msg=_prefixed(f"{what} d{name}"))
+            # the sinks' gradient: this rank's rows' share, summed over the ranks equals one process's
+            total = s.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, leaves[3].grad, msg=_prefixed(f"{what} dsinks"))
+
+
 JOBS = {
     "attention": _job_attention, "shard": _job_shard, "errors": _job_errors, "example": _job_example,
-    "attention nccl": _job_nccl, "windows": _job_windows,
+    "attention nccl": _job_nccl, "windows": _job_windows, "vocabulary": _job_vocabulary,
 }  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sinks_softcap_and_lse_across_ranks(world):
+    _spawn("vocabulary", world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

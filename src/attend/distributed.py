@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -79,8 +80,8 @@ from ._helpers import accum_dtype, autocast_inputs, fmt_dtype, fmt_shape
 from .backends.chunked import TILES, chunked_attention
 from .dispatch import run
 from .grad2 import records_graph
-from .inputs import Options, check_window, describe, sides, validate
-from .masks import Structure, zero_keys
+from .inputs import Options, check_sinks, check_window, describe, sides, validate
+from .masks import Structure, apply_sinks, lower, zero_keys
 from .merge import merge_into
 
 __all__ = ["context_parallel_attention", "shard", "unshard", "LAYOUTS", "STRATEGIES"]
@@ -90,8 +91,8 @@ STRATEGIES = ("allgather", "ring")
 # what every rank sends and checks (`_local_checks`): the local length first, the key axes of mask and bias last
 _META = (
     "length", "b", "h", "g", "d", "e", "causal", "window left", "window right", "key padding mask given",
-    "documents given", "k/v requires grad", "layout", "dtype", "dropout_p (in units of 2**-24)", "mask key axis",
-    "bias key axis",
+    "documents given", "k/v requires grad", "layout", "dtype", "dropout_p (in units of 2**-24)",
+    "softcap (float64 bits; 0: none)", "sinks given", "return_lse", "mask key axis", "bias key axis",
 )  # fmt: skip
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # checked to agree across ranks
 _FAR = 2**62  # a window side at or past this is unbounded for any sequence a tensor can hold
@@ -261,7 +262,7 @@ def _norm_dim(x: Any, dim: Any, name: str) -> int:
 
 
 def _local_checks(
-    q: Any, k: Any, v: Any, mask: Any, bias: Any, documents: Any, options: Options, layout: str
+    q: Any, k: Any, v: Any, mask: Any, bias: Any, documents: Any, options: Options, layout: str, sinks: Any = None
 ) -> tuple[list[int], Tensor | None, Tensor | None]:
     """Every check that needs only this rank's inputs. Returns the ints every rank must agree on (`_META`; the
     first is the local length), the key padding mask (b, j_local) or None, and the document ids or None."""
@@ -313,7 +314,9 @@ def _local_checks(
         i_local, b, h, g, d, e, int(bool(causal)), left, right,
         int(key_pad is not None), int(docs is not None),
         int(torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)),
-        LAYOUTS.index(layout), _DTYPES.index(q.dtype), round(local.dropout_p * 2**24), mask_j, bias_j,
+        LAYOUTS.index(layout), _DTYPES.index(q.dtype), round(local.dropout_p * 2**24),
+        0 if local.softcap is None else struct.unpack("<q", struct.pack("<d", local.softcap))[0],
+        int(check_sinks(sinks, q, b, h) is not None), int(local.return_lse), mask_j, bias_j,
     ]  # fmt: skip
     return meta, key_pad, docs
 
@@ -369,6 +372,7 @@ class _Ring:
     k_tile: int
     dropout_p: float
     seed: int  # rank 0's dropout seed (every rank uses it: chunked's keep-mask over global positions)
+    softcap: float | None = None  # logit soft-capping, inside every tile (`tiles.Facts.softcap`)
     # filled by the forward, reused by the backward: per (owner rank, piece), the plans of its runs that some
     # local query can see (a plan holds no k/v data)
     plans: dict[tuple[int, int], list[_Planned]] | None = None
@@ -490,6 +494,8 @@ def _plan_part(
         if structure.lo is not None and structure.hi is not None and not bool((structure.hi > structure.lo).any()):
             return None  # no query sees a key of the run (documents)
         facts = facts._replace(structure=structure)
+    if ring.softcap is not None:
+        facts = facts._replace(softcap=ring.softcap)
     # dropout: the keep-mask at the rows' and the keys' global positions
     plan = tiles.Plan(
         q_rows, inp.k, inp.v, inp.mask, inp.bias, False, inp.scale, ring.dropout_p, ring.seed, ring.q_tile,
@@ -651,7 +657,7 @@ def _ring_forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | 
 
 def _ring_backward(
     ring: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None, out: Tensor, lse: Tensor,
-    kv_grad: bool, bias_grad: bool,
+    kv_grad: bool, bias_grad: bool, dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """dq, dk, dv (None unless kv_grad), dbias (None unless bias_grad), shaped like q, k, v, bias4.
 
@@ -668,6 +674,8 @@ def _ring_backward(
     lse3 = lse.view(bg, r, i)
     # D = rowsum(dout * out) of the whole attention, once for every block
     delta = (dog.to(acc) * out.view(bg, r, i, e)).sum(dim=-1)
+    if dlse is not None:  # the log-sum-exp's gradient: d lse / d s = p, so ds = p * (dp - (D - dlse))
+        delta = delta - dlse.reshape(delta.shape).to(acc)
     dq = q.new_zeros(bg, r, i, d, dtype=acc)  # unscaled until the end (`tiles.backward_into`)
     dbias4 = None if bias4 is None or not bias_grad else bias4.new_zeros(bias4.shape, dtype=acc)
     scale = 1.0
@@ -754,39 +762,47 @@ def _ring_backward(
 
 
 class _RingFn(torch.autograd.Function):
-    """(q, k, v, bias4, ring) -> this rank's output (b, h, i_local, e); first-order backward across ranks."""
+    """(q, k, v, bias4, ring) -> this rank's output (b, h, i_local, e) and log-sum-exp (b, h, i_local) in the
+    accumulation dtype (+inf: a row with no key); first-order backward across ranks, the lse's gradient included
+    (it enters as D - dlse, as in `tiles.backward`)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None, ring: _Ring) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias4: Tensor | None, ring: _Ring) -> tuple[Tensor, Tensor]:
         out, lse = _ring_forward(ring, q, k, v, bias4)
         out4 = out.view(ring.b, ring.h, q.shape[2], v.shape[3])
         result = out4 if out4.dtype == q.dtype else out4.to(q.dtype)
         # out in the accumulation dtype: the backward's D = rowsum(dout * out) cancels (see tiles.forward)
         ctx.save_for_backward(q, k, v, bias4, out4, lse)
         ctx.ring = ring
-        return result
+        ctx.set_materialize_grads(False)  # a loss without the lse passes no dlse (nothing to subtract)
+        return result, lse.view(ring.b, ring.h, q.shape[2])
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         if records_graph():
             raise RuntimeError(
                 "expected a first-order backward through context_parallel_attention(strategy='ring'), got "
                 "create_graph=True (double backward); hint: strategy='allgather' is differentiable twice"
             )
         q, k, v, bias4, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:  # (collective: every rank runs the same graph, so all return here)
+            return None, None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out, dtype=q.dtype)
         kv_grad = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         bias_grad = bias4 is not None and bool(ctx.needs_input_grad[3])
-        dq, dk, dv, dbias = _ring_backward(ctx.ring, dout, q, k, v, bias4, out, lse, kv_grad, bias_grad)
+        dq, dk, dv, dbias = _ring_backward(ctx.ring, dout, q, k, v, bias4, out, lse, kv_grad, bias_grad, dlse)
         return dq, dk, dv, dbias, None
 
 
 def _ring_attention(
     q: Tensor, k: Tensor, v: Tensor, *, group: Any, rank: int, lengths: list[int], layout: str,
     key_pad: Tensor | None, docs: Tensor | None, mask: Tensor | None, bias: Tensor | None, scale: float | None,
-    left: int | None, right: int | None, dropout: tuple[float, int],
-) -> Tensor:  # fmt: skip
+    left: int | None, right: int | None, dropout: tuple[float, int], softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """strategy="ring" once the inputs are checked on every rank (`context_parallel_attention`); `dropout`: the
-    probability and rank 0's seed."""
+    probability and rank 0's seed. Returns this rank's out and its log-sum-exp (b, h, i_local), -inf for a row
+    with no key, both differentiable."""
     runs = _rank_runs(lengths, layout)
     q_pos = _positions(runs[rank], q.device)
     fields: list[Tensor] = []
@@ -804,11 +820,12 @@ def _ring_attention(
         q_list=q_pos.tolist(),
         q_docs=docs, meta=torch.stack(fields, dim=-1).contiguous() if fields else None, pad_col=pad_col,
         doc_col=doc_col, mask4=None if mask is None else as4d(mask), q_tile=q_tile, k_tile=k_tile,
-        dropout_p=dropout[0], seed=dropout[1],
+        dropout_p=dropout[0], seed=dropout[1], softcap=softcap,
     )  # fmt: skip
     # contiguous once (the blocks are sent as they are, and every plan views q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _RingFn.apply(q, k, v, None if bias is None else as4d(bias), ring)
+    out, lse = _RingFn.apply(q, k, v, None if bias is None else as4d(bias), ring)
+    return out, lse.masked_fill(lse == math.inf, -math.inf)  # the tiles mark a row with no key +inf
 
 
 # public API
@@ -866,7 +883,10 @@ def context_parallel_attention(
     dropout_p: float = 0.0,
     layout: str = "contiguous",
     strategy: str = "ring",
-) -> Tensor:
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Self-attention over a sequence sharded across the ranks of `group`; returns this rank's output rows.
 
     Args:
@@ -890,6 +910,12 @@ def context_parallel_attention(
             "headtail" gives every rank the same causal work.
         strategy: "ring" (k/v blocks passed around the ranks, memory O(n / W) per rank, first-order backward)
             or "allgather" (k and v all-gathered on every rank; differentiable twice); both take every mask.
+        sinks: attention sinks (h,) or (b, h), as in `attention` (the same on every rank): applied once, to the
+            merged result of every block. Each rank's gradient for them is its own rows' share (summed across
+            ranks by DDP's all-reduce, as for any parameter).
+        softcap: logit soft-capping, as in `attention`: inside every tile of the ring.
+        return_lse: return `(out, lse)`, lse (b, h, i_local) this rank's rows' log-sum-exp over every key (the
+            sinks included), differentiable (both strategies).
 
     Equals `attend.attention(q_full, k_full, v_full, ...)` on the unsharded tensors, at this rank's rows
     (`shard(out_full, 2, layout)`), and so do the gradients of q, k, v (and bias, at its rows); with dropout,
@@ -911,9 +937,11 @@ def context_parallel_attention(
     # local checks first, then one small collective: every rank's shapes and options, checked to agree. A rank
     # whose own checks fail still joins it (with a flag), so every rank raises and none waits on a collective.
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    options = Options(causal=causal, scale=scale, window=window, dropout_p=dropout_p)
+    options = Options(
+        causal=causal, scale=scale, window=window, dropout_p=dropout_p, softcap=softcap, return_lse=return_lse
+    )
     try:
-        meta, key_pad, docs = _local_checks(q, k, v, mask, bias, documents, options, layout)
+        meta, key_pad, docs = _local_checks(q, k, v, mask, bias, documents, options, layout, sinks)
     except (TypeError, ValueError):
         # re-raised from here, never kept in a local: an exception held by its own frame is a reference cycle
         # that keeps the process group alive past destroy_process_group (gloo then aborts at interpreter exit)
@@ -959,11 +987,14 @@ def context_parallel_attention(
             # the garbage rule (contract item 3) without a collective: a padded key is hidden from every query of
             # every rank, so its owner sends zeros (a tile's 0 probability times an inf value would be NaN)
             k, v = (zero_keys(t, ~key_pad) for t in (k, v))
-        return _ring_attention(
+        out, lse = _ring_attention(
             q, k, v, group=group, rank=rank, lengths=lengths, layout=layout, key_pad=key_pad, docs=docs,
             mask=None if key_pad is not None else mask, bias=bias, scale=scale, left=left, right=right,
-            dropout=(float(dropout_p), seed),
+            dropout=(float(dropout_p), seed), softcap=softcap,
         )  # fmt: skip
+        if sinks is not None:  # once, on the merged result of every block (`masks.apply_sinks`, as every door)
+            out, lse = apply_sinks(out, lse, cast(Tensor, check_sinks(sinks, q, q.shape[0], q.shape[1])))
+        return (out, lse) if return_lse else out
     order = _to_global_order(lengths, layout, q.device)
 
     def global_order(t: Tensor, dim: int) -> Tensor:
@@ -985,12 +1016,14 @@ def context_parallel_attention(
     q_pos_local = _positions(_rank_runs(lengths, layout)[rank], q.device)
     documents_arg = None if docs is None else (docs, docs_full)
     options = Options(
-        scale=scale, window=None if left is None and right is None else (left, right), dropout_p=dropout_p
-    )
-    inp = validate(q, k_full, v_full, mask=mask_full, bias=bias, documents=documents_arg, options=options)
+        scale=scale, window=None if left is None and right is None else (left, right), dropout_p=dropout_p,
+        softcap=softcap, return_lse=return_lse,
+    )  # fmt: skip
+    inp = validate(q, k_full, v_full, mask=mask_full, bias=bias, documents=documents_arg, sinks=sinks, options=options)
     if inp.window is not None:
         # causal and the window are about global positions: each query's diagonal is its own position
         inp = replace(inp, q_pos=q_pos_local[None])
     if inp.dropout_p > 0:  # chunked's keep-mask, hashed over global positions: the one a single process draws
-        return cast(Tensor, chunked_attention(inp, seed=seed, positions=q_pos_local))
-    return cast(Tensor, run(inp))
+        low = lower(inp)  # (sinks as the log-sum-exp's rescale, the l2 score as a dot product: as `run` does)
+        return low.finish(chunked_attention(low.inp, seed=seed, positions=q_pos_local))
+    return run(inp)
