@@ -164,8 +164,13 @@ def test_forward_signature_and_layout():
             attend_hf.attend_attention_forward(module, q, k, v, m, position_bias=position_bias)[0],
             sdpa_attention_forward(module, q, k, v, m, position_bias=position_bias)[0],
         )
-    with pytest.raises(ValueError, match="softcap"):
-        attend_hf.attend_attention_forward(module, q, k, v, None, softcap=30.0)
+    # softcap (Gemma 2) and s_aux (gpt-oss's sinks), which sdpa cannot run, go through attend.attention
+    from attend import attention
+
+    sinks = torch.randn(4)
+    got = attend_hf.attend_attention_forward(module, q, k, v, None, scaling=0.5, softcap=3.0, s_aux=sinks)[0]
+    want = attention(q, k, v, causal=True, scale=0.5, softcap=3.0, sinks=sinks, backend="einsum")
+    torch.testing.assert_close(got, want.transpose(1, 2))
 
 
 def test_register_without_transformers_raises_a_hint(monkeypatch):
