@@ -99,6 +99,7 @@ def test_lse_is_float32_for_half_inputs(name):
 def test_lse_gradients_and_second_order(name, case):
     """gradcheck and gradgradcheck of (out, lse) in q, k, v (and bias): the lse's gradient flows into q, k, bias."""
     q, k, v, kw = _inputs(case, grad=True, small=True)
+    skip_unless_runs(name, validate(q, k, v, return_lse=True, **kw))
     leaves = [q, k, v] + ([kw.pop("bias")] if "bias" in kw else [])
 
     def f(*xs):
@@ -115,6 +116,8 @@ def test_lse_gradient_is_the_softmax():
     q, k, v, kw = _inputs("bias", grad=True)
     for name in LSE_BACKENDS:
         bias = kw["bias"].detach().clone().requires_grad_()
+        if get_backend(name).reasons_unsupported(validate(q, k, v, bias=bias, return_lse=True)):
+            continue  # (sdpa:flash gives no bias gradient)
         _, lse = attention(q, k, v, bias=bias, backend=name, return_lse=True)
         (grad,) = torch.autograd.grad(lse.sum(), bias)
         p = torch.softmax(
@@ -123,15 +126,19 @@ def test_lse_gradient_is_the_softmax():
         torch.testing.assert_close(grad, p.sum(0, keepdim=True), msg=name)
 
 
-def test_auto_picks_a_backend_that_gives_it_and_explain_says_why_not_sdpa():
+def test_auto_picks_a_backend_that_gives_it_and_explain_says_why_not_the_others():
     q, k, v = make_qkv(b=1, h=2, g=2, i=16, j=16, d=16)
     report = explain(q, k, v, return_lse=True)
-    assert report.backend in LSE_BACKENDS
-    for name in ("sdpa:flash", "sdpa:math"):
-        assert "needs each row's log-sum-exp (return_lse=True, or sinks); this backend gives none" in report.reasons[name]
+    assert report.backend == "sdpa:flash"  # PyTorch's CPU flash op returns the lse (`_FlashLse`)
+    assert "needs each row's log-sum-exp (return_lse=True, or sinks); this backend gives none" in report.reasons[
+        "sdpa:math"
+    ]
     with pytest.raises(ValueError, match="this backend gives none"):
         attention(q, k, v, backend="sdpa:math", return_lse=True)
     assert "--return-lse" in report.hint
+    windowed = explain(q, k, v, return_lse=True, window=(4, 0))
+    assert windowed.backend == "chunked"
+    assert any("the lse path is one kernel call" in why for why in windowed.reasons["sdpa:flash"])
 
 
 def test_lse_with_dropout_is_the_undropped_normaliser():
@@ -194,3 +201,22 @@ def test_a_plain_call_pays_nothing_for_the_lse_in_backward(monkeypatch):
     assert seen == [None, None]
     attention(q, k, v, backend="chunked", return_lse=True, **kw)[1].sum().backward()
     assert seen[-1] is not None
+
+
+def test_flash_lse_backward_both_ways():
+    """sdpa:flash's lse gradient: through the corrected output (dout != 0 on every row) and through the widened
+    call (a loss on the lse alone, dout = 0), against the reference, with GQA and a padding mask."""
+    q, k, v, kw = _inputs("padding", dtype=torch.float32, grad=True)
+    ro, rl = attention(*(t.double() for t in (q, k, v)), backend="einsum", return_lse=True, **kw)
+    out, lse = attention(q, k, v, backend="sdpa:flash", return_lse=True, **kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    for loss, ref in (
+        ((out * dout).sum() + (lse * dlse).sum(), (ro * dout.double()).sum() + (rl * dlse.double()).sum()),
+        ((lse * dlse).sum(), (rl * dlse.double()).sum()),
+    ):
+        got = torch.autograd.grad(loss, (q, k, v), retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref, (q, k, v), retain_graph=True, allow_unused=True)
+        for a, b, x in zip(got, want, (q, k, v)):
+            a = torch.zeros_like(x) if a is None else a
+            b = torch.zeros_like(x) if b is None else b.float()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

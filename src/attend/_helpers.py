@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 __all__ = [
     "exists", "default", "fmt_dtype", "fmt_dtypes", "fmt_shape", "accum_dtype", "functorch_wrapped", "DIM_LEGEND",
-    "autocast_on", "any_autocast", "no_autocast", "autocast_inputs",
+    "autocast_on", "any_autocast", "no_autocast", "autocast_inputs", "differentiable",
 ]
 
 DIM_LEGEND = (
@@ -59,6 +59,17 @@ def functorch_wrapped(*tensors: torch.Tensor) -> bool:
             if _is_wrapped(t):
                 return True
     return False
+
+
+def differentiable(t: torch.Tensor | None) -> bool:
+    """Can a graph recorded now reach t? Not for a torch.func wrapper whose transform has exited: vjp_fn
+    (torch.func.vjp, jacrev) runs the backward after vjp returned, and its saved inputs are such dead
+    wrappers (functorch's maybe_get_level gives -2 for them); they still say requires_grad. A custom backward
+    takes its second-order path (`grad2.recompute_grads`) only for inputs this says yes to."""
+    if t is None or not t.requires_grad:
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is None or torch.compiler.is_compiling() or functorch.maybe_get_level(t) != -2
 
 
 @functools.lru_cache(maxsize=None)

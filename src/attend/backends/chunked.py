@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import tiles
+from .._helpers import differentiable
 from ..grad2 import recompute_grads, records_graph
 from ..inputs import AttnInputs
 from ..masks import Structure
@@ -65,16 +66,6 @@ def _fold_batch(t: Tensor | None, dim: int | None, size: int, b: int) -> Tensor 
     else:
         t = t.movedim(dim, 0)
     return t.expand(size, b, *t.shape[2:]).flatten(0, 1)
-
-
-def _differentiable(t: Tensor | None) -> bool:
-    """Can a graph recorded now reach t? Not for a torch.func wrapper whose transform has exited: vjp_fn
-    (torch.func.vjp, jacrev) runs the backward after vjp returned, and its saved inputs are such dead
-    wrappers (functorch's maybe_get_level gives -2 for them); they still say requires_grad."""
-    if t is None or not t.requires_grad:
-        return False
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is None or torch.compiler.is_compiling() or functorch.maybe_get_level(t) != -2
 
 
 def _nth(t: Tensor | None, n: int, b: int) -> Tensor | None:
@@ -127,7 +118,7 @@ class _ChunkedFn(torch.autograd.Function):
         causal, scale, dropout_p, seed, q_tile, k_tile, facts = ctx.args
         seed = seed_t if seed_t is not None else seed
         plan = tiles.Plan(q, k, v, mask, bias, causal, scale, dropout_p, seed, q_tile, k_tile, facts, rows=positions)
-        if records_graph() and any(_differentiable(t) for t in (q, k, v, bias)):
+        if records_graph() and any(differentiable(t) for t in (q, k, v, bias)):
             # create_graph: the tile loop below is first-order only; recompute through the reference with
             # this call's own dropout keep-mask, so the gradients are exact and differentiable again.
             # (Where no saved input can be differentiated again, as in torch.func.vjp's vjp_fn and jacrev,

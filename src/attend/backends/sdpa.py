@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._helpers import accum_dtype, functorch_wrapped
-from ..grad2 import Gate, gate, keep_graph
+from .._helpers import accum_dtype, differentiable, functorch_wrapped
+from ..grad2 import Gate, gate, keep_graph, recompute_grads, records_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
@@ -499,14 +499,87 @@ class SdpaBackend(Backend):
         return out
 
 
+_flash_lse_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_TINY = 1e-30  # |dout|^2 below this: the lse's gradient goes in through a widened call (`_FlashLse.backward`)
+_flash_lse_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _FlashLse(torch.autograd.Function):
+    """PyTorch's CPU flash op itself, which returns each row's log-sum-exp beside the output: (q, k, v, mask,
+    causal, scale, inp) -> (out (b, h, i, e), lse (b, h, i) float32), both differentiable.
+
+    A row whose mask is all -inf gets out 0 and lse 0 from the kernel (the caller makes that lse -inf); its
+    gradients are 0, since p = exp(-inf - 0) = 0 in the backward. The op's backward has no input for the lse's
+    gradient: it forms D = rowsum(dout * out) from the output it is given, and the lse's gradient enters exactly
+    there (ds = p * (dp - (D - dlse))). The backward passes out - (dlse / |dout|^2) dout, which gives D - dlse
+    and changes nothing else; where a row's dout is 0 (a loss on the lse alone), it runs on one more head-dim
+    column instead: v' = [v, 0] leaves dp unchanged, out' = [out, 1] with dout' = [dout, -dlse] gives D - dlse,
+    and q' = [q, 0], k' = [k, 0] keep the logits (the op needs d == e; about 20 % slower at d = 64). Under
+    create_graph the gradients are the reference's (`grad2.recompute_grads`), differentiable again. In the
+    setup_context form with a generated vmap rule, so torch.func transforms (jacrev of the lse) work."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, causal, scale, inp):
+        return _flash_lse_op(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, causal, scale, inp = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.args = (causal, scale, inp)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        causal, scale, inp = ctx.args
+        if dout is None and dlse is None:
+            return (None,) * 7
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if records_graph() and any(differentiable(t) for t in (q, k, v)):
+            run = replace(inp, q=q, k=k, v=v, return_lse=True)
+            dq, dk, dv, _ = recompute_grads(run, dout, (True, True, True, False), None, dlse)
+            return dq, dk, dv, None, None, None, None
+        if dlse is None:
+            dq, dk, dv = _flash_lse_bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            return dq, dk, dv, None, None, None, None
+
+        # the op reads `out` only for D = rowsum(dout * out): out - (dlse / |dout|^2) dout gives D - dlse with
+        # nothing else changed (a row's terms stay bounded by |dlse|: no cancellation). A row with dout = 0 and
+        # dlse != 0 (a loss on the lse alone) has no such vector: then the widened call below
+        norm2 = dout.square().sum(-1)
+        usable = norm2 > _TINY
+        # (under torch.func.vmap, jacrev of the lse, a value cannot decide a branch: the widened call then)
+        if not functorch_wrapped(dout, dlse) and bool((usable | (dlse == 0)).all()):
+            coef = torch.where(usable, dlse.to(norm2.dtype) / torch.where(usable, norm2, 1.0), 0.0)
+            out2 = (out - coef[..., None] * dout).contiguous()
+            dq, dk, dv = _flash_lse_bwd(dout.contiguous(), q, k, v, out2, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            return dq, dk, dv, None, None, None, None
+
+        def widen(t: Tensor, fill: float) -> Tensor:
+            return torch.cat([t, t.new_full((*t.shape[:-1], 1), fill)], dim=-1)
+
+        dout2 = torch.cat([dout, -dlse[..., None].to(dout.dtype)], dim=-1)
+        dq, dk, dv = _flash_lse_bwd(
+            dout2, widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse, 0.0, causal, attn_mask=mask,
+            scale=scale,
+        )  # fmt: skip
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None, None
+
+
 class SdpaFlash(SdpaBackend):
     """`SDPBackend.FLASH_ATTENTION`: FlashAttention-2 on CUDA, PyTorch's flash kernel on CPU."""
 
     name = "sdpa:flash"
     variant = SDPBackend.FLASH_ATTENTION
     caps = {
-        # sdp_utils_cpp.cpp: any float dtype, q/k/v one head dim, masks without grad, no dropout
-        "cpu": Caps(dtypes=FLOATS, same_value_dim=True, bias_grad=False, dropout=False, grad2=False),
+        # sdp_utils_cpp.cpp: any float dtype, q/k/v one head dim, masks without grad, no dropout. The
+        # log-sum-exp: PyTorch's CPU flash op returns it (`_FlashLse`)
+        "cpu": Caps(dtypes=FLOATS, same_value_dim=True, bias_grad=False, dropout=False, grad2=False, lse=True),
         # sdp_utils.cpp: sm80+, fp16/bf16, d = e <= 256, no attn_mask; bottom-right causal via CausalBias
         "cuda": Caps(
             dtypes=HALF,
@@ -531,7 +604,32 @@ class SdpaFlash(SdpaBackend):
             reasons.append(f"backward in {inp.dtype} on CPU is inexact (PyTorch's CPU flash kernel)")
         if inp.device.type == "cuda" and inp.causal and inp.i != inp.j and inp.gqa and not has_lower_right_gqa():
             reasons.append("causal with i != j and grouped-query heads needs torch's CausalBias with enable_gqa")
+        if inp.return_lse and inp.device.type == "cpu":
+            if _flash_lse_op is None or _flash_lse_bwd is None:
+                reasons.append("this PyTorch has no aten._scaled_dot_product_flash_attention_for_cpu (the lse)")
+            if inp.structured:
+                reasons.append("return_lse with a window or documents: the lse path is one kernel call, no blocks")
+            if torch.compiler.is_compiling():
+                reasons.append("return_lse under torch.compile: the lse path (an autograd Function) is eager only")
         return reasons
+
+    def run(self, inp: AttnInputs) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
+        if not inp.return_lse:
+            return super().run(inp)
+        # one call of PyTorch's CPU flash op: causal as its own flag where it is the usual triangle, else folded
+        # into the additive mask with the mask and the bias (in float32: contract item 4)
+        flag = inp.causal and inp.i == inp.j and inp.mask is None and inp.bias is None
+        mask = None if flag else sdpa_attn_mask(inp, bias_dtype=accum_dtype(inp.dtype))
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=accum_dtype(inp.dtype), device=mask.device).masked_fill_(
+                ~mask, -torch.inf
+            )
+        with torch.autocast(inp.device.type, enabled=False):
+            out, lse = _FlashLse.apply(inp.q, inp.k, inp.v, mask, flag, inp.scale, inp)
+        dead = None if mask is None else dead_rows(inp)  # (b|1, h|1, i, 1): rows that may attend no key
+        if dead is not None:
+            out, lse = out.masked_fill(dead, 0.0), lse.masked_fill(dead[..., 0], -torch.inf)
+        return out, lse
 
 
 class SdpaEfficient(SdpaBackend):
