@@ -126,3 +126,22 @@ def test_greedy_generate_with_cache_matches_eager(pair, vocabulary_calls):
         got = ours.generate(input_ids=ids, attention_mask=am, **kw)
     assert torch.equal(got, want)
     assert any(True for _ in vocabulary_calls)
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_padding_free_packing_matches_eager_per_sequence(pair, vocabulary_calls, flash_kwargs):
+    """DataCollatorWithFlattening's (1, total) batch through attend (documents + softcap or sinks): each
+    sequence's logits equal eager's on that sequence alone, and the loss and gradients those of the sequences
+    run one by one through eager (use_cache=False: the mask transformers builds for the packing is dropped)."""
+    from transformers import DataCollatorWithFlattening
+
+    name, ref, ours = pair
+    lengths = (7, 4, 9)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s.tolist()} for s in seqs])
+    with torch.no_grad():
+        got = ours(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        want = torch.cat([ref(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert vocabulary_calls

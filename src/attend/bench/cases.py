@@ -218,7 +218,7 @@ class StructuredCase:
     note: str = ""
 
     def __post_init__(self):
-        if self.kind in ("window", "l2") and len(set(self.lengths)) != 1:
+        if self.kind in ("window", "l2", *VOCABULARY_KINDS) and len(set(self.lengths)) != 1:
             raise ValueError(f"expected one length for a {self.kind} batch, got {self.lengths}")
         for name, _ in self.floors:
             if name not in self.baselines:
@@ -238,10 +238,14 @@ class StructuredCase:
             span = f"{max(self.lengths)}..{min(self.lengths)}"
             return f"{len(self.lengths)} seqs, {self.tokens} tokens ({span}), h={self.h}, d={self.d}, causal"
         dims = f"({len(self.lengths)}, {self.h}, {self.lengths[0]}, {self.d})"
-        return f"{dims} causal, window ({self.window}, 0)" if self.kind == "window" else f"{dims} score=l2"
+        if self.kind == "window":
+            return f"{dims} causal, window ({self.window}, 0)"
+        return f"{dims} {VOCABULARY_KINDS.get(self.kind, 'score=l2')}"
 
 
 DOC_LENGTHS = (4096, 3072, 2048, 2048, 1536, 1536, 1024, 1024)  # 16384 tokens, 8 documents
+# issue 23's vocabulary rows (bench/structured.py builds their candidates): kind -> how the label reads
+VOCABULARY_KINDS = {"lse": "return_lse=True", "sinks": "causal, sinks (h,)", "softcap": "causal, softcap=50"}
 VARLEN = "attend.varlen:varlen_attn"
 
 STRUCTURED_SUITES: dict[str, list[StructuredCase]] = {
@@ -265,6 +269,31 @@ STRUCTURED_SUITES: dict[str, list[StructuredCase]] = {
             ("attend:padded", "attend:documents"), floors=(("attend:padded", 0.9),), needs=VARLEN,
             note="varlen_attn, (total, heads, dim); D1's lengths / 4",
         ),
+    ],
+    # issue 23's floors, float32 on CPU: the log-sum-exp, sinks and soft-capping against the same call without
+    # them (or Gemma 2's eager formula), and soft-capping's peak memory at 16k tokens (about 3 minutes on 2 cores)
+    "vocabulary": [
+        StructuredCase(
+            "R1", "lse", (1024,) * 4, 8, 64, "attend:lse", ("attend:dot",), floors=(("attend:dot", 0.95),),
+            modes=("fwd", "fwdbwd"), note="return_lse=True against the same call without it (<= 5 % more)",
+        ),
+        StructuredCase(
+            "S1", "sinks", (1024,) * 4, 8, 64, "attend:sinks", ("attend:causal",), floors=(("attend:causal", 0.91),),
+            note="sinks against the same causal call without them (<= 10 % more)",
+        ),
+        StructuredCase(
+            "C1", "softcap", (4096,), 8, 128, "attend:softcap", ("gemma2:eager",), floors=(("gemma2:eager", 2.0),),
+            note="soft-capping against Gemma 2's eager_attention_forward (>= 2x)",
+        ),
+        StructuredCase(
+            "C2", "softcap", (16384,), 8, 128, "attend:softcap", ("attend:causal",), memory_floor_mb=2048.0,
+            note="soft-capping at 16k tokens: peak memory <= 2 GiB (eager's scores alone are 8 GiB)",
+        ),
+    ],
+    "vocabulary-smoke": [
+        StructuredCase("R1", "lse", (32, 32), 2, 16, "attend:lse", ("attend:dot",), floors=(("attend:dot", 0.95),)),
+        StructuredCase("S1", "sinks", (32,), 2, 16, "attend:sinks", ("attend:causal",)),
+        StructuredCase("C1", "softcap", (48,), 2, 16, "attend:softcap", ("gemma2:eager",)),
     ],
     # the same rows at a few dozen tokens, for tests (the floors are shown, not expected to hold)
     "structured-smoke": [

@@ -231,7 +231,7 @@ def _attend_dot(base: Base, mode: str) -> Built:
     def fwd():
         return attention(q, k, v)
 
-    return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, "score='dot' (the same call without l2)")
+    return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, "score='dot', nothing else: the plain call")
 
 
 def _gigagan_einsum(base: Base, mode: str) -> Built:
@@ -250,6 +250,52 @@ def _gigagan_einsum(base: Base, mode: str) -> Built:
     return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, note)
 
 
+def _attend_lse(base: Base, mode: str) -> Built:
+    q, k, v = base.q, base.k, base.v
+
+    def fwd():
+        return attention(q, k, v, return_lse=True)[0]  # the loss on the output alone: the lse's own cost
+
+    return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, "return_lse=True: (out, lse), lse (b, h, i)")
+
+
+def _attend_sinks(base: Base, mode: str) -> Built:
+    q, k, v = base.q, base.k, base.v
+    sinks = _leaf(torch.randn(q.shape[1], generator=torch.Generator().manual_seed(1)).to(q), base.grad)
+
+    def fwd():
+        return attention(q, k, v, causal=True, sinks=sinks)
+
+    leaves = [q, k, v, sinks] if base.grad else [q, k, v]
+    return Built(_pass(fwd, leaves, base.go, mode), fwd, "causal, sinks (h,): gpt-oss's, differentiable")
+
+
+def _attend_softcap(base: Base, mode: str) -> Built:
+    q, k, v = base.q, base.k, base.v
+
+    def fwd():
+        return attention(q, k, v, causal=True, softcap=50.0)
+
+    return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, "causal, softcap=50.0 (Gemma 2's)")
+
+
+def _gemma2_eager(base: Base, mode: str) -> Built:
+    q, k, v = base.q, base.k, base.v
+    scale = q.shape[-1] ** -0.5
+
+    def fwd():
+        # transformers' Gemma 2 eager_attention_forward: scaled logits, tanh soft-capping, an additive causal
+        # mask, softmax in float32, the (b, h, i, j) weights times v
+        s = torch.matmul(q, k.transpose(2, 3)) * scale
+        s = torch.tanh(s / 50.0) * 50.0
+        n = s.shape[-1]
+        s = s + torch.full((n, n), torch.finfo(s.dtype).min, device=s.device, dtype=s.dtype).triu(1)
+        return torch.matmul(s.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+    note = "transformers' Gemma 2 eager formula: holds the (b, h, i, j) capped logits and weights"
+    return Built(_pass(fwd, [q, k, v], base.go, mode), fwd, note)
+
+
 Builder = Callable[[Base, str], Built]
 CANDIDATES: dict[str, dict[str, Builder]] = {
     "documents": {
@@ -260,6 +306,9 @@ CANDIDATES: dict[str, dict[str, Builder]] = {
     },
     "window": {"attend:window": _attend_window, "attend:causal": _attend_causal},
     "l2": {"attend:l2": _attend_l2, "attend:dot": _attend_dot, "gigagan:einsum": _gigagan_einsum},
+    "lse": {"attend:lse": _attend_lse, "attend:dot": _attend_dot},
+    "sinks": {"attend:sinks": _attend_sinks, "attend:causal": _attend_causal},
+    "softcap": {"attend:softcap": _attend_softcap, "gemma2:eager": _gemma2_eager, "attend:causal": _attend_causal},
 }
 CANDIDATES["varlen"] = CANDIDATES["documents"]
 
