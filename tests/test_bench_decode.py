@@ -47,10 +47,11 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def reference_with_kvcache(
-    q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, causal=True, scale=None, **_
+    q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, causal=True, scale=None, sinks=None, **_
 ):
     """The API's meaning, spelled out row by row: append k, v at cache_seqlens[r] (in place, into the row's
-    pages with a block table), then attend the first cache_seqlens[r] + i keys, causal bottom-right."""
+    pages with a block table), then attend the first cache_seqlens[r] + i keys, causal bottom-right (with
+    gpt-oss's sinks: one more logit per head in each softmax denominator, as its eager formula)."""
     b, h, i, _ = q.shape
     outs = []
     for r in range(b):
@@ -72,11 +73,18 @@ def reference_with_kvcache(
         keep = torch.ones(i, j, dtype=torch.bool, device=q.device)
         if causal:
             keep = keep.tril(j - i)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[r : r + 1], keys[None, :, :j], values[None, :, :j], attn_mask=keep, scale=scale, enable_gqa=True
+        if sinks is None:
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[r : r + 1], keys[None, :, :j], values[None, :, :j], attn_mask=keep, scale=scale, enable_gqa=True
+                )
             )
-        )
+            continue
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        kk, vv = (x[:, :j].repeat_interleave(h // x.shape[0], 0).to(acc) for x in (keys, values))
+        s = (q[r].to(acc) @ kk.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)).masked_fill(~keep, float("-inf"))
+        s = torch.cat([s, sinks.to(acc)[:, None, None].expand(h, i, 1)], -1)
+        outs.append((s.softmax(-1)[..., :-1] @ vv).to(q.dtype)[None])
     return torch.cat(outs)
 
 
@@ -101,7 +109,7 @@ def check_document(doc: dict, out: str, markdown: str) -> None:
         assert row["mode"] == "fwd" and row["subject"] == SUBJECT and row["skipped"] == {}
         assert row["shape"] == {"b": case.b, "h": 4, "g": 2, "i": 1, "j": 64, "d": 16, "e": 16}
         assert row["cache_bytes"] == 2 * case.b * 2 * 64 * 16 * case.dtype.itemsize
-        assert list(row["results"]) == [SUBJECT, "attend:paged", "sdpa:gqa", COPY]
+        assert list(row["results"]) == [SUBJECT, "attend:paged", "sdpa:gqa", "attend:sinks", COPY]
         copy = row["results"][COPY]
         assert copy["gb_s"] == pytest.approx(row["copy_bytes"] / copy["median_ms"] / 1e6) and copy["gb_s"] > 0
         for name, res in row["results"].items():
@@ -119,13 +127,17 @@ def check_document(doc: dict, out: str, markdown: str) -> None:
             "copy": row["results"][SUBJECT]["pct_copy"] / 100,
             "sdpa:gqa": row["speedup"]["sdpa:gqa"],
             "attend:paged": 1 / row["speedup"]["attend:paged"],
+            "attend:sinks": 1 / row["speedup"]["attend:sinks"],
         }
         for f in row["floors"]:
             assert f["value"] == pytest.approx(values[f["what"]]) and f["pass"] == (f["value"] >= f["min"])
         assert row["pass"] == (all(f["pass"] for f in row["floors"]) if row["floors"] else None)
     assert any(r["floors"] for r in doc["rows"]) and not all(r["floors"] for r in doc["rows"])
     assert markdown.startswith("| case | shape | dtype | candidate | ms | GB/s | % copy |")
-    for needle in (SUBJECT, "attend:paged", "sdpa:gqa", "copy", "≥ 50% copy", "≥ 2×", "speed ≥ 0.8×", "load average"):
+    for needle in (
+        SUBJECT, "attend:paged", "sdpa:gqa", "attend:sinks", "copy", "≥ 50% copy", "≥ 2×", "speed ≥ 0.8×",
+        "speed ≥ 0.9×", "load average",
+    ):  # fmt: skip
         assert needle in markdown and needle in out, needle
     assert "PASS" in markdown or "FAIL" in markdown
 
@@ -212,13 +224,18 @@ def test_candidates_append_in_place_and_agree(request, kvcache, dtype):
     want = logits.softmax(-1) @ vc.float().repeat_interleave(r, 1)
 
     built, skipped = build(case, "cpu", layers=3)
-    assert skipped == {} and list(built) == [SUBJECT, "attend:paged", "sdpa:gqa"]
+    assert skipped == {} and list(built) == [SUBJECT, "attend:paged", "sdpa:gqa", "attend:sinks"]
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     for name, b in built.items():
+        expected = want if b.expect is None else b.expect(want)  # sinks: sdpa's result rescaled (gpt-oss)
+        if b.expect is not None:  # ... which must match the formula with the sink column
+            sink = torch.randn(case.h, generator=torch.Generator().manual_seed(2))[None, :, None, None]
+            full = torch.cat([logits, sink.expand(2, case.h, 1, 1)], -1).softmax(-1)[..., :-1]
+            torch.testing.assert_close(expected, full @ vc.float().repeat_interleave(r, 1), **tol, msg=name)
         for _ in range(4):  # the same step again, on the 3 layers' caches in turn: the fill is not advanced
             got = b.call()
             assert got.shape == (2, case.h, 1, case.d) and got.dtype == dtype, name
-            torch.testing.assert_close(got.float(), want, **tol, msg=name)
+            torch.testing.assert_close(got.float(), expected, **tol, msg=name)
 
 
 def test_rows_left_out_and_fail_on_floor(standin, monkeypatch, tmp_path):

@@ -64,6 +64,7 @@ __all__ = [
 
 SUBJECT = "attend:with_kvcache"
 PAGED = "attend:paged"
+SINKS = "attend:sinks"
 SDPA = "sdpa:gqa"
 COPY = "copy"
 ROOM = 0.6  # the share of available memory a row's tensors may take
@@ -97,10 +98,12 @@ class DecodeBase:
 @dataclass
 class Built:
     """A candidate ready to time: `call` runs one step and returns its output (b, h, 1, e) (the copy probe:
-    None); `note`: the work it does."""
+    None); `note`: the work it does; `expect`: its expected output from sdpa's on the same step, where it
+    computes something else (the sinks' rescale), else None (sdpa's itself)."""
 
     call: Callable[[], Any]
     note: str
+    expect: Callable[[Tensor], Tensor] | None = None
 
 
 # helpers
@@ -215,6 +218,31 @@ def _attend_contiguous(base: DecodeBase) -> Built:
     return Built(call, note + (" (fill reset each call)" if reset else ""))
 
 
+def _attend_sinks(base: DecodeBase) -> Built:
+    """The subject's call with gpt-oss's attention sinks, one logit per query head (issue 23: >= 90 % of its
+    speed)."""
+    with_kvcache = _kvcache(base)
+    q, k, v, kcs, vcs, seqlens = base.q, base.k, base.v, base.k_caches, base.v_caches, base.seqlens
+    sinks = torch.randn(q.shape[1], generator=torch.Generator().manual_seed(2)).to(q)
+    layer = _rotating(len(kcs))
+
+    def call() -> Tensor:
+        n = layer()
+        return with_kvcache(q, kcs[n], vcs[n], k, v, cache_seqlens=seqlens, sinks=sinks)
+
+    def expect(want: Tensor) -> Tensor:
+        # sdpa's output rescaled by sigmoid(lse - sink), the lse over the step's j keys in float32 (float64)
+        acc = torch.float64 if want.dtype == torch.float64 else torch.float32
+        h, g = q.shape[1], kcs[0].shape[1]
+        keys = kcs[0][:, :, : int(seqlens.max()) + 1].to(acc).repeat_interleave(h // g, dim=1)
+        lse = (q.to(acc) @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5).logsumexp(-1)  # (b, h, 1)
+        return (want.to(acc) * torch.sigmoid(lse - sinks.to(acc)[:, None])[..., None]).to(want.dtype)
+
+    call, reset = _keep_fill(guard(call), seqlens)
+    note = f"the same call with sinks ({q.shape[1]},), as gpt-oss decodes" + _layers_note(base)
+    return Built(call, note + (" (fill reset each call)" if reset else ""), expect)
+
+
 def _attend_paged(base: DecodeBase) -> Built:
     with_kvcache = _kvcache(base)
     case = base.case
@@ -281,7 +309,9 @@ def copy_probe(mb: int, device: torch.device) -> tuple[Callable[[], None], int, 
 
 
 Builder = Callable[[DecodeBase], Built]
-CANDIDATES: dict[str, Builder] = {SUBJECT: _attend_contiguous, PAGED: _attend_paged, SDPA: _sdpa_gqa}
+CANDIDATES: dict[str, Builder] = {
+    SUBJECT: _attend_contiguous, PAGED: _attend_paged, SDPA: _sdpa_gqa, SINKS: _attend_sinks
+}
 
 
 # building blocks
@@ -361,8 +391,8 @@ def _floor_value(what: str, results: dict[str, dict], speedup: dict[str, float])
     if what == COPY:
         pct = results.get(SUBJECT, {}).get("pct_copy")
         return None if pct is None else pct / 100
-    if what == PAGED:  # the paged speed as a fraction of the contiguous: contiguous time / paged time
-        x = speedup.get(PAGED)
+    if what in (PAGED, SINKS):  # its speed as a fraction of the subject's: subject's time / its time
+        x = speedup.get(what)
         return None if not x else 1 / x
     return speedup.get(what)
 
@@ -399,6 +429,7 @@ def _measure(case: DecodeCase, cfg: BenchConfig, status: Callable[[str], None]) 
                 except (RuntimeError, ValueError):
                     pass
     want = outs.get(SDPA)
+    wants = {n: b.expect(want) if b.expect is not None and isinstance(want, Tensor) else want for n, b in built.items()}
     notes = {n: b.note for n, b in built.items()}
     notes[COPY] = copy_note
     del built, calls, probe
@@ -415,10 +446,10 @@ def _measure(case: DecodeCase, cfg: BenchConfig, status: Callable[[str], None]) 
             **timing_fields(t),
             "gb_s": gbs,
             "pct_copy": None if gbs is None or not copy_gbs else 100 * gbs / copy_gbs,
-            "max_abs_diff": None if n == COPY else _max_diff(outs.get(n), want),
+            "max_abs_diff": None if n == COPY else _max_diff(outs.get(n), wants.get(n)),
             "note": notes[n],
         }
-    order = [n for n in [SUBJECT, PAGED, SDPA, COPY] if n in results]
+    order = [n for n in [SUBJECT, PAGED, SDPA, SINKS, COPY] if n in results]
     results = {n: results[n] for n in order}
     own = results.get(SUBJECT, {}).get("median_ms")
     speedup = {

@@ -208,7 +208,7 @@ DECODE_CAPTION = (
     "issue's (% copy for the subject, × for sdpa:gqa, speed as a fraction of the contiguous cache for "
     "attend:paged), the measured value in the verdict; max Δ: largest absolute difference from sdpa:gqa's output."
 )
-FLOOR_TEXT = {"copy": "≥ {:.0%} copy", "attend:paged": "speed ≥ {:g}×"}
+FLOOR_TEXT = {"copy": "≥ {:.0%} copy", "attend:paged": "speed ≥ {:g}×", "attend:sinks": "speed ≥ {:g}×"}
 
 
 def _floor_cells(f: dict) -> tuple[str, str]:
