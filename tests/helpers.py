@@ -94,3 +94,37 @@ def _cpu_backends() -> list[str]:
 
 
 CPU_BACKENDS = _cpu_backends()  # every backend that declares the CPU: the ones a CPU test runs
+
+
+def dense_formula(q, k, v, *, mask=None, bias=None, causal=False, scale=None, score="dot", softcap=None, sinks=None):
+    """The vocabulary's semantics as one dense float64 computation, written from the README's table (not from
+    attend's code): (out (b, h, i, e), lse (b, h, i)). Scaled logits (or GigaGAN's l2 score), soft-capping,
+    bias, the key padding / causal (bottom-right) masks, then softmax over the visible keys and the sink column
+    (gpt-oss's eager formula); a row with no key gives 0 (lse: -inf, or its sink)."""
+    import math
+
+    q, k, v = q.double(), k.double(), v.double()
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if score == "l2":
+        s = -(q.square().sum(-1, keepdim=True) + k.square().sum(-1)[..., None, :] - 2 * q @ k.transpose(-1, -2)) * scale
+    else:
+        s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.double()
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & (mask[:, None, None, :] if mask.dim() == 2 else mask)
+    if causal:
+        i, j = s.shape[-2:]
+        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+    s = s.masked_fill(~keep, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().reshape(-1, s.shape[1], 1, 1).expand(*s.shape[:-1], 1)], -1)
+    lse = s.logsumexp(-1)
+    p = torch.where(torch.isfinite(lse)[..., None], (s - lse.clamp(min=-1e300)[..., None]).exp(), 0.0)
+    p = p[..., :-1] if sinks is not None else p
+    return p @ v, lse

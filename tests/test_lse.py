@@ -14,31 +14,14 @@ import torch
 from attend import attention, explain, get_backend
 from attend.inputs import validate
 
-from .helpers import CPU_BACKENDS, make_qkv, skip_unless_runs
+from .helpers import CPU_BACKENDS, dense_formula, make_qkv, skip_unless_runs
 
 LSE_BACKENDS = [n for n in CPU_BACKENDS if get_backend(n).caps["cpu"].lse]
 
 
-def _formula(q, k, v, *, mask=None, bias=None, causal=False, scale=None, score="dot"):
-    """The semantics, in float64, as one dense (b, h, i, j) computation."""
-    q, k, v = q.double(), k.double(), v.double()
-    r = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    if score == "l2":
-        s = -(q.square().sum(-1, keepdim=True) + k.square().sum(-1)[..., None, :] - 2 * (q @ k.transpose(-1, -2)))
-        s = s * scale
-    if bias is not None:
-        s = s + bias.double()
-    keep = torch.ones(s.shape, dtype=torch.bool)
-    if mask is not None:
-        keep = keep & (mask[:, None, None, :] if mask.dim() == 2 else mask)
-    if causal:
-        i, j = s.shape[-2:]
-        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
-    s = s.masked_fill(~keep, -math.inf)
-    return s.logsumexp(-1)
+def _formula(q, k, v, **kw):
+    """The lse of the semantics' float64 formula (`tests.helpers.dense_formula`)."""
+    return dense_formula(q, k, v, **kw)[1]
 
 
 CASES = {

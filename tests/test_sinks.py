@@ -6,35 +6,19 @@ against gpt-oss's eager formula in float64, through `attention` and `Attend`, wi
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from attend import Attend, attention, explain
 
-from .helpers import make_qkv
+from .helpers import dense_formula, make_qkv
 
 BACKENDS = [None, "einsum", "chunked", "sdpa:flash"]  # auto, and every CPU backend that gives the log-sum-exp
 
 
-def _formula(q, k, v, sinks, *, mask=None, causal=False):
-    """gpt-oss's eager attention with sinks, float64, dense."""
-    q, k, v = q.double(), k.double(), v.double()
-    r = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
-    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    keep = torch.ones(s.shape, dtype=torch.bool)
-    if mask is not None:
-        keep = keep & mask[:, None, None, :]
-    if causal:
-        i, j = s.shape[-2:]
-        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
-    s = s.masked_fill(~keep, -math.inf)
-    sink = sinks.double().reshape(-1, s.shape[1], 1, 1).expand(*s.shape[:-1], 1)
-    full = torch.cat([s, sink], -1)
-    p = full.softmax(-1)[..., :-1]
-    return p @ v, full.logsumexp(-1)
+def _formula(q, k, v, sinks, **kw):
+    """gpt-oss's eager attention with sinks, float64, dense (`tests.helpers.dense_formula`)."""
+    return dense_formula(q, k, v, sinks=sinks, **kw)
 
 
 def _case(i=6, j=9, grad=False, per_batch=False):

@@ -4,39 +4,19 @@ eager formula and flash-attention's order), against a float64 formula, on every 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from attend import Attend, attention, explain, get_backend
 
-from .helpers import CPU_BACKENDS, make_qkv
+from .helpers import CPU_BACKENDS, dense_formula, make_qkv
 
 CAP_BACKENDS = [n for n in CPU_BACKENDS if get_backend(n).caps["cpu"].softcap]
 
 
-def _formula(q, k, v, cap, *, mask=None, bias=None, causal=False, score="dot"):
-    q, k, v = q.double(), k.double(), v.double()
-    r = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
-    scale = q.shape[-1] ** -0.5
-    if score == "l2":
-        s = -(q.square().sum(-1, keepdim=True) + k.square().sum(-1)[..., None, :] - 2 * q @ k.transpose(-1, -2)) * scale
-    else:
-        s = q @ k.transpose(-1, -2) * scale
-    s = cap * torch.tanh(s / cap)
-    if bias is not None:
-        s = s + bias.double()
-    keep = torch.ones(s.shape, dtype=torch.bool)
-    if mask is not None:
-        keep = keep & mask[:, None, None, :]
-    if causal:
-        i, j = s.shape[-2:]
-        keep = keep & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
-    s = s.masked_fill(~keep, -math.inf)
-    p = torch.where(keep.any(-1, keepdim=True), s.softmax(-1), 0.0)
-    return p @ v, s.logsumexp(-1)
+def _formula(q, k, v, cap, **kw):
+    """Gemma 2's eager formula in float64, dense (`tests.helpers.dense_formula`)."""
+    return dense_formula(q, k, v, softcap=cap, **kw)
 
 
 def _case(grad=False, small=False, **kw):
@@ -133,3 +113,23 @@ def test_with_kvcache_softcap_matches_attention_per_row(layout):
         want = attention(q[row : row + 1], kc[row : row + 1, :, :n], vc[row : row + 1, :, :n], causal=True,
                          window=(4, 0), softcap=2.0, backend="einsum")  # fmt: skip
         torch.testing.assert_close(out[row : row + 1], want)
+
+
+@pytest.mark.parametrize("backend", [None, *CAP_BACKENDS], ids=str)
+def test_check_finite_with_softcap_and_sinks_marks_exactly_the_rows_that_see_a_nan(backend):
+    """The non-finite rule holds with the new vocabulary: a NaN key makes NaN exactly the rows that see it
+    (causal: the rows at or after it), in the output and the lse; every other row is the formula's."""
+    q, k, v, _ = _case()
+    k = k.clone()
+    k[0, 1, 4] = float("nan")  # batch 0, kv head 1 (query heads 2, 3), key 4
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, lse = attention(q, k, v, causal=True, softcap=3.0, sinks=sinks, check_finite=True, backend=backend,
+                         return_lse=True)  # fmt: skip
+    sees = torch.zeros(2, 4, 7, dtype=torch.bool)
+    sees[0, 2:, 4 - (11 - 7) :] = True  # bottom-right causal: query x sees key 4 iff 4 <= x + 4
+    assert torch.equal(torch.isnan(out).any(-1), sees) and torch.equal(torch.isnan(lse), sees)
+    clean = k.clone()
+    clean[0, 1, 4] = 0.0
+    want_out, want_lse = dense_formula(q, clean, v, causal=True, softcap=3.0, sinks=sinks)
+    torch.testing.assert_close(out[~sees], want_out[~sees])
+    torch.testing.assert_close(lse[~sees], want_lse[~sees])
