@@ -68,6 +68,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     # chunked (same machine, 2026-11-27; benchmarks/chunked.md): after sdpa:math by default, ahead of it
     # for large shapes (PROMOTE), and whenever math would exceed MEMORY_BUDGET_BYTES. Not ahead of
     # sdpa:flash for causal + key padding: 0.78x-0.95x its query-block path on a quiet machine.
+    # return_lse and sinks (2026-12-07, 2-vCPU AMD EPYC, torch 2.13.0+cpu, `attend bench --suite vocabulary`):
+    # sdpa:flash's lse path costs 1.00x / 0.94x of the plain call fwd / fwd+bwd at (4, 8, 1024, 64), where chunked
+    # (the first that gave it) cost 2.1x / 1.7x (benchmarks/results/issue23-floors.txt): the order stands.
     "cpu": ("sdpa:flash", "sdpa:math", "chunked", "einsum"),
     # CUDA: NOT MEASURED yet (no GPU in the sessions so far). PyTorch's own default order, with cuDNN
     # after the two FlashAttention/CUTLASS kernels because of its open correctness bugs
