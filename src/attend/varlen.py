@@ -23,7 +23,6 @@ from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor
 
 from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
