@@ -159,7 +159,7 @@ ROWS: list[Row] = [
     Row("q-sparse", "sparse q", call(q=q_().to_sparse()), TypeError,
         "expected `q` to be a dense (strided) tensor, got layout torch.sparse_coo; hint: call `q.to_dense()` first"),
     Row("q-nested", "nested (jagged) q",
-        call(q=torch.nested.nested_tensor([torch.randn(4, 5, 8), torch.randn(4, 3, 8)], layout=torch.jagged)), TypeError,
+        call(q=torch.nested.nested_tensor([torch.randn(5, 4, 8), torch.randn(3, 4, 8)], layout=torch.jagged)), TypeError,
         "expected `q` to be a dense (strided) tensor, got layout torch.jagged; hint: call `q.to_dense()` first"),
     Row("q-list", "q that is not a tensor", call(q=[[1.0]]), TypeError,
         "expected `q` to be a torch.Tensor, got list [[1.0]]"),

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # re-exports, and sits at the layer of the highest module it imports (so importing `attend.__version__`
 # from the CLI or the benchmarks is not upward).
 LAYERS: list[tuple[str, ...]] = [
-    ("_helpers",),
+    ("_helpers", "features"),
     ("inputs",),
     ("masks", "merge"),
     ("reference", "tiles"),

@@ -48,6 +48,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from . import features
 from ._helpers import accum_dtype
 from .inputs import AttnInputs
 from .reference import einsum_attention
@@ -166,6 +167,22 @@ _HOOKS = (
     and _saved_tensors_hooks is not None
     and hasattr(torch.autograd.graph.Node, "register_prehook")
     and hasattr(torch.autograd.graph.Node, "metadata")
+)
+HOOKS = features.register(
+    "autograd_node_hooks",
+    api="torch._C._current_autograd_node and torch._C._autograd._top_saved_tensors_default_hooks "
+    "(with Node.register_prehook and Node.metadata)",
+    since="2.5",
+    without="every fused kernel's output goes through grad2.TwiceDifferentiable, which saves q, k, v itself "
+    "(the same gradients; about one activation more per call while training)",
+    present=lambda: _HOOKS,
+)
+KEEP_GRAPH = features.register(
+    "graph_task_keep_graph",
+    api="torch._C._autograd._get_current_graph_task_keep_graph",
+    since="2.1",
+    without="a hooked kernel node keeps its inputs' mask until the node dies, not until backward frees the graph",
+    present=lambda: keep_graph is not None,
 )
 _ARMED = "attend.grad2"  # the key in a node's metadata once `_Arm` has put the post-hook on it
 _NOTHING = torch.empty(0, device="meta")

@@ -66,7 +66,7 @@ def check_tensor(name: str, t: Any, want: str = "") -> Tensor:
             f"expected `{name}` to be a dense (strided) tensor, got layout {t.layout}; "
             f"hint: call `{name}.to_dense()` first"
         )
-    if getattr(t, "is_nested", False):
+    if t.is_nested:  # (an attribute every Tensor has; dynamo on torch 2.4 cannot trace getattr with a default)
         raise TypeError(
             f"expected `{name}` to be a dense tensor, got a nested tensor; "
             "hint: pad the sequences and pass a key padding mask `(b, j)` instead"

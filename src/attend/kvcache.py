@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._helpers import accum_dtype, fmt_dtype, fmt_shape, no_autocast
+from .backends import sdpa as sdpa_backend
 from .dispatch import Report, explain_inputs, get_backend, output_is_finite, run, select
 from .inputs import (
     FLOAT_DTYPES,
@@ -81,7 +82,6 @@ _MAX_WASTE = 4
 # Bound once at import, as in backends/sdpa.py: a user who monkeypatches `F.scaled_dot_product_attention` with
 # attend's drop-in must not send the kernel call back into attend.
 _sdpa = F.scaled_dot_product_attention
-_flash_lse = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
 
 
 # helpers
@@ -489,9 +489,9 @@ def _decode_reasons(call: _Call) -> list[str]:
         reasons.append(f"softcap={call.softcap}: PyTorch's CPU flash kernel cannot cap logits")
     if call.k_cache.stride(-1) != 1 or call.v_cache.stride(-1) != 1:
         reasons.append("a cache whose last dim is not contiguous")
-    if (call.paged or call.need_lse) and _flash_lse is None:
-        what = "paged in place" if call.paged else "the log-sum-exp for return_lse or sinks"
-        reasons.append(f"this PyTorch has no aten._scaled_dot_product_flash_attention_for_cpu ({what})")
+    if (call.paged or call.need_lse) and not sdpa_backend.FLASH_LSE.present():
+        what = "a paged cache in place" if call.paged else "the log-sum-exp for return_lse or sinks"
+        reasons.append(f"{what}: {sdpa_backend.FLASH_LSE.reason()}")
     return reasons
 
 
@@ -746,8 +746,9 @@ def _chunk_mask(
 def _partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, masked: bool) -> tuple[Tensor, Tensor]:
     """Output and log-sum-exp of one kernel call. `masked`: a row may have every key masked (a user mask, bias,
     causal or window inside the keys): it gets 0 and -inf (the kernel gives it lse 0)."""
-    assert _flash_lse is not None
-    out, lse = _flash_lse(q, k, v, attn_mask=mask, scale=scale)
+    op = sdpa_backend.flash_lse_op  # (read at the call: one binding, which the tests can switch off)
+    assert op is not None
+    out, lse = op.default(q, k, v, attn_mask=mask, scale=scale)
     if masked and mask is not None:
         dead = (mask == -math.inf).all(-1)
         if bool(dead.any()):
@@ -850,8 +851,9 @@ def _decode_paged(call: _Call, batches: list[_Batch]) -> tuple[Tensor, Tensor | 
             for x, row, *_ in batch.slots:
                 owner[x] = row
             qb = qf.index_select(0, torch.tensor(owner, device=device))
-        assert _flash_lse is not None
-        out, lse = _flash_lse(qb, kk, vv, attn_mask=mask, scale=call.scale)
+        op = sdpa_backend.flash_lse_op
+        assert op is not None
+        out, lse = op.default(qb, kk, vv, attn_mask=mask, scale=call.scale)
         if len(batch.slots) != n:  # pool pages inside a span that no row uses: dropped
             at = torch.tensor([slot[0] for slot in batch.slots], device=device)
             out, lse = out.index_select(0, at), lse.index_select(0, at)

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import features, grad2
 from .._helpers import accum_dtype, differentiable, functorch_wrapped
-from ..grad2 import Gate, gate, keep_graph, recompute_grads, records_graph
+from ..grad2 import Gate, gate, recompute_grads, records_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
 from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
@@ -153,6 +154,29 @@ def clear_probes() -> None:
 
 clear_probes()
 
+ENABLE_GQA = features.register(
+    "sdpa_enable_gqa",
+    api="the enable_gqa keyword of F.scaled_dot_product_attention",
+    since="2.5",
+    without="the SDPA backends get k and v expanded to the query heads (a copy per call); "
+    "attend.scaled_dot_product_attention takes enable_gqa on every torch",
+    present=lambda: has_enable_gqa(),
+)
+SAFE_SOFTMAX = features.register(
+    "sdpa_zero_dead_rows",
+    api="SDPA kernels that give 0 for a row with no key to attend (pytorch#133882)",
+    since="2.5",
+    without="such rows are un-masked for the kernel and zeroed after (one more masked_fill)",
+    present=lambda: all(zeroes_dead_rows(v, "cpu") for v in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)),
+)
+LOWER_RIGHT_GQA = features.register(
+    "causal_lower_right_gqa",
+    api="torch.nn.attention.bias.CausalBias with enable_gqa (CUDA bottom-right causal)",
+    since="2.5",
+    without="on CUDA, causal with i != j and grouped-query heads is ineligible for the fused SDPA kernels",
+    present=lambda: has_lower_right_gqa(),
+)
+
 
 @functools.lru_cache(maxsize=None)
 def _lower_right_bias(i: int, j: int):
@@ -165,6 +189,15 @@ def _lower_right_bias(i: int, j: int):
 # The global SDPA kernel switches. PyTorch's public getters and setters (torch.backends.cuda.*_sdp_enabled,
 # enable_*_sdp) are one-line wrappers of these torch._C functions; the functions themselves are used where
 # they exist (found by name, so a torch without them falls back to the public wrappers).
+SWITCH_GETTERS = features.register(
+    "sdpa_switch_functions",
+    api="torch._C._get_{flash,mem_efficient,math,cudnn}_sdp_enabled and _set_sdp_use_*",
+    since="2.0",
+    without="the SDPA kernel switches are read and set through torch.backends.cuda's public wrappers",
+    present=lambda: all(getter is not public for (_, getter, _), public in zip(_SWITCHES, _PUBLIC_GETTERS)),
+)
+
+
 def _switch(name: str, public_get: Callable[[], bool], public_set: Callable[[bool], None]):
     get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
     put = getattr(torch._C, f"_set_sdp_use_{name}", None)
@@ -182,6 +215,16 @@ _SWITCHES = (
 
 
 _FLASH_ON, _EFFICIENT_ON, _MATH_ON, _CUDNN_ON = (enabled for _, enabled, _ in _SWITCHES)
+_PUBLIC_GETTERS = (_cuda.flash_sdp_enabled, _cuda.mem_efficient_sdp_enabled, _cuda.math_sdp_enabled,
+                   _cuda.cudnn_sdp_enabled)  # fmt: skip
+FUSED_CHOICE = features.register(
+    "fused_sdp_choice",
+    api="torch._fused_sdp_choice",
+    since="2.0",
+    without="every CPU call sets the SDPA kernel switches (a few us), where it could skip that when PyTorch "
+    "would pick the same kernel by itself",
+    present=lambda: getattr(torch, "_fused_sdp_choice", None) is not None,
+)
 
 
 def _switch_state() -> tuple[bool, bool, bool, bool]:
@@ -287,7 +330,7 @@ class _BlockGrads(torch.autograd.Function):
             )
         # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
-        keep = keep_graph is None or keep_graph()
+        keep = grad2.keep_graph is None or grad2.keep_graph()  # (read here: one binding, in grad2)
         grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
         for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
             wanted = [t for t in (qb, kb, vb) if t.requires_grad]
@@ -499,9 +542,17 @@ class SdpaBackend(Backend):
         return out
 
 
-_flash_lse_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+flash_lse_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _TINY = 1e-30  # |dout|^2 below this: the lse's gradient goes in through a widened call (`_FlashLse.backward`)
-_flash_lse_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+flash_lse_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+FLASH_LSE = features.register(
+    "cpu_flash_lse",
+    api="aten._scaled_dot_product_flash_attention_for_cpu and its _backward (PyTorch's CPU flash op, with the lse)",
+    since="2.3",
+    without="return_lse and sinks on CPU run on chunked, not sdpa:flash; with_kvcache's decode kernel neither "
+    "reads paged caches in place nor gives the lse (those calls take the dispatch path)",
+    present=lambda: flash_lse_op is not None and flash_lse_backward is not None,
+)
 
 
 class _FlashLse(torch.autograd.Function):
@@ -522,7 +573,7 @@ class _FlashLse(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, mask, causal, scale, inp):
-        return _flash_lse_op(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        return flash_lse_op(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -545,7 +596,7 @@ class _FlashLse(torch.autograd.Function):
             dq, dk, dv, _ = recompute_grads(run, dout, (True, True, True, False), None, dlse)
             return dq, dk, dv, None, None, None, None
         if dlse is None:
-            dq, dk, dv = _flash_lse_bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            dq, dk, dv = flash_lse_backward(dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
             return dq, dk, dv, None, None, None, None
 
         # the op reads `out` only for D = rowsum(dout * out): out - (dlse / |dout|^2) dout gives D - dlse with
@@ -557,14 +608,14 @@ class _FlashLse(torch.autograd.Function):
         if not functorch_wrapped(dout, dlse) and bool((usable | (dlse == 0)).all()):
             coef = torch.where(usable, dlse.to(norm2.dtype) / torch.where(usable, norm2, 1.0), 0.0)
             out2 = (out - coef[..., None] * dout).contiguous()
-            dq, dk, dv = _flash_lse_bwd(dout.contiguous(), q, k, v, out2, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            dq, dk, dv = flash_lse_backward(dout.contiguous(), q, k, v, out2, lse, 0.0, causal, attn_mask=mask, scale=scale)
             return dq, dk, dv, None, None, None, None
 
         def widen(t: Tensor, fill: float) -> Tensor:
             return torch.cat([t, t.new_full((*t.shape[:-1], 1), fill)], dim=-1)
 
         dout2 = torch.cat([dout, -dlse[..., None].to(dout.dtype)], dim=-1)
-        dq, dk, dv = _flash_lse_bwd(
+        dq, dk, dv = flash_lse_backward(
             dout2, widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse, 0.0, causal, attn_mask=mask,
             scale=scale,
         )  # fmt: skip
@@ -603,10 +654,10 @@ class SdpaFlash(SdpaBackend):
             # torch 2.13). Its forward is fine; training in half precision on CPU goes to math or chunked.
             reasons.append(f"backward in {inp.dtype} on CPU is inexact (PyTorch's CPU flash kernel)")
         if inp.device.type == "cuda" and inp.causal and inp.i != inp.j and inp.gqa and not has_lower_right_gqa():
-            reasons.append("causal with i != j and grouped-query heads needs torch's CausalBias with enable_gqa")
+            reasons.append(f"causal with i != j and grouped-query heads: {LOWER_RIGHT_GQA.reason()}")
         if inp.return_lse and inp.device.type == "cpu":
-            if _flash_lse_op is None or _flash_lse_bwd is None:
-                reasons.append("this PyTorch has no aten._scaled_dot_product_flash_attention_for_cpu (the lse)")
+            if not FLASH_LSE.present():
+                reasons.append(FLASH_LSE.reason())
             if inp.structured:
                 reasons.append("return_lse with a window or documents: the lse path is one kernel call, no blocks")
             if torch.compiler.is_compiling():
