@@ -544,14 +544,14 @@ class SdpaBackend(Backend):
 
 flash_lse_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _TINY = 1e-30  # |dout|^2 below this: the lse's gradient goes in through a widened call (`_FlashLse.backward`)
-flash_lse_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+flash_lse_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 FLASH_LSE = features.register(
     "cpu_flash_lse",
     api="aten._scaled_dot_product_flash_attention_for_cpu and its _backward (PyTorch's CPU flash op, with the lse)",
     since="2.3",
     without="return_lse and sinks on CPU run on chunked, not sdpa:flash; with_kvcache's decode kernel neither "
     "reads paged caches in place nor gives the lse (those calls take the dispatch path)",
-    present=lambda: flash_lse_op is not None and flash_lse_backward is not None,
+    present=lambda: flash_lse_op is not None and flash_lse_bwd is not None,
 )
 
 
@@ -596,7 +596,7 @@ class _FlashLse(torch.autograd.Function):
             dq, dk, dv, _ = recompute_grads(run, dout, (True, True, True, False), None, dlse)
             return dq, dk, dv, None, None, None, None
         if dlse is None:
-            dq, dk, dv = flash_lse_backward(dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            dq, dk, dv = flash_lse_bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
             return dq, dk, dv, None, None, None, None
 
         # the op reads `out` only for D = rowsum(dout * out): out - (dlse / |dout|^2) dout gives D - dlse with
@@ -608,14 +608,14 @@ class _FlashLse(torch.autograd.Function):
         if not functorch_wrapped(dout, dlse) and bool((usable | (dlse == 0)).all()):
             coef = torch.where(usable, dlse.to(norm2.dtype) / torch.where(usable, norm2, 1.0), 0.0)
             out2 = (out - coef[..., None] * dout).contiguous()
-            dq, dk, dv = flash_lse_backward(dout.contiguous(), q, k, v, out2, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            dq, dk, dv = flash_lse_bwd(dout.contiguous(), q, k, v, out2, lse, 0.0, causal, attn_mask=mask, scale=scale)
             return dq, dk, dv, None, None, None, None
 
         def widen(t: Tensor, fill: float) -> Tensor:
             return torch.cat([t, t.new_full((*t.shape[:-1], 1), fill)], dim=-1)
 
         dout2 = torch.cat([dout, -dlse[..., None].to(dout.dtype)], dim=-1)
-        dq, dk, dv = flash_lse_backward(
+        dq, dk, dv = flash_lse_bwd(
             dout2, widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse, 0.0, causal, attn_mask=mask,
             scale=scale,
         )  # fmt: skip
