@@ -128,3 +128,17 @@ def dense_formula(q, k, v, *, mask=None, bias=None, causal=False, scale=None, sc
     p = torch.where(torch.isfinite(lse)[..., None], (s - lse.clamp(min=-1e300)[..., None]).exp(), 0.0)
     p = p[..., :-1] if sinks is not None else p
     return p @ v, lse
+
+
+def transformers_or_skip():
+    """`transformers`, or skip the calling module with the reason it cannot run here: not installed, or (on an
+    older torch, e.g. transformers 5 on torch < 2.6) installed with its PyTorch models disabled."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} disables its PyTorch models on torch {torch.__version__}",
+            allow_module_level=True,
+        )
+    return transformers

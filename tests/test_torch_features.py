@@ -20,7 +20,8 @@ import attend
 from attend import _helpers, dispatch, features, grad2
 from attend.backends import sdpa
 from attend.inputs import validate
-from tests.helpers import dense_formula, make_qkv
+
+from .helpers import dense_formula, make_qkv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,10 @@ def gqa_without_enable_gqa():
     q, k, v = make_qkv(h=8, g=2, i=16, j=16)
     for name in ("sdpa:flash", "sdpa:math"):
         _close(attend.attention(q, k, v, causal=True, backend=name), dense_formula(q, k, v, causal=True)[0])
+    out, lse = attend.attention(q, k, v, causal=True, backend="sdpa:flash", return_lse=True)  # the op, expanded
+    want_out, want_lse = dense_formula(q, k, v, causal=True)
+    _close(out, want_out)
+    _close(lse, want_lse)
     # the drop-in takes enable_gqa on every torch (it is attend's own keyword, not forwarded to torch)
     _close(attend.scaled_dot_product_attention(q, k, v, enable_gqa=True), dense_formula(q, k, v)[0])
 

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from .helpers import transformers_or_skip
+
+transformers = transformers_or_skip()
 
 import attend.integrations.transformers as attend_hf  # noqa: E402
 from attend.testing import tolerance  # noqa: E402

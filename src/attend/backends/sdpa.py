@@ -675,8 +675,13 @@ class SdpaFlash(SdpaBackend):
             mask = torch.zeros(mask.shape, dtype=accum_dtype(inp.dtype), device=mask.device).masked_fill_(
                 ~mask, -torch.inf
             )
+        k, v = inp.k, inp.v
+        if inp.gqa and not has_enable_gqa():
+            # the op takes fewer key/value heads where SDPA has enable_gqa (torch >= 2.5); on an older torch it
+            # reads past k's heads (torch 2.4.1: wrong gradients, then an abort), so they are expanded first
+            k, v = _expand_kv(k, inp.h), _expand_kv(v, inp.h)
         with torch.autocast(inp.device.type, enabled=False):
-            out, lse = _FlashLse.apply(inp.q, inp.k, inp.v, mask, flag, inp.scale, inp)
+            out, lse = _FlashLse.apply(inp.q, k, v, mask, flag, inp.scale, inp)
         dead = None if mask is None else dead_rows(inp)  # (b|1, h|1, i, 1): rows that may attend no key
         if dead is not None:
             out, lse = out.masked_fill(dead, 0.0), lse.masked_fill(dead[..., 0], -torch.inf)

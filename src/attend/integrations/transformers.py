@@ -70,6 +70,13 @@ def _import_transformers() -> Any:
             "attend.integrations.transformers needs Hugging Face transformers, which is not installed; "
             "hint: `pip install 'torch-attend[transformers]'` (or `pip install transformers`)"
         ) from e
+    usable = getattr(getattr(transformers, "utils", None), "is_torch_available", lambda: True)
+    if not usable():
+        raise ImportError(
+            f"attend.integrations.transformers needs transformers' PyTorch models, which transformers "
+            f"{transformers.__version__} disables on torch {torch.__version__} (it needs a newer torch); hint: "
+            "`pip install -U torch`, or a transformers release that supports this torch"
+        )
     return transformers
 
 
@@ -311,7 +318,8 @@ def register_transformers(name: str = NAME) -> str:
     (`DataCollatorWithFlattening`) work too, with or without `return_flash_attn_kwargs=True`.
 
     Raises:
-        ImportError: transformers is not installed (with the install hint).
+        ImportError: transformers is not installed, or disables its PyTorch models on this torch (transformers 5
+            needs torch >= 2.6), with a hint.
     """
     transformers = _import_transformers()
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
