@@ -142,3 +142,13 @@ def transformers_or_skip():
             allow_module_level=True,
         )
     return transformers
+
+
+def needs(feature: str):
+    """A skip mark for a test that needs a torch feature (`attend.features`), with the feature's own reason."""
+    import pytest
+
+    from attend import features
+
+    found = features.get(feature)
+    return pytest.mark.skipif(not found.present(), reason=found.reason())

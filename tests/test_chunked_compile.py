@@ -37,12 +37,13 @@ from attend.backends.chunked import chunked_attention, dropout_keep_mask
 from attend.inputs import validate
 from attend.testing import tolerance
 
-from .helpers import compile_counter, fresh_dynamo  # noqa: F401 (fresh_dynamo: a fixture, used by name)
+from .helpers import compile_counter, fresh_dynamo, needs  # noqa: F401 (fresh_dynamo: a fixture, used by name)
 
 # torch._dynamo.testing imports a deprecated torch.jit helper; not ours to fix
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
     pytest.mark.usefixtures("fresh_dynamo"),  # reset dynamo around every test
+    needs("dynamo_traces_attend"),  # elsewhere attend runs eagerly under compile (tests/test_torch_features.py)
 ]
 
 LENGTHS = (9, 13, 64, 257)

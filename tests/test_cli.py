@@ -48,6 +48,21 @@ def test_info(capsys):
         assert "available" not in rows["sdpa:efficient"]
 
 
+def test_info_says_whether_this_torch_was_tested_and_what_it_lacks(capsys, monkeypatch):
+    from attend import features
+    from attend.backends import sdpa
+
+    monkeypatch.setattr(sdpa, "flash_lse_op", None)  # as on a torch without PyTorch's CPU flash op
+    monkeypatch.setattr(features, "TESTED", ("0.1.0",))
+    rc, out, _ = run(capsys, "info")
+    assert rc == 0
+    text = " ".join(out.split())  # rich wraps long cells
+    assert f"{torch.__version__}: newer than the newest tested (0.1.0)" in text
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 5}
+    assert "missing" in rows["cpu_flash_lse"] and "yes" in rows["sdpa_enable_gqa"]
+    assert "return_lse and sinks on CPU run on chunked" in text
+
+
 def test_explain_matches_python(capsys):
     q = torch.randn(2, 8, 33, 64, requires_grad=True)
     k = torch.randn(2, 2, 40, 64, requires_grad=True)
@@ -81,6 +96,29 @@ def test_explain_accepts_every_cli_hint(capsys):
         rc, out, err = run(capsys, *hint.split()[1:])
         assert rc == 0, err
         assert "SELECTED" in out
+
+
+@pytest.mark.parametrize("spelling", ["separate", "joined"])
+def test_a_value_that_starts_with_minus_follows_its_flag(capsys, spelling):
+    """`--scale -1e-05` and `--window -1,0` are a flag and its value, as `--scale=-1e-05` is (argparse alone reads
+    a value starting with '-' that is not a plain number as the next flag: "expected one argument"). -1 is not
+    unbounded in `--window` (attend's unbounded side is 'none'): the message says so."""
+
+    def flag(name: str, value: str) -> list[str]:
+        return [name, value] if spelling == "separate" else [f"{name}={value}"]
+
+    q = k = v = torch.randn(1, 2, 8, 16)
+    rc, out, err = run(capsys, "explain", "--shape", "1,2,8,16", "--device", "cpu", *flag("--scale", "-1e-05"))
+    assert (rc, err) == (0, "")
+    assert out == str(explain(q, k, v, scale=-1e-05)) + "\n"
+    rc, out, err = run(capsys, "explain", "--shape", "1,2,8,16", "--causal", *flag("--window", "-1,4"), "--grad")
+    assert (rc, out) == (2, "")
+    assert err == (
+        "attend explain: error: --window: expected `window` left to be an int >= 0 or 'none' (unbounded), got -1 "
+        "in --window -1,4; hint: flash-attn's -1 (unbounded) is 'none' here: --window none,4\n"
+    )
+    rc, out, err = run(capsys, "explain", "--shape", "1,2,8,16", *flag("--window", "-3,-1"))
+    assert "got -3 in --window -3,-1; hint: flash-attn's -1 (unbounded) is 'none' here: --window none,none\n" in err
 
 
 # errors: one line on stderr, exit 2, no traceback

@@ -7,6 +7,7 @@ E head dim, Ev value head dim.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -17,6 +18,8 @@ import attend
 from attend import scaled_dot_product_attention as sdpa
 from attend.compat import SdpaArgumentError
 from attend.testing import tolerance
+
+from .helpers import fresh_dynamo, needs  # noqa: F401 (a fixture, used by name)
 
 # (N, Hq, H, L, S, E, Ev, enable_gqa)
 SHAPES = [
@@ -57,6 +60,19 @@ def _mask(kind: str, n: int, hq: int, L: int, S: int, dtype: torch.dtype, gen: t
     return bias
 
 
+def torch_sdpa(q, k, v, *, enable_gqa=False, **kwargs):
+    """PyTorch's SDPA, the reference. On a torch without its `enable_gqa` keyword (< 2.5; attend's drop-in takes
+    it on every torch), grouped-query heads are what the keyword means: k and v repeated to the query heads."""
+    from attend.backends.sdpa import has_enable_gqa
+
+    if enable_gqa and not has_enable_gqa():
+        r = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(r, -3), v.repeat_interleave(r, -3)
+    elif enable_gqa:
+        kwargs["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _pair(shape, kind, dtype, grad=False, seed=0):
     n, hq, h, L, S, E, Ev, gqa = shape
     gen = torch.Generator().manual_seed(seed)
@@ -76,7 +92,7 @@ def _pair(shape, kind, dtype, grad=False, seed=0):
 def test_matches_torch_forward(shape, kind, dtype):
     ours, theirs, kwargs = _pair(shape, kind, dtype)
     out = sdpa(*ours, **kwargs)
-    ref = F.scaled_dot_product_attention(*theirs, **kwargs)
+    ref = torch_sdpa(*theirs, **kwargs)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
@@ -86,7 +102,7 @@ def test_matches_torch_forward(shape, kind, dtype):
 def test_matches_torch_backward(shape, kind):
     ours, theirs, kwargs = _pair(shape, kind, torch.float32, grad=True)
     out = sdpa(*ours, **kwargs)
-    ref = F.scaled_dot_product_attention(*theirs, **kwargs)
+    ref = torch_sdpa(*theirs, **kwargs)
     d_out = torch.randn_like(ref)
     out.backward(d_out)
     ref.backward(d_out)
@@ -129,6 +145,7 @@ def test_finfo_min_row_averages_v_like_torch():
     assert (sdpa(q, k, v, attn_mask=keep)[0, 0, 0] == 0).all()
 
 
+@needs("sdpa_zero_dead_rows")  # torch without it gives NaN there; attend gives 0
 def test_dead_rows_zero_and_finite_grads_like_torch():
     ours, theirs, _ = _pair(SHAPES[0], "none", torch.float32, grad=True)
     keep = torch.rand(2, 1, 7, 7) > 0.5
@@ -203,13 +220,116 @@ def test_autocast_like_torch():
 # errors: same arguments PyTorch rejects, rejected before any kernel runs
 
 
-def test_mask_with_is_causal_raises_like_torch():
-    q = k = v = torch.randn(1, 2, 4, 8)
-    keep = torch.ones(4, 4, dtype=torch.bool)
-    with pytest.raises(RuntimeError, match="attn_mask"):  # what PyTorch's callers catch
-        sdpa(q, k, v, attn_mask=keep, is_causal=True)
-    with pytest.raises(ValueError, match="expected either `attn_mask` or `is_causal=True`, got both"):
-        sdpa(q, k, v, attn_mask=keep, is_causal=True)
+def _mask_and_causal(case: str):
+    """Arguments with both `attn_mask` and `is_causal=True`, and the context to call them in. PyTorch runs such a
+    call on a kernel that takes both (CPU flash; CUDA memory-efficient or cuDNN), with the mask AND the upper-left
+    triangle, and raises where it picks its math kernel, which refuses them ("Explicit attn_mask should not be set
+    when is_causal=True"): on CPU for dropout, inputs that are not 4-D, Ev != E, a broadcast batch or k/v head, a
+    mask that requires grad, or the math kernel asked for."""
+    gen = torch.Generator().manual_seed(0)
+    shape = {"3-d": (4, 5, 8), "Ev-ne-E": (1, 4, 5, 8)}.get(case, (2, 4, 5, 8))
+    q, k = torch.randn(shape, generator=gen), torch.randn(shape[:-2] + (7, 8), generator=gen)
+    v = torch.randn(shape[:-2] + (7, 16 if case == "Ev-ne-E" else 8), generator=gen)
+    if case == "batch-broadcast":
+        q = q[:1]
+    keep = torch.rand(5, 7, generator=gen) > 0.3
+    keep[:, 0] = True
+    mask = torch.randn(5, 7, generator=gen, requires_grad=True) if case == "float-mask-grad" else keep
+    kwargs = {"attn_mask": mask, "is_causal": True, "dropout_p": 0.3 if case == "dropout" else 0.0}
+    context = contextlib.nullcontext()
+    if case == "math-kernel":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel([SDPBackend.MATH])
+    return (q, k, v), kwargs, context
+
+
+@pytest.mark.parametrize(
+    "case", ["4-d", "3-d", "Ev-ne-E", "batch-broadcast", "dropout", "float-mask-grad", "math-kernel"]
+)
+def test_mask_with_is_causal_does_what_torch_does(case):
+    """A drop-in does what the torch it runs on does with the same arguments on the same device: it computes
+    where PyTorch computes (the mask AND the upper-left triangle) and raises where PyTorch raises."""
+    (q, k, v), kwargs, context = _mask_and_causal(case)
+    with context:
+        try:
+            ref, refused = F.scaled_dot_product_attention(q, k, v, **kwargs), None
+        except RuntimeError as exc:
+            ref, refused = None, exc
+        if refused is not None:
+            assert "attn_mask" in str(refused)
+            with pytest.raises(RuntimeError) as info:  # what PyTorch's callers catch
+                sdpa(q, k, v, **kwargs)
+            assert isinstance(info.value, SdpaArgumentError) and isinstance(info.value, ValueError)
+            assert str(info.value) == (
+                "expected either `attn_mask` or `is_causal=True`, got both, which PyTorch's own "
+                "scaled_dot_product_attention refuses for these arguments (it runs them on its math kernel); "
+                "hint: fold the causal triangle into the mask (`attn_mask & torch.ones(L, S, "
+                "dtype=torch.bool).tril()`), or use `attend.attention(q, k, v, mask=..., causal=True)` "
+                "(bottom-right aligned)"
+            )
+            return
+        out = sdpa(q, k, v, **kwargs)
+    assert out.shape == ref.shape
+    if kwargs["dropout_p"] == 0:
+        torch.testing.assert_close(out, ref, **tolerance(out.dtype))
+
+
+BOTH_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[5]]  # square, L < S and L > S with GQA, L=64 S=129
+
+
+def _torch_with_both(q, k, v, **kwargs):
+    try:
+        return torch_sdpa(q, k, v, is_causal=True, **kwargs)
+    except RuntimeError as exc:
+        pytest.skip(f"this torch's SDPA refuses attn_mask with is_causal here ({exc}); mirrored by the test above")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind", ["bool-2d", "bool-4d", "float", "float-inf"])
+@pytest.mark.parametrize("shape", BOTH_SHAPES, ids=_id)
+def test_mask_with_is_causal_matches_torch_forward(shape, kind, dtype):
+    ours, theirs, kwargs = _pair(shape, kind, dtype)
+    mask, gqa = kwargs["attn_mask"], kwargs["enable_gqa"]
+    ref = _torch_with_both(*theirs, attn_mask=mask, enable_gqa=gqa)
+    out = sdpa(*ours, attn_mask=mask, is_causal=True, enable_gqa=gqa)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+    # what that is: the mask AND the upper-left triangle (a float mask gets -inf above it)
+    L, S = shape[3], shape[4]
+    above = ~torch.ones(L, S, dtype=torch.bool).tril()
+    folded = mask & ~above if mask.dtype == torch.bool else mask.masked_fill(above, float("-inf"))
+    torch.testing.assert_close(out, sdpa(*ours, attn_mask=folded, enable_gqa=gqa), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("kind", ["bool-2d", "bool-4d", "float", "float-inf"])
+@pytest.mark.parametrize("shape", BOTH_SHAPES[:3], ids=_id)
+def test_mask_with_is_causal_matches_torch_backward(shape, kind):
+    ours, theirs, kwargs = _pair(shape, kind, torch.float32, grad=True)
+    mask, gqa = kwargs["attn_mask"], kwargs["enable_gqa"]
+    ref = _torch_with_both(*theirs, attn_mask=mask, enable_gqa=gqa)
+    out = sdpa(*ours, attn_mask=mask, is_causal=True, enable_gqa=gqa)
+    d_out = torch.randn_like(ref)
+    out.backward(d_out)
+    ref.backward(d_out)
+    for a, b, name in zip(ours, theirs, "qkv"):
+        torch.testing.assert_close(a.grad, b.grad, **tolerance(a.dtype), msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")  # reset dynamo around it
+@needs("dynamo_traces_attend")
+def test_mask_with_is_causal_compiles():
+    """Under torch.compile the same decision is taken (once per compiled graph) and traced without a break."""
+    ours, theirs, kwargs = _pair(SHAPES[1], "bool-4d", torch.float32)
+    mask = kwargs["attn_mask"]
+    ref = _torch_with_both(*theirs, attn_mask=mask, enable_gqa=True)
+    compiled = torch.compile(lambda q, k, v, m: sdpa(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True),
+                             fullgraph=True, backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(compiled(*ours, mask), ref, **tolerance(torch.float32, "compiled"))
+    (q, k, v), kw, _ = _mask_and_causal("3-d")
+    with pytest.raises(RuntimeError):  # refused like PyTorch's own call (compiled or not) with these arguments
+        torch.compile(lambda q, k, v, m: sdpa(q, k, v, attn_mask=m, is_causal=True), fullgraph=True,
+                      backend="aot_eager")(q, k, v, kw["attn_mask"])  # fmt: skip
 
 
 def test_heads_differ_without_enable_gqa_raises_like_torch():

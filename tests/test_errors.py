@@ -98,6 +98,10 @@ ROWS: list[Row] = [
     Row("mask-2d", "2-D mask that is not key padding (b, j)", call(mask=mask_(5, 6)), ValueError,
         "expected a 2-D `mask` to be a key padding mask (b, j) = (2, 6), got shape (5, 6) "
         f"({SHAPES}); hint: for an (i, j) mask pass `mask[None, None]`"),
+    Row("mask-2d-length", "key padding mask (b, j) of the wrong length", call(mask=mask_(2, 5)), ValueError,
+        "expected a 2-D `mask` to be a key padding mask (b, j) = (2, 6), got shape (2, 5) "
+        f"({SHAPES}); hint: it looks like a key padding mask of the wrong length: j = 6 keys, got 5; "
+        "give it one entry per key of k (True = may attend)"),
     Row("mask-1d", "1-D mask that does not broadcast to j", call(mask=mask_(5)), ValueError,
         "expected `mask` broadcastable to (b, h, i, j) = (2, 4, 5, 6), got shape (5) (dim `j` is 5, must be 1 or 6); "
         "hint: True = may attend, one entry per (b, h, i, j)"),

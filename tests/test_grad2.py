@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from attend import Attend, attention, dispatch
+from attend import Attend, attention, dispatch, features
 from attend.inputs import validate
 from attend.testing import assert_matches_reference, tolerance
 
-from .helpers import CPU_BACKENDS, skip_unless_runs
+from .helpers import CPU_BACKENDS, needs, skip_unless_runs
 
 # feature -> (h, g, i, j, keyword arguments); small shapes so gradgradcheck's finite differences are quick
 FEATURES = {
@@ -159,6 +159,7 @@ def test_first_order_backward_keeps_the_kernels_own_backward(monkeypatch):
     assert calls == [1]
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_the_kernels_graph_is_freed_after_backward_and_kept_with_retain_graph():
     """The gate keeps the fused kernel's own node (a post-hook on it, no wrapper node): a plain backward frees
     its graph at once (as PyTorch frees any node's), retain_graph=True keeps it for a second backward, and the
@@ -302,12 +303,14 @@ def test_the_block_path_backs_up_twice_and_through_an_r1_penalty(kind):
         return twice, q.grad
 
     got, want = grads("sdpa:flash"), grads("einsum")
+    node = "_BlockGradsBackward" if features.get("autograd_node_hooks").present() else "TwiceDifferentiableBackward"
     assert type(attention(*(torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3)), backend="sdpa:flash",
-                          **kw).grad_fn).__name__ == "_BlockGradsBackward"  # fmt: skip
+                          **kw).grad_fn).__name__ == node  # fmt: skip
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_the_gate_wraps_what_is_not_the_kernels_own_node():
     """`grad2.gate` hooks the kernel's node only where the output comes straight from it and its inputs are
     q, k, v; anything else (here the output of a later op, or a kernel fed an expanded k) goes through the
@@ -339,6 +342,7 @@ def test_the_gate_wraps_what_is_not_the_kernels_own_node():
 
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_a_signatures_gate_remembers_whether_the_kernel_takes_q_k_v():
     """`grad2.Gate` (one per dispatch-cache entry) checks the kernel's node at its first gated call and keeps the
     node's type: a signature whose kernel transforms an input (here an expanded k) is wrapped on every later call
@@ -428,6 +432,7 @@ def _second_order(fn, q, k, v):
     return [g.detach() for g in first], second
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_a_tensor_subclass_after_plain_tensors_of_one_signature_stays_exact():
     """A `__torch_function__` subclass's output comes from its own wrapper node (AliasBackward0), not the kernel's:
     a call of it after plain calls of the same shapes must not get the plain calls' hook (it crashed the create_graph
@@ -451,6 +456,7 @@ def test_a_tensor_subclass_after_plain_tensors_of_one_signature_stays_exact():
     assert type(attention(*leaves(False)).grad_fn).__name__ == "ScaledDotProductFlashAttentionForCpuBackward0"
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_a_last_dim_of_size_one_with_another_stride_takes_the_kernel_that_was_chosen():
     """(b, h, n, 1) seen through a transpose has stride(-1) != 1 but is_contiguous() True; SDPA's CPU flash refuses
     it and its auto would run math silently, so it must not reuse the contiguous calls' plan: it is validated (a
@@ -522,6 +528,7 @@ def test_create_graph_when_no_gradient_reaches_the_output(kw):
         assert all(g is None or not g.any() for g in grads[1:])
 
 
+@needs("autograd_node_hooks")  # the test watches the hook itself
 def test_the_second_order_hook_is_armed_only_by_a_recording_backward():
     """The kernel's node carries a pre-hook (one gradient handed to Python per first-order backward); a backward
     that records (create_graph) arms the post-hook that swaps in the reference's gradients, once per node, and every

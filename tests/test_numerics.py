@@ -20,7 +20,7 @@ from attend import Attend, attention, get_backend, list_backends
 from attend.inputs import validate
 from attend.testing import DTYPES, assert_matches_reference, check_backend, tolerance
 
-from .helpers import CPU_BACKENDS, skip_unless_runs
+from .helpers import CPU_BACKENDS, needs, skip_unless_runs
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -184,7 +184,9 @@ def test_default_leaves_visible_nonfinite_to_the_kernel_and_true_makes_it_exact(
     ):
         pytest.skip("sdpa:flash (the kernel whose own behaviour this shows) cannot run here")
     kernel = attention(q, k, v, backend="sdpa:flash")
-    assert torch.isfinite(kernel).all(), "CPU flash now propagates these: update docs/reliability.md"
+    # rows that see no non-finite value agree; the others are the kernel's own (torch 2.13's CPU flash gives
+    # finite garbage there, torch 2.4's NaN: docs/reliability.md)
+    torch.testing.assert_close(kernel[~sees], exact[~sees])
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)
@@ -209,6 +211,7 @@ def test_nonfinite_clean_rows_train(name):
 
 
 @pytest.mark.parametrize("where", ["q", "k-causal", "v-bool"])
+@needs("dynamo_traces_attend")
 def test_nonfinite_guard_is_off_under_compile(where):
     """torch.compile traces no data-dependent branch: the guard is skipped and the kernel's own
     behaviour applies (documented); finite inputs compile to one graph as before."""

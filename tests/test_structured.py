@@ -18,7 +18,7 @@ from attend.dispatch import get_backend
 from attend.masks import Structure
 from attend.testing import check_backend, checkable, tolerance
 
-from .helpers import CPU_BACKENDS, fresh_dynamo, skip_unless_runs  # noqa: F401  (a fixture)
+from .helpers import CPU_BACKENDS, fresh_dynamo, needs, skip_unless_runs  # noqa: F401  (a fixture)
 
 BLOCK = 8  # small query / key blocks, so every lowering skips and masks blocks at these sizes
 
@@ -270,6 +270,7 @@ def test_one_documents_tensor_needs_i_equal_j():
 
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("name", ["sdpa:flash", "chunked"])
+@needs("dynamo_traces_attend")
 def test_window_and_documents_compile_fullgraph(name):
     """torch.compile(fullgraph=True) gives the eager result (sdpa: one masked call while tracing)."""
     q, k, v = _inputs(dtype=torch.float32)

@@ -46,6 +46,15 @@ def off_lower_right_gqa(mp):
     mp.setitem(sdpa._PROBED, ("lower_right_gqa",), False)
 
 
+def off_half_exact(mp):
+    for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        mp.setitem(sdpa._PROBED, ("half", variant.name), False)
+
+
+def off_dynamo_traces(mp):
+    mp.setitem(dispatch._TRACES, "dynamo", False)
+
+
 def off_fused_choice(mp):
     mp.delattr(torch, "_fused_sdp_choice", raising=False)
 
@@ -123,6 +132,34 @@ def lower_right_gqa_without_bias():
     assert features.get("causal_lower_right_gqa").reason() in str(report)
     _close(attend.attention(q, k, v, causal=True).float().cpu(),
            dense_formula(*(t.float().cpu() for t in (q, k, v)), causal=True)[0], tol=2e-3)
+
+
+def half_without_exact_kernels():
+    """float16 on CPU: the SDPA kernels are ineligible with the feature's reason; auto gives the reference."""
+    q, k, v = (t.half() for t in make_qkv())
+    reason = features.get("sdpa_cpu_half_exact").reason()
+    for name in ("sdpa:flash", "sdpa:math"):
+        assert any(reason in r for r in attend.get_backend(name).reasons_unsupported(validate(q, k, v)))
+    bias = torch.zeros(1, 1, 16, 24)
+    bias[..., 0, 1] = 7e4  # beyond float16
+    out = attend.attention(q, k, v, bias=bias, causal=True)
+    assert attend.explain(q, k, v, bias=bias, causal=True).backend == "chunked"
+    _close(out, dense_formula(q, k, v, bias=bias, causal=True)[0], tol=2e-2)
+
+
+def compile_without_tracing():
+    """torch.compile over attend where dynamo cannot trace it: attend runs eagerly between graphs (the
+    reference's result); fullgraph=True raises."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v = make_qkv()
+    f = torch.compile(lambda q, k, v: attend.attention(q, k, v, causal=True) * 2, backend="eager")
+    _close(f(q, k, v), 2 * dense_formula(q, k, v, causal=True)[0])
+    g = torch.compile(lambda q, k, v: attend.attention(q, k, v) * 2, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="disable"):
+        g(q, k, v)
+    torch._dynamo.reset()
 
 
 def plain_call_without_fused_choice():
@@ -229,6 +266,8 @@ FALLBACKS: dict[str, tuple[Callable, Callable]] = {
     "sdpa_zero_dead_rows": (off_dead_rows, dead_rows_without_safe_softmax),
     "causal_lower_right_gqa": (off_lower_right_gqa, lower_right_gqa_without_bias),
     "fused_sdp_choice": (off_fused_choice, plain_call_without_fused_choice),
+    "sdpa_cpu_half_exact": (off_half_exact, half_without_exact_kernels),
+    "dynamo_traces_attend": (off_dynamo_traces, compile_without_tracing),
     "cpu_flash_lse": (off_flash_lse, lse_without_cpu_flash_op),
     "autograd_node_hooks": (off_node_hooks, grad2_without_node_hooks),
     "graph_task_keep_graph": (off_keep_graph, grad2_without_keep_graph),

@@ -424,3 +424,63 @@ def test_seqused_k_longer_than_its_segment():
     q, k, v, _, _ = kv_case()
     with pytest.raises(ValueError, match=r"expected seqused_k\[1\] <= the length of sequence 1's keys"):
         varlen_attn(q, k, v, cu(KV_Q), cu(KV_K), 3, 12, enable_gqa=True, seqused_k=torch.tensor([6, 5, 12]).int())
+
+
+# heads-first input and window_size sides (issue 25)
+
+
+@pytest.mark.parametrize("case", ["self-packing", "cross-causal"])
+def test_heads_first_query_gets_a_layout_hint(case):
+    """query (h, total_q, d) instead of (total_q, h, d): the error names the layout and the transpose, before
+    any head-count check can misread total_q as the number of heads."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), kw = make(case)
+    total_q, h, d = q.shape
+    with pytest.raises(ValueError) as info:
+        varlen_attn(q.transpose(0, 1), k, v, cu_q, cu_k, max_q, max_k, **kw)
+    assert str(info.value) == (
+        f"expected `query` of shape (total_q, h, d) with total_q = cu_seq_q[-1] = {total_q}, got shape "
+        f"({h}, {total_q}, {d}); hint: `query` looks heads-first (h, total_q, d): pass `query.transpose(0, 1)`"
+    )
+    # tokens-first with a token too few: no dim holds total_q, so the message stays about cu_seq_q
+    with pytest.raises(ValueError) as info:
+        varlen_attn(q[:-1], k, v, cu_q, cu_k, max_q, max_k, **kw)
+    assert str(info.value) == (
+        f"expected `cu_seq_q[-1]` to equal the number of query tokens, {total_q - 1}, got {total_q} (shape "
+        f"({cu_q.shape[0]})); hint: cu_seq_q = pad(lengths.cumsum(0), (1, 0)).to(torch.int32)"
+    )
+
+
+def test_heads_first_key_and_value_get_a_layout_hint():
+    (q, k, v, cu_q, cu_k, max_q, max_k), kw = make("cross-causal")
+    total_k, g, d = k.shape
+    with pytest.raises(ValueError) as info:
+        varlen_attn(q, k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, **kw)
+    assert str(info.value) == (
+        f"expected `key` of shape (total_k, g, d) with total_k = cu_seq_k[-1] = {total_k}, got shape "
+        f"({g}, {total_k}, {d}); hint: `key` looks heads-first (g, total_k, d): pass `key.transpose(0, 1)` "
+        "(and `value.transpose(0, 1)`)"
+    )
+
+
+def test_heads_first_with_seqused_k_gets_a_layout_hint():
+    q, k, v, used, _ = kv_case()
+    with pytest.raises(ValueError) as info:
+        with torch.no_grad():
+            varlen_attn(q, k.transpose(0, 1), v.transpose(0, 1), cu(KV_Q), cu(KV_K), 3, 12, enable_gqa=True,
+                        seqused_k=used)  # fmt: skip
+    assert str(info.value) == (
+        "expected `key` of shape (total_k, g, d) with total_k = cu_seq_k[-1] = 25, got shape (2, 25, 8); "
+        "hint: `key` looks heads-first (g, total_k, d): pass `key.transpose(0, 1)` (and `value.transpose(0, 1)`)"
+    )
+
+
+@pytest.mark.parametrize("window_size", [(-2, 0), (4, -3)], ids=["left", "right"])
+def test_window_side_below_minus_one_raises(window_size):
+    """In PyTorch's varlen_attn only -1 means unbounded; another negative side is a bug, not a window."""
+    side, w = ("left", -2) if window_size[0] < -1 else ("right", -3)
+    with pytest.raises(ValueError) as info:
+        _call(window_size=window_size)
+    assert str(info.value) == (
+        f"expected `window_size` {side} to be an int >= 0, or -1 for unbounded, got {w} in "
+        f"window_size={window_size}; hint: (-1, 0) is causal, (128, 0) causal with a window of 128"
+    )

@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from . import __version__
+from . import __version__, features
 from ._helpers import fmt_dtype
 from .dispatch import PRIORITY, explain_inputs, get_backend, list_backends
 from .inputs import VOCABULARY, Options, validate
@@ -71,6 +71,27 @@ class _Parser(argparse.ArgumentParser):
 
 def _one_line(msg: object) -> str:
     return "; ".join(line.strip() for line in str(msg).strip().splitlines() if line.strip())
+
+
+def _join_values(argv: list[str]) -> list[str]:
+    """`--window -1,0` -> `--window=-1,0` for each flag of `VOCABULARY` that takes a value. argparse reads a value
+    that starts with '-' as the next flag unless it is a plain negative number (`-1` is, `-1,0` and `-1e-05` are
+    not) and stops with "expected one argument"; a value of '-' and then a digit or '.' is never a flag."""
+    flags = {term.flag for term in VOCABULARY if term.metavar is not None}
+    joined: list[str] = []
+    at = 0
+    while at < len(argv):
+        arg = argv[at]
+        if arg == "--":  # the rest is positional, as argparse reads it
+            return joined + argv[at:]
+        value = argv[at + 1] if at + 1 < len(argv) else ""
+        if arg in flags and len(value) > 1 and value[0] == "-" and (value[1].isdigit() or value[1] == "."):
+            joined.append(f"{arg}={value}")
+            at += 2
+        else:
+            joined.append(arg)
+            at += 1
+    return joined
 
 
 def _progress(command: str):
@@ -183,7 +204,7 @@ def cmd_info(args) -> int:
     env.add_column("item", style="bold")
     env.add_column("value")
     env.add_row("python", f"{platform.python_version()} ({platform.platform()})")
-    env.add_row("torch", torch.__version__)
+    env.add_row("torch", f"{torch.__version__}: {features.tested_status()}")
     env.add_row("CUDA build", str(torch.version.cuda or "none (CPU-only build)"))
     if torch.cuda.is_available():
         env.add_row("cuDNN", str(torch.backends.cudnn.version()))
@@ -221,6 +242,15 @@ def cmd_info(args) -> int:
             status = f"[yellow]not on this machine[/yellow] (needs {', '.join(sorted(b.caps))})"
         table.add_row(name, ", ".join(sorted(b.caps)), "yes" if b.fused else "no", status, ", ".join(order) or "—")
     console.print(table)
+
+    found = Table(title="torch features attend probes (`attend.features`; missing ones make something ineligible)")
+    for col in ("feature", "here", "needs", "without it"):
+        found.add_column(col)
+    for f in features.registered():
+        has = f.present()
+        found.add_row(f.name, "[green]yes[/green]" if has else "[red]missing[/red]", f.api,
+                      "—" if has else f.without)  # fmt: skip
+    console.print(found)
     return 0
 
 
@@ -649,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_values(argv))
         if args.command is None:
             parser.print_help()
             return 2

@@ -17,6 +17,13 @@ where they differ from `attention()`:
       q0 x  .  .  .                     q0 x  x  x  .
       q1 x  x  .  .                     q1 x  x  x  x
 
+* `attn_mask` together with `is_causal=True` does what PyTorch's own SDPA does with the same arguments on
+  the same device: where the kernel PyTorch would pick takes both (its CPU flash kernel; on CUDA
+  memory-efficient and cuDNN), the mask AND the upper-left triangle; where it would pick its math kernel,
+  which refuses the two (on CPU with torch 2.13: dropout, inputs that are not 4-D, Ev != E, a broadcast
+  batch or k/v head, a mask that requires grad, the math kernel asked for), the same refusal. PyTorch's
+  own choice of kernel (`torch._fused_sdp_choice`) decides.
+
 * a float `attn_mask` is added to the logits, exactly as PyTorch adds it. A row masked with
   `-inf` everywhere gives 0 (our contract, and PyTorch's since pytorch#133882). A row masked with a
   large *finite* value such as `torch.finfo(torch.float32).min` is not masked at all as far as the
@@ -39,7 +46,7 @@ from torch import Tensor
 
 from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
 from .dispatch import call
-from .inputs import Options
+from .inputs import Options, check_options
 
 __all__ = ["scaled_dot_product_attention", "SdpaArgumentError", "upper_left_causal"]
 
@@ -51,6 +58,58 @@ class SdpaArgumentError(ValueError, RuntimeError):
 
 
 # helpers
+
+# PyTorch's SDPA kernels that take `attn_mask` with `is_causal=True` (SDPBackend values; the mask AND the upper-left
+# triangle): CPU flash (1), CUDA memory-efficient (2) and cuDNN (3). Its math kernel (0) refuses the two together.
+_TAKES_MASK_WITH_CAUSAL = frozenset({1, 2, 3})
+_MATH = 0
+_EMPTY = -2  # an empty query or key: PyTorch answers without a kernel
+
+
+def _torch_choice(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float, scale: float | None, gqa: bool
+) -> int | None:
+    """The kernel (an SDPBackend value) PyTorch's own SDPA would run these arguments with `is_causal=True` on, here
+    and now (its kernel switches included), as `torch._fused_sdp_choice` says; `_EMPTY` for an empty query or key,
+    which it answers without a kernel; None where this torch cannot say (no such function, or one without
+    `enable_gqa`). Only a call with both `attn_mask` and `is_causal` asks: a C call, no kernel runs."""
+    if query.numel() == 0 or key.numel() == 0:
+        return _EMPTY
+    choice = getattr(torch, "_fused_sdp_choice", None)
+    if choice is None:
+        return None
+    extra = {"enable_gqa": True} if gqa else {}  # a torch without the keyword (< 2.5): None for grouped-query
+    try:
+        return int(choice(query, key, value, attn_mask, dropout_p, True, scale=scale, **extra))
+    except (TypeError, RuntimeError):
+        return None
+
+
+# what `torch.compiler.assume_constant_result` does (without importing dynamo, a second, at import): under
+# torch.compile the choice is made once, at trace time, on the example inputs, and the graph keeps it
+_torch_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _check_mask_with_causal(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float, scale: float | None, gqa: bool
+) -> None:
+    """Raises where PyTorch's own SDPA refuses `attn_mask` with `is_causal=True` for these arguments (its math
+    kernel would run them), or cannot be asked (then as PyTorch documents: an error)."""
+    check_options(Options(scale=scale, dropout_p=dropout_p), query.shape[-1])  # a bad option's own error first
+    choice = _torch_choice(query, key, value, attn_mask, dropout_p, scale, gqa)
+    if choice == _EMPTY or choice in _TAKES_MASK_WITH_CAUSAL:
+        return
+    why = (
+        "which PyTorch's own scaled_dot_product_attention refuses for these arguments (it runs them on its math "
+        "kernel)"
+        if choice == _MATH
+        else "which PyTorch documents as an error (this torch does not say which kernel would run them)"
+    )
+    raise SdpaArgumentError(
+        f"expected either `attn_mask` or `is_causal=True`, got both, {why}; hint: fold the causal triangle into "
+        "the mask (`attn_mask & torch.ones(L, S, dtype=torch.bool).tril()`), or use "
+        "`attend.attention(q, k, v, mask=..., causal=True)` (bottom-right aligned)"
+    )
 
 
 def _check(name: str, t: object) -> Tensor:
@@ -119,10 +178,12 @@ def scaled_dot_product_attention(
         dropout_p: dropout on the attention probabilities, applied whenever > 0 (as PyTorch does;
             pass `dropout_p if self.training else 0.0`).
         is_causal: UPPER-LEFT aligned causal mask: query i may attend key j iff j <= i (picture in
-            the module docstring). Cannot be combined with `attn_mask`.
+            the module docstring). With `attn_mask`: what PyTorch does with both here (module docstring).
         scale: logit scale, default E ** -0.5.
         enable_gqa: allow H < Hq with Hq % H == 0 (grouped-query); k and v are never copied to Hq heads
-            by the backends that have a native grouped-query path.
+            by the backends that have a native grouped-query path. Taken on every torch attend supports,
+            also where torch's own SDPA has no such keyword (torch < 2.5): there the SDPA kernels get k and
+            v repeated to Hq heads (`attend info`: feature `sdpa_enable_gqa`), and the result is the same.
 
     Equivalent to::
 
@@ -138,7 +199,8 @@ def scaled_dot_product_attention(
     Raises:
         TypeError: non-tensor inputs, q, k, v of different dtypes (outside autocast), an integer mask.
         SdpaArgumentError (a ValueError and a RuntimeError, as PyTorch raises): attn_mask together
-            with is_causal, head counts that differ without enable_gqa, shapes that do not broadcast.
+            with is_causal where PyTorch's own SDPA refuses them (its math kernel would run them), head
+            counts that differ without enable_gqa, shapes that do not broadcast.
         NoBackendError: no registered backend can run the inputs.
 
     Example::
@@ -154,14 +216,6 @@ def scaled_dot_product_attention(
         raise TypeError(f"expected `is_causal` to be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"expected `enable_gqa` to be a bool, got {type(enable_gqa).__name__}")
-    if attn_mask is not None and is_causal:
-        # PyTorch documents this error (its math kernel raises it; its CPU flash kernel silently combines
-        # the two): we raise it everywhere
-        raise SdpaArgumentError(
-            "expected either `attn_mask` or `is_causal=True`, got both; hint: fold the causal triangle into "
-            "the mask (`attn_mask & torch.ones(L, S, dtype=torch.bool).tril()`), or use "
-            "`attend.attention(q, k, v, mask=..., causal=True)` (bottom-right aligned)"
-        )
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)  # type: ignore[assignment]
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(
@@ -210,6 +264,8 @@ def scaled_dot_product_attention(
             mask = m
         else:
             bias = m
+        if is_causal:
+            _check_mask_with_causal(q, k, v, attn_mask, dropout_p, scale, enable_gqa)
     if math.prod(batch) == 0 or hq == 0:
         # an empty batch (or no heads): an empty output, as PyTorch gives; the zero term keeps the graph
         zero = (q4.sum() + k4.sum() + v4.sum()) * 0
@@ -217,7 +273,12 @@ def scaled_dot_product_attention(
 
     causal = False
     if is_causal:
-        k4, v4, causal, mask = upper_left_causal(k4, v4, L)
+        k4, v4, causal, tile = upper_left_causal(k4, v4, L)
+        if causal:  # L <= S: the keys past L are never visible, nor the mask's columns for them
+            mask = None if mask is None else mask[..., :L]
+            bias = None if bias is None else bias[..., :L]
+        else:  # the (1, 1, L, S) upper-left triangle, AND the mask (a float mask stays the bias)
+            mask = tile if mask is None else mask & cast(Tensor, tile)
 
     out = cast(Tensor, call(q4, k4, v4, mask, bias, options=Options(causal=causal, scale=scale, dropout_p=dropout_p)))
     return out.reshape(out_shape[len(out_shape) - n :] if n < 4 else out_shape)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import features
 from ._helpers import accum_dtype, any_autocast, fmt_shape, functorch_wrapped, no_autocast
 from .backends import REGISTERED
 from .backends.base import Backend
@@ -610,11 +611,46 @@ def _caller_stacklevel() -> int:
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
+_TRACES: dict[str, bool] = {}
+
+
+def dynamo_traces_attend() -> bool:
+    """Can this torch's dynamo trace attend's dispatch into a graph? Told by the first thing attend's traced path
+    needs that older dynamo lacks: tracing `sdpa_kernel` (a variable type of its own, torch >= 2.5). Found at the
+    first compiled call (importing torch._dynamo is too slow for `import attend`); stored only outside a trace
+    (a dict written while tracing changes the graph's guards: one recompile)."""
+    found = _TRACES.get("dynamo")
+    if found is None:
+        from torch._dynamo import variables
+
+        found = hasattr(variables, "SDPAKernelVariable")
+        if not torch.compiler.is_compiling():
+            _TRACES["dynamo"] = found
+    return found
+
+
+TRACED = features.register(
+    "dynamo_traces_attend",
+    api="a torch.compile (dynamo) that traces attend's dispatch (sdpa_kernel, NamedTuple._replace, ...)",
+    since="2.5",
+    without="under torch.compile each attend call runs eagerly between graphs (one graph break per call; "
+    "fullgraph=True raises dynamo's error for it)",
+    present=dynamo_traces_attend,
+)
+
+
+def _untraceable() -> bool:
+    """Under torch.compile on a torch whose dynamo cannot trace attend: the call must run eagerly."""
+    return torch.compiler.is_compiling() and not dynamo_traces_attend()
+
+
 def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Result:
     """The run policy for validated inputs: empty inputs, the choice (auto or named), the kernel, the
     narrow fallback, and the NaN/inf exact path (contract items 2 and 3). `call` is the same with the
     validation and the choice cached per call signature. Returns out (b, h, i, e), or (out, lse) with
     `inp.return_lse`."""
+    if _untraceable():
+        return _eager_run(inp, backend, fused_only=fused_only)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
     low = lower(inp)
@@ -738,6 +774,9 @@ def call(
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
     from the cached entry and run (`CACHE_SIZE` signatures are kept, the oldest first out).
     Calls with `documents` or `sinks` always validate (the ids are data; sinks are rare enough to skip the cache)."""
+    if _untraceable():
+        return _eager_call(q, k, v, mask, bias, documents, sinks, options=options, backend=backend,
+                           fused_only=fused_only)  # fmt: skip
     generation = _generation  # read first: a registry change during this call must not be cached after it
     cacheable = documents is None and sinks is None
     key = _call_key(q, k, v, mask, bias, (options, backend, fused_only)) if cacheable else None
@@ -767,3 +806,9 @@ def call(
                 while len(_cache) > CACHE_SIZE:
                     _cache.pop(next(iter(_cache)))
     return low.finish(_execute(low.inp, chosen, backend))
+
+
+# `run` and `call` run eagerly between graphs where dynamo cannot trace them (`TRACED`): a call to a function
+# torch.compiler.disable wraps is a graph break
+_eager_run = torch.compiler.disable(run)
+_eager_call = torch.compiler.disable(call)

@@ -417,9 +417,11 @@ class _Exchange:
     sent: both ends know every piece's length. Holds the tensors until `wait` returns."""
 
     def __init__(self, ring: _Ring, send: list[tuple[int, Tensor]], recv: list[tuple[int, Tensor]]):
-        group, nxt, prev = ring.group, ring.next, ring.prev
-        ops = [dist.P2POp(_ISEND, t, group=group, group_peer=nxt, tag=tag) for tag, t in send if t.numel()]
-        ops += [dist.P2POp(_IRECV, t, group=group, group_peer=prev, tag=tag) for tag, t in recv if t.numel()]
+        group = ring.group
+        # peers as global ranks (`peer=`): every torch >= 2.4 takes it; `group_peer=` came later
+        nxt, prev = dist.get_global_rank(group, ring.next), dist.get_global_rank(group, ring.prev)
+        ops = [dist.P2POp(_ISEND, t, nxt, group=group, tag=tag) for tag, t in send if t.numel()]
+        ops += [dist.P2POp(_IRECV, t, prev, group=group, tag=tag) for tag, t in recv if t.numel()]
         self.requests = list(dist.batch_isend_irecv(ops)) if ops else []
         self.tensors: list[Tensor] = [t for _, t in send + recv]
 

@@ -413,9 +413,15 @@ def _check_mask(mask: Any, q: Tensor, k: Tensor, v: Tensor, target: tuple[int, i
             raise ValueError(f"expected `mask` on {q.device} like q, got {mask.device}")
         if mask.dim() == 2:
             if tuple(mask.shape) != (b, j):
+                hint = "for an (i, j) mask pass `mask[None, None]`"
+                if mask.shape[0] == b:  # one row per batch element: key padding, with the wrong number of keys
+                    hint = (
+                        f"it looks like a key padding mask of the wrong length: j = {j} keys, got {mask.shape[1]}; "
+                        "give it one entry per key of k (True = may attend)"
+                    )
                 raise ValueError(
                     f"expected a 2-D `mask` to be a key padding mask (b, j) = {fmt_shape((b, j))}, got shape "
-                    f"{fmt_shape(mask.shape)} ({_shapes(q, k, v)}); hint: for an (i, j) mask pass `mask[None, None]`"
+                    f"{fmt_shape(mask.shape)} ({_shapes(q, k, v)}); hint: {hint}"
                 )
             mask4, kind = mask[:, None, None, :], "key_padding"
         else:
@@ -599,6 +605,13 @@ def _parse_window(text: str) -> tuple[int | None, int | None]:
         window = ()
     if len(window) != 2:
         raise ValueError(f"expected --window LEFT,RIGHT (ints, or 'none' for unbounded), got {text!r}")
+    for side, w in zip(("left", "right"), window):
+        if w is not None and w < 0:  # flash-attn's and varlen_attn's -1 = unbounded: 'none' on attend's command line
+            fixed = ",".join("none" if s is None or s < 0 else str(s) for s in window)
+            raise ValueError(
+                f"expected `window` {side} to be an int >= 0 or 'none' (unbounded), got {w} in --window {text}; "
+                f"hint: flash-attn's -1 (unbounded) is 'none' here: --window {fixed}"
+            )
     return window[0], window[1]
 
 
@@ -644,7 +657,7 @@ VOCABULARY: tuple[Term, ...] = (
     ),
     Term(
         "window", None, lambda v, ctx: check_window(v, ctx["causal"], ctx["extent"]), "--window",
-        "sliding window, each side an int or 'none' (unbounded)", "LEFT,RIGHT", _parse_window,
+        "sliding window, each side an int >= 0 or 'none' (unbounded)", "LEFT,RIGHT", _parse_window,
         spell=lambda v, inp: None if v is None else ",".join("none" if w is None else str(w) for w in v),
     ),
     Term(

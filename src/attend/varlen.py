@@ -43,9 +43,9 @@ class AuxRequest(NamedTuple):
 # helpers
 
 
-def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
-    """query (total_q, h, d), key (total_k, g, d), value (total_k, g, e); h == g, or h % g == 0 with enable_gqa.
-    (dtypes and devices: `validate`.)"""
+def _check_packed(query: Any, key: Any, value: Any) -> None:
+    """query (total_q, h, d), key (total_k, g, d), value (total_k, g, e) (head counts: `_check_heads`; dtypes and
+    devices: `validate`)."""
     for name, t, want in (
         ("query", query, "(total_q, h, d)"),
         ("key", key, "(total_k, g, d)"),
@@ -68,6 +68,12 @@ def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
         raise ValueError(f"expected key and value with the same number of heads g, got {shapes}")
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"expected query and key with the same head dim d, got {shapes}")
+
+
+def _check_heads(query: Tensor, key: Tensor, value: Tensor, enable_gqa: Any) -> None:
+    """h == g, or h % g == 0 with enable_gqa. After the cumulative lengths are checked against the packed
+    tensors: a heads-first tensor gets its layout hint there, not a head count that is really total_q."""
+    shapes = f"query {fmt_shape(query.shape)}, key {fmt_shape(key.shape)}, value {fmt_shape(value.shape)}"
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"expected `enable_gqa` to be a bool, got {describe(enable_gqa)}")
     h, g = query.shape[1], key.shape[1]
@@ -83,9 +89,13 @@ def _check_packed(query: Any, key: Any, value: Any, enable_gqa: Any) -> None:
         )
 
 
-def _check_cu_seq(name: str, cu: Any, total: int, tokens: str, device: torch.device) -> list[int]:
-    """cu: int32 (n + 1,) on `device`, starting at 0, non-decreasing, ending at `total`. Returns its values
-    (one read to the host)."""
+def _check_cu_seq(
+    name: str, cu: Any, packed: Tensor, tokens: str, device: torch.device, partner: str | None = None
+) -> list[int]:
+    """cu: int32 (n + 1,) on `device`, starting at 0, non-decreasing, ending at the number of tokens of `packed`
+    (the 3-D (total, heads, dim) tensor it describes, `query` or `key` as `tokens` names it; `partner`: a tensor
+    laid out like it, `value`, for the hint). Returns its values (one read to the host)."""
+    total = packed.shape[0]
     if not isinstance(cu, Tensor):
         raise TypeError(f"expected `{name}` to be an int32 torch.Tensor of shape (n + 1,), got {describe(cu)}")
     if cu.dim() != 1 or cu.shape[0] < 2:
@@ -109,6 +119,15 @@ def _check_cu_seq(name: str, cu: Any, total: int, tokens: str, device: torch.dev
                 f"expected `{name}` non-decreasing (cumulative lengths), got {name}[{s}] = {values[s]} > "
                 f"{name}[{s + 1}] = {values[s + 1]}"
             )
+    if values[-1] != total and packed.dim() == 3 and packed.shape[1] == values[-1]:
+        # (heads, total, dim): the layout of attention's (b, h, i, d) without the batch, passed as it is
+        n_tokens, heads = f"total_{tokens[0]}", "h" if tokens == "query" else "g"
+        also = f" (and `{partner}.transpose(0, 1)`)" if partner else ""
+        raise ValueError(
+            f"expected `{tokens}` of shape ({n_tokens}, {heads}, d) with {n_tokens} = {name}[-1] = {values[-1]}, "
+            f"got shape {fmt_shape(packed.shape)}; hint: `{tokens}` looks heads-first ({heads}, {n_tokens}, d): "
+            f"pass `{tokens}.transpose(0, 1)`{also}"
+        )
     if values[-1] != total:
         raise ValueError(
             f"expected `{name}[-1]` to equal the number of {tokens} tokens, {total}, got {values[-1]} (shape "
@@ -129,7 +148,8 @@ def _check_max(name: str, value: Any, cu_name: str, cu: list[int]) -> None:
 
 
 def _check_window(window_size: Any) -> tuple[int | None, int | None] | None:
-    """(left, right) with -1 (any negative) unbounded -> attend's window (None unbounded), None for (-1, -1)."""
+    """(left, right), each an int >= 0 or -1 (unbounded; as in PyTorch's, no other negative) -> attend's window
+    (None unbounded), None for (-1, -1)."""
     if isinstance(window_size, Tensor) or not isinstance(window_size, (tuple, list)):
         raise TypeError(
             f"expected `window_size` to be a pair (left, right) of ints, -1 for unbounded, got "
@@ -140,6 +160,11 @@ def _check_window(window_size: Any) -> tuple[int | None, int | None] | None:
     for side, w in zip(("left", "right"), window_size):
         if isinstance(w, bool) or not isinstance(w, int):
             raise TypeError(f"expected `window_size` {side} to be an int (-1: unbounded), got {describe(w)}")
+        if w < -1:
+            raise ValueError(
+                f"expected `window_size` {side} to be an int >= 0, or -1 for unbounded, got {w} in "
+                f"window_size={tuple(window_size)}; hint: (-1, 0) is causal, (128, 0) causal with a window of 128"
+            )
     left, right = (None if w < 0 else w for w in window_size)
     return None if left is None and right is None else (left, right)
 
@@ -240,7 +265,8 @@ def _used_keys(
     if not paged:
         if not isinstance(key, Tensor) or key.dim() != 3:
             raise ValueError(f"expected `key` of shape (total_k, g, d), got {describe(key)}")
-        cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key.shape[0], "key", device)
+        partner = "value" if isinstance(value, Tensor) and value.shape[:2] == key.shape[:2] else None
+        cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key, "key", device, partner)
         if len(cu_k) != n + 1:
             raise ValueError(
                 f"expected cu_seq_k with one entry per sequence, shape ({n + 1},), got {describe(cu_seq_k)}"
@@ -310,14 +336,15 @@ def _varlen_inputs(
     Raises (TypeError, ValueError; RuntimeError for gradients with the KV cache) before any kernel runs."""
     if seqused_k is not None or block_table is not None:
         key, value, cu_seq_k, max_k = _used_keys(query, key, value, cu_seq_q, cu_seq_k, max_k, seqused_k, block_table)
-    _check_packed(query, key, value, enable_gqa)
+    _check_packed(query, key, value)
     if cu_seq_k is None:
         raise ValueError(
             "expected `cu_seq_k` to be an int32 tensor of shape (n + 1,), got None; hint: for self-attention "
             "packing pass cu_seq_q again (None is only for the paged KV cache, block_table)"
         )
-    cu_q = _check_cu_seq("cu_seq_q", cu_seq_q, query.shape[0], "query", query.device)
-    cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key.shape[0], "key", query.device)
+    cu_q = _check_cu_seq("cu_seq_q", cu_seq_q, query, "query", query.device)
+    cu_k = _check_cu_seq("cu_seq_k", cu_seq_k, key, "key", query.device, "value")
+    _check_heads(query, key, value, enable_gqa)
     if len(cu_q) != len(cu_k):
         raise ValueError(
             f"expected cu_seq_q and cu_seq_k with one entry per sequence (the same length), got shapes "
@@ -432,7 +459,8 @@ def varlen_attn(
             sinks, the sink's). It has a gradient (PyTorch's drops it). It comes from the same kernel call as the
             output (`attention(..., return_lse=True)`), so only backends that give it run such a call.
         scale: logit scale, default d ** -0.5.
-        window_size: (left, right) as above; default (-1, -1), full attention within each sequence.
+        window_size: (left, right) as above, each an int >= 0 or -1 (unbounded; another negative raises, as
+            only -1 means unbounded in PyTorch's); default (-1, -1), full attention within each sequence.
         enable_gqa: allow g < h key/value heads (h % g == 0; query head x uses key/value head x // (h // g)).
         seqused_k: int32 (n,), inference only: sequence s uses only the first seqused_k[s] keys of its key segment
             (of its pages with block_table); causal and the window align to that length (as in flash-attn).

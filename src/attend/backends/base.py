@@ -89,7 +89,8 @@ class Backend:
         return None
 
     def caps_for(self, device: torch.device) -> Caps | None:
-        return self.caps.get(device.type)
+        caps = type(self).caps  # (a ClassVar, read off the class: dynamo on torch 2.4 cannot trace it through self)
+        return caps[device.type] if device.type in caps else None
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
         """Every reason this backend cannot run `inp`; an empty list means it can.

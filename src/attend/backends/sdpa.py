@@ -79,7 +79,8 @@ def _probe_enable_gqa() -> bool:
     q = torch.zeros(1, 2, 1, 8)
     kv = torch.zeros(1, 1, 1, 8)
     try:
-        _sdpa(q, kv, kv, enable_gqa=True)
+        gqa: dict[str, Any] = {"enable_gqa": True}  # (a dict: older torch's typing has no such keyword)
+        _sdpa(q, kv, kv, **gqa)
     except (TypeError, RuntimeError):
         return False
     return True
@@ -97,6 +98,32 @@ def _probe_dead_rows(variant: SDPBackend, device: str) -> bool:
     except RuntimeError:
         return False
     return bool((out[0, 0, 0] == 0).all()) and q.grad is not None and bool(torch.isfinite(q.grad).all())
+
+
+def _probe_half(variant: SDPBackend) -> bool:
+    """Does this CPU kernel give float16 inputs the float32 answer where float16 itself cannot hold the
+    intermediates: a float32 bias beyond float16's range (7e4) or finer than it (100.3), and huge values
+    (6e4: q.k overflows float16) in keys the mask or causal hides? torch 2.13's CPU kernels do; 2.4.1's
+    give NaN or a rounded bias."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, 8, generator=gen) for _ in range(3))
+    k[..., 2, :], v[..., 2, :] = 6e4, -6e4  # garbage in key 2, hidden from rows 0 and 1
+    bias = torch.zeros(1, 1, 3, 3)
+    bias[..., 2] = -torch.inf
+    bias[..., 0, 1], bias[..., 1, :2] = 7e4, torch.tensor([100.0, 100.3])
+    half = [t.half() for t in (q, k, v)]
+    hidden = torch.ones(3, 3, dtype=torch.bool).tril()
+    wide = [t.double() for t in half]
+    want = [_sdpa(*wide, attn_mask=bias.double()), _sdpa(*wide, attn_mask=hidden)]
+    try:
+        with sdpa_kernel([variant]):
+            got = [_sdpa(*half, attn_mask=bias), _sdpa(*half, is_causal=True)]
+    except RuntimeError:
+        return False
+    return all(
+        bool(torch.isfinite(g[..., :2, :]).all()) and bool(((g.double() - w)[..., :2, :].abs() < 1e-2).all())
+        for g, w in zip(got, want)
+    )
 
 
 def _probe_lower_right_gqa() -> bool:
@@ -150,9 +177,25 @@ def clear_probes() -> None:
     _PROBED[("enable_gqa",)] = _isolated(_probe_enable_gqa)
     for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         zeroes_dead_rows(variant, "cpu")
+        _PROBED[("half", variant.name)] = _isolated(functools.partial(_probe_half, variant))
+
+
+def exact_in_half(variant: SDPBackend) -> bool:
+    """Does this CPU kernel keep float16/bfloat16 inputs exact to float32 statistics (`_probe_half`)? (A kernel
+    with no CPU implementation is not probed: its caps already keep it off the CPU.)"""
+    return _PROBED.get(("half", variant.name), True)
 
 
 clear_probes()
+
+HALF_CPU = features.register(
+    "sdpa_cpu_half_exact",
+    api="CPU SDPA kernels that keep float16 attention in float32 (a float32 bias beyond float16, huge values "
+    "behind a mask)",
+    since="2.5",
+    without="float16 and bfloat16 calls on CPU go to chunked (float32 statistics), not sdpa:flash or sdpa:math",
+    present=lambda: all(exact_in_half(v) for v in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)),
+)
 
 ENABLE_GQA = features.register(
     "sdpa_enable_gqa",
@@ -189,15 +232,6 @@ def _lower_right_bias(i: int, j: int):
 # The global SDPA kernel switches. PyTorch's public getters and setters (torch.backends.cuda.*_sdp_enabled,
 # enable_*_sdp) are one-line wrappers of these torch._C functions; the functions themselves are used where
 # they exist (found by name, so a torch without them falls back to the public wrappers).
-SWITCH_GETTERS = features.register(
-    "sdpa_switch_functions",
-    api="torch._C._get_{flash,mem_efficient,math,cudnn}_sdp_enabled and _set_sdp_use_*",
-    since="2.0",
-    without="the SDPA kernel switches are read and set through torch.backends.cuda's public wrappers",
-    present=lambda: all(getter is not public for (_, getter, _), public in zip(_SWITCHES, _PUBLIC_GETTERS)),
-)
-
-
 def _switch(name: str, public_get: Callable[[], bool], public_set: Callable[[bool], None]):
     get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
     put = getattr(torch._C, f"_set_sdp_use_{name}", None)
@@ -217,6 +251,13 @@ _SWITCHES = (
 _FLASH_ON, _EFFICIENT_ON, _MATH_ON, _CUDNN_ON = (enabled for _, enabled, _ in _SWITCHES)
 _PUBLIC_GETTERS = (_cuda.flash_sdp_enabled, _cuda.mem_efficient_sdp_enabled, _cuda.math_sdp_enabled,
                    _cuda.cudnn_sdp_enabled)  # fmt: skip
+SWITCH_GETTERS = features.register(
+    "sdpa_switch_functions",
+    api="torch._C._get_{flash,mem_efficient,math,cudnn}_sdp_enabled and _set_sdp_use_*",
+    since="2.0",
+    without="the SDPA kernel switches are read and set through torch.backends.cuda's public wrappers",
+    present=lambda: all(getter is not public for (_, getter, _), public in zip(_SWITCHES, _PUBLIC_GETTERS)),
+)
 FUSED_CHOICE = features.register(
     "fused_sdp_choice",
     api="torch._fused_sdp_choice",
@@ -364,10 +405,14 @@ class SdpaBackend(Backend):
     def caps_for(self, device: torch.device) -> Caps | None:
         caps = super().caps_for(device)
         if caps is not None and caps.native_gqa and not has_enable_gqa():
-            from dataclasses import replace
-
-            caps = replace(caps, native_gqa=False)
+            caps = _NO_NATIVE_GQA[(type(self).__name__, device.type)]  # (dynamo on torch 2.4 cannot trace replace)
         return caps
+
+    def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
+        reasons = super().reasons_unsupported(inp)
+        if inp.device.type == "cpu" and inp.dtype in HALF and not exact_in_half(self.variant):
+            reasons.append(f"{inp.dtype} on CPU: {HALF_CPU.reason()}")
+        return reasons
 
     def run(self, inp: AttnInputs) -> Tensor:
         caps = self.caps_for(inp.device)
@@ -748,3 +793,11 @@ class SdpaMath(SdpaBackend):
         "cuda": Caps(),
         "mps": Caps(dtypes=NO_FLOAT64),
     }
+
+
+# each SDPA backend's caps where this torch's SDPA has no enable_gqa: k and v expanded (`SdpaBackend.caps_for`)
+_NO_NATIVE_GQA = {
+    (cls.__name__, device): replace(caps, native_gqa=False)
+    for cls in (SdpaFlash, SdpaEfficient, SdpaCudnn, SdpaMath)
+    for device, caps in cls.caps.items()
+}

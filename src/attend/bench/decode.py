@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._helpers import fmt_dtype
+from ..backends.sdpa import has_enable_gqa
 from .cases import DECODE_SUITES, DecodeCase
 from .harness import BenchConfig, Skip, available_bytes, guard, import_object, missing, run_rows, timing_fields
 from .timer import time_interleaved
@@ -284,15 +285,23 @@ def _sdpa_gqa(base: DecodeBase) -> Built:
     q, k, v, kcs, vcs = base.q, base.k, base.v, base.k_caches, base.v_caches
     j = kcs[0].shape[2]
     layer = _rotating(len(kcs))
+    r = q.shape[1] // kcs[0].shape[1]
+    # a torch without SDPA's enable_gqa (< 2.5): what its users write, k and v repeated to the query heads
+    gqa: dict[str, Any] = {"enable_gqa": True} if r > 1 and has_enable_gqa() else {}
+    repeat = r > 1 and not gqa
 
     def call() -> Tensor:
         n = layer()
         kc, vc = kcs[n], vcs[n]
         kc[:, :, j - 1 : j] = k
         vc[:, :, j - 1 : j] = v
-        return F.scaled_dot_product_attention(q, kc[:, :, :j], vc[:, :, :j], enable_gqa=True)
+        kj, vj = kc[:, :, :j], vc[:, :, :j]
+        if repeat:
+            kj, vj = kj.repeat_interleave(r, 1), vj.repeat_interleave(r, 1)
+        return F.scaled_dot_product_attention(q, kj, vj, **gqa)
 
-    note = f"the same append by slice assignment, then SDPA on k_cache[:, :, :{j}], enable_gqa=True"
+    how = f"k and v repeated {r}x (this torch's SDPA has no enable_gqa)" if repeat else "enable_gqa=True"
+    note = f"the same append by slice assignment, then SDPA on k_cache[:, :, :{j}], {how}"
     return Built(call, note + _layers_note(base))
 
 
