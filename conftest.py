@@ -18,13 +18,20 @@ import torch
 
 
 def _requires(code: str) -> None:
-    """A block whose first line is `# requires: transformers` runs only where transformers' PyTorch models do
-    (installed, and not disabled on this torch): skipped with the reason otherwise."""
+    """A block whose first line is `# requires: NAME[, NAME]` runs only where each NAME can: a torch feature of
+    `attend.features` this torch has, transformers with its PyTorch models (installed, and not disabled on this
+    torch), or another importable module; skipped with the reason otherwise."""
     first = code.lstrip().splitlines()[0] if code.strip() else ""
     if not first.startswith("# requires:"):
         return
     for name in (n.strip() for n in first.split(":", 1)[1].split(",")):
-        if name == "transformers":
+        from attend import features
+
+        if name in {f.name for f in features.registered()}:  # a torch feature attend probes
+            found = features.get(name)
+            if not found.present():
+                pytest.skip(found.reason())
+        elif name == "transformers":
             from tests.helpers import transformers_or_skip
 
             transformers_or_skip()

@@ -74,11 +74,9 @@ def reference_with_kvcache(
         if causal:
             keep = keep.tril(j - i)
         if sinks is None:
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[r : r + 1], keys[None, :, :j], values[None, :, :j], attn_mask=keep, scale=scale, enable_gqa=True
-                )
-            )
+            rep = h // keys.shape[0]  # k, v repeated to the query heads (enable_gqa's meaning; torch 2.4 lacks it)
+            kj, vj = (x[None, :, :j].repeat_interleave(rep, 1) for x in (keys, values))
+            outs.append(F.scaled_dot_product_attention(q[r : r + 1], kj, vj, attn_mask=keep, scale=scale))
             continue
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         kk, vv = (x[:, :j].repeat_interleave(h // x.shape[0], 0).to(acc) for x in (keys, values))

@@ -131,3 +131,42 @@ def test_module_is_stateless_and_repr():
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         Attend(**kwargs)
+
+
+def test_flash_true_in_training_on_cpu_runs_what_the_readme_says(monkeypatch):
+    """`Attend(0.1, flash=True).train()` on CPU: no fused CPU kernel has dropout, so it falls back to auto, which runs
+    `sdpa:math` where i * j < 256 * 256 and `chunked` from there on (`sdpa:flash` in eval mode). The backend whose
+    `run` forward calls is recorded, and the README's migration section must say the same."""
+    from pathlib import Path
+
+    from attend import dispatch
+
+    ran: list[str] = []
+    for name in ("sdpa:flash", "sdpa:math", "chunked", "einsum"):
+        cls = type(get_backend(name))
+        monkeypatch.setattr(cls, "run", lambda self, inp, _run=cls.run: ran.append(self.name) or _run(self, inp))
+    attn = Attend(0.1, flash=True).train()
+    for n, j, want in ((64, 64, "sdpa:math"), (255, 256, "sdpa:math"), (256, 256, "chunked"), (128, 1024, "chunked")):
+        dispatch.clear_cache()  # the first call of a signature goes through `run`
+        ran.clear()
+        q, k, v = make_qkv(b=1, h=2, g=2, i=n, j=j)
+        attn(q, k, v)
+        assert ran == [want], (n, j)
+        assert attn.explain(q, k, v).backend == want
+    attn.eval()
+    dispatch.clear_cache()
+    ran.clear()
+    attn(q, k, v)
+    assert ran == ["sdpa:flash"]
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("## Migrating from gigagan-pytorch's `Attend`")
+    section = " ".join(readme[start : readme.index("\n## ", start + 1)].split())
+    assert (
+        "`Attend(0.1, flash=True).train()` on CPU runs `sdpa:math` where i * j < 256 * 256 and `chunked` from there on"
+        in section
+    )
+    assert "In eval mode (no dropout) `sdpa:flash` runs." in section
+    for gone in ("`attn_dropout`", "`cpu_config`", "`cuda_config`", "`flash_attn`"):
+        assert gone in section
+        assert not hasattr(attn, gone.strip("`")), f"{gone} is documented as gone"

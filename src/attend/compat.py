@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
+from .backends.sdpa import has_enable_gqa
 from .dispatch import call
 from .inputs import Options, check_options
 
@@ -72,13 +73,20 @@ def _torch_choice(
     """The kernel (an SDPBackend value) PyTorch's own SDPA would run these arguments with `is_causal=True` on, here
     and now (its kernel switches included), as `torch._fused_sdp_choice` says; `_EMPTY` for an empty query or key,
     which it answers without a kernel; None where this torch cannot say (no such function, or one without
-    `enable_gqa`). Only a call with both `attn_mask` and `is_causal` asks: a C call, no kernel runs."""
+    the arguments). Only a call with both `attn_mask` and `is_causal` asks: a C call, no kernel runs."""
     if query.numel() == 0 or key.numel() == 0:
         return _EMPTY
     choice = getattr(torch, "_fused_sdp_choice", None)
     if choice is None:
         return None
-    extra = {"enable_gqa": True} if gqa else {}  # a torch without the keyword (< 2.5): None for grouped-query
+    extra: dict = {}
+    if gqa and has_enable_gqa():
+        extra["enable_gqa"] = True
+    elif gqa and key.shape[-3] != query.shape[-3]:
+        # a torch without the keyword (< 2.5): what it would run with k and v repeated to the query heads, which
+        # is what enable_gqa means (the drop-in takes it on every torch)
+        r = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(r, -3), value.repeat_interleave(r, -3)
     try:
         return int(choice(query, key, value, attn_mask, dropout_p, True, scale=scale, **extra))
     except (TypeError, RuntimeError):

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from . import features
-from ._helpers import accum_dtype, any_autocast, fmt_shape, functorch_wrapped, no_autocast
+from ._helpers import accum_dtype, any_autocast, functorch_wrapped, no_autocast
 from .backends import REGISTERED
-from .backends.base import Backend
+from .backends.base import Backend, fmt_bytes
 from .inputs import AttnInputs, Options, validate
 from .masks import dead_keys, lower, rows_that_see, zero_keys
 
@@ -215,22 +215,17 @@ def _auto_order(inp: AttnInputs) -> tuple[str, ...]:
     return tuple(order)
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
 def _budget_reasons(backend: Backend, inp: AttnInputs) -> list[str]:
-    """Why auto skips `backend` on memory grounds (empty when it fits MEMORY_BUDGET_BYTES)."""
+    """Why auto skips `backend` on memory grounds (empty when it fits MEMORY_BUDGET_BYTES): the intermediate the
+    backend says it would hold for `inp` (`Backend.intermediate`: the (b, h, i, j) scores, or `sdpa:math`'s query
+    blocks), in its own words."""
     need = backend.intermediate_bytes(inp)
     if need <= MEMORY_BUDGET_BYTES:
         return []
-    shape = fmt_shape((inp.b, inp.h, inp.i, inp.j))
-    return [
-        (
-            f"needs a {_fmt_bytes(need)} (b, h, i, j) = {shape} intermediate > budget "
-            f"{_fmt_bytes(MEMORY_BUDGET_BYTES)} (attend.dispatch.MEMORY_BUDGET_BYTES; auto only)"
-        )
-    ]
+    held = backend.intermediate(inp)
+    # (a backend that overrides only `intermediate_bytes` has no words for its figure)
+    what = held.what if held is not None and held.nbytes == need else f"{fmt_bytes(need)} of intermediates"
+    return [f"needs {what} > budget {fmt_bytes(MEMORY_BUDGET_BYTES)} (attend.dispatch.MEMORY_BUDGET_BYTES; auto only)"]
 
 
 def _format_failure(inp: AttnInputs, blocks: dict[str, list[str]], head: str, backend: str | None = None) -> str:
@@ -631,7 +626,7 @@ def dynamo_traces_attend() -> bool:
 
 TRACED = features.register(
     "dynamo_traces_attend",
-    api="a torch.compile (dynamo) that traces attend's dispatch (sdpa_kernel, NamedTuple._replace, ...)",
+    api="dynamo support for what attend's dispatch does under torch.compile (sdpa_kernel, NamedTuple._replace, ...)",
     since="2.5",
     without="under torch.compile each attend call runs eagerly between graphs (one graph break per call; "
     "fullgraph=True raises dynamo's error for it)",

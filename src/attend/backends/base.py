@@ -12,19 +12,56 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._helpers import accum_dtype, cuda_capability, fmt_dtypes
+from .._helpers import accum_dtype, cuda_capability, fmt_dtypes, fmt_shape
 from ..inputs import FLOAT_DTYPES, AttnInputs
 
-__all__ = ["Caps", "Backend"]
+__all__ = ["Caps", "Backend", "Intermediate", "dense_intermediate", "fmt_bytes"]
 
 ALL_FLOATS = FLOAT_DTYPES
 # every float dtype but float64 (MPS has none; CUDA's memory-efficient kernel takes none)
 NO_FLOAT64 = FLOAT_DTYPES - {torch.float64}
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB, one decimal: what `explain` and the budget's reasons print."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class Intermediate(NamedTuple):
+    """The (i, j)-sized memory a backend's `run` holds for some inputs (`Backend.intermediate`): `nbytes`, the
+    figure the dispatcher's memory budget compares, and `what`, those bytes in words ("a 8.0 GiB (b, h, i, j) =
+    (1, 8, 16384, 16384) intermediate", or a query block's). The words are formatted only when read (under
+    torch.compile a size formatted into a string would specialise the graph on it)."""
+
+    nbytes: int
+    shape: tuple  # (b, h, i, j); with query blocks, the largest block's (b, h, rows, keys)
+    block_rows: int = 0  # 0: one call over (b, h, i, j); else the rows of each query block
+    block_bytes: int = 0  # the largest block's scores
+    max_keys: int = 0  # the most keys any block sees
+    kept: int = 0  # training: the blocks autograd keeps for the backward (nbytes is then all of theirs)
+
+    @property
+    def what(self) -> str:
+        if not self.block_rows:
+            return f"a {fmt_bytes(self.nbytes)} (b, h, i, j) = {fmt_shape(self.shape)} intermediate"
+        text = (
+            f"query blocks of {self.block_rows} rows against at most {self.max_keys} keys each: up to "
+            f"{fmt_bytes(self.block_bytes)} of (b, h, rows, keys) = {fmt_shape(self.shape)} scores per block"
+        )
+        if self.kept:
+            text += f"; training keeps all {self.kept} for the backward: {fmt_bytes(self.nbytes)}"
+        return text
+
+
+def dense_intermediate(inp: AttnInputs) -> Intermediate:
+    """The full (b, h, i, j) scores in the accumulation dtype: what a backend that computes every (i, j) logit at
+    once holds."""
+    return Intermediate(inp.b * inp.h * inp.i * inp.j * accum_dtype(inp.dtype).itemsize, (inp.b, inp.h, inp.i, inp.j))
 
 
 @dataclass(frozen=True)
@@ -57,9 +94,10 @@ class Caps:
     grad2: bool = True
     native_gqa: bool = True  # False: k/v are expanded to h heads (a copy)
     deterministic: bool = True
-    # Holds the (b, h, i, j) scores in memory (the dispatcher's memory budget reads it through
-    # `Backend.intermediate_bytes`). None = not declared: non-fused backends do (einsum, sdpa:math), fused
-    # kernels do not; a memory-bounded non-fused backend (chunked) declares False.
+    # Holds its scores in memory as plain tensors: the (b, h, i, j) scores, or those of each piece it runs in
+    # (sdpa:math's query blocks; the dispatcher's memory budget reads it through `Backend.intermediate`). None =
+    # not declared: non-fused backends do (einsum, sdpa:math), fused kernels do not; a memory-bounded non-fused
+    # backend (chunked) declares False.
     dense_scores: bool | None = None
     # gives the log-sum-exp of each row (`return_lse=True`), differentiable, second order included. Opt-in: a
     # backend claims it (einsum, chunked); PyTorch's SDPA returns none
@@ -89,8 +127,7 @@ class Backend:
         return None
 
     def caps_for(self, device: torch.device) -> Caps | None:
-        caps = type(self).caps  # (a ClassVar, read off the class: dynamo on torch 2.4 cannot trace it through self)
-        return caps[device.type] if device.type in caps else None
+        return self.caps.get(device.type)
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
         """Every reason this backend cannot run `inp`; an empty list means it can.
@@ -171,17 +208,26 @@ class Backend:
             reasons.append("not deterministic, and determinism was requested")
         return reasons
 
-    def intermediate_bytes(self, inp: AttnInputs) -> int:
-        """Bytes of the largest (i, j)-sized intermediate `run(inp)` holds: the (b, h, i, j) scores in the
-        accumulation dtype when the backend declares (or defaults to) `dense_scores`, else 0. A dense mask
-        or bias the user passed is theirs already and is not counted."""
+    def holds_scores(self, inp: AttnInputs) -> bool:
+        """Does `run(inp)` compute its scores as plain tensors (not inside a fused kernel or a bounded tile loop)?
+        As the backend declares `Caps.dense_scores`; undeclared: True for a non-fused backend."""
         caps = self.caps_for(inp.device)
         if caps is None:
-            return 0
-        dense = caps.dense_scores if caps.dense_scores is not None else not self.fused
-        if not dense:
-            return 0
-        return inp.b * inp.h * inp.i * inp.j * accum_dtype(inp.dtype).itemsize
+            return False
+        return caps.dense_scores if caps.dense_scores is not None else not self.fused
+
+    def intermediate(self, inp: AttnInputs) -> Intermediate | None:
+        """The largest (i, j)-sized intermediate `run(inp)` holds, in bytes and in words, or None (none: a fused
+        kernel, a memory-bounded tile loop). Here: the (b, h, i, j) scores in the accumulation dtype when the
+        backend holds scores (`holds_scores`); a backend that runs in pieces (`sdpa:math`'s query blocks) says
+        its pieces' instead. A dense mask or bias the user passed is theirs already and is not counted."""
+        return dense_intermediate(inp) if self.holds_scores(inp) else None
+
+    def intermediate_bytes(self, inp: AttnInputs) -> int:
+        """Bytes of the largest (i, j)-sized intermediate `run(inp)` holds (`intermediate`), 0 for none: what the
+        dispatcher's memory budget compares."""
+        found = self.intermediate(inp)
+        return 0 if found is None else found.nbytes
 
     def lowering(self, inp: AttnInputs) -> str | None:
         """How `run` handles a window or documents (what `explain` prints), or None: nothing to say."""

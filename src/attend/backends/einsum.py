@@ -35,4 +35,6 @@ class EinsumBackend(Backend):
     def lowering(self, inp: AttnInputs) -> str | None:
         if not inp.structured:
             return None
-        return "the reference: window and documents as one dense (b, 1, i, j) bool mask, every key computed"
+        held = self.intermediate(inp)
+        logits = "" if held is None else f"; holds {held.what} (the logits)"
+        return f"the reference: window and documents as one dense (b, 1, i, j) bool mask, every key computed{logits}"

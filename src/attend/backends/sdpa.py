@@ -40,7 +40,7 @@ from .._helpers import accum_dtype, differentiable, functorch_wrapped
 from ..grad2 import Gate, gate, recompute_grads, records_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
-from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps
+from .base import ALL_FLOATS, NO_FLOAT64, Backend, Caps, Intermediate, dense_intermediate
 
 __all__ = ["SdpaFlash", "SdpaEfficient", "SdpaCudnn", "SdpaMath"]
 
@@ -111,13 +111,13 @@ def _probe_half(variant: SDPBackend) -> bool:
     bias = torch.zeros(1, 1, 3, 3)
     bias[..., 2] = -torch.inf
     bias[..., 0, 1], bias[..., 1, :2] = 7e4, torch.tensor([100.0, 100.3])
-    half = [t.half() for t in (q, k, v)]
+    qh, kh, vh = q.half(), k.half(), v.half()
     hidden = torch.ones(3, 3, dtype=torch.bool).tril()
-    wide = [t.double() for t in half]
-    want = [_sdpa(*wide, attn_mask=bias.double()), _sdpa(*wide, attn_mask=hidden)]
+    qw, kw, vw = qh.double(), kh.double(), vh.double()
+    want = [_sdpa(qw, kw, vw, attn_mask=bias.double()), _sdpa(qw, kw, vw, attn_mask=hidden)]
     try:
         with sdpa_kernel([variant]):
-            got = [_sdpa(*half, attn_mask=bias), _sdpa(*half, is_causal=True)]
+            got = [_sdpa(qh, kh, vh, attn_mask=bias), _sdpa(qh, kh, vh, is_causal=True)]
     except RuntimeError:
         return False
     return all(
@@ -405,7 +405,7 @@ class SdpaBackend(Backend):
     def caps_for(self, device: torch.device) -> Caps | None:
         caps = super().caps_for(device)
         if caps is not None and caps.native_gqa and not has_enable_gqa():
-            caps = _NO_NATIVE_GQA[(type(self).__name__, device.type)]  # (dynamo on torch 2.4 cannot trace replace)
+            caps = replace(caps, native_gqa=False)
         return caps
 
     def reasons_unsupported(self, inp: AttnInputs) -> list[str]:
@@ -465,7 +465,62 @@ class SdpaBackend(Backend):
             return None
         if torch.compiler.is_compiling():
             return "under torch.compile: one call with the structure as a mask"
-        return Structure(inp).describe(self.query_block)
+        how = Structure(inp).describe(self.query_block)
+        held = self.intermediate(inp)
+        return how if held is None else f"{how}; holds {held.what}"
+
+    def intermediate(self, inp: AttnInputs) -> Intermediate | None:
+        """A kernel that holds its scores (`sdpa:math`): the (b, h, i, j) scores of its one call, or, where `run`
+        goes in query blocks (`_query_blocks`), those of the largest block; in training, every block's, which
+        autograd keeps for the backward. Measured (peak RSS above the inputs, child process, 2-vCPU AMD EPYC, torch
+        2.13.0+cpu, 2026-12-07, causal, window (128, 0), float32): at (1, 8, 4096, 64) 36 MB forward and 147 MB
+        fwd+bwd, where this says 10.0 MiB per block and 78.0 MiB for the 8 blocks (the rest: the output, its blocks
+        before `cat`, the gradients); at (1, 8, 8192, 64) 45 MB and 284 MB against 10.0 MiB and 158.0 MiB. The
+        (b, h, i, j) figure it gave before was 512 MiB and 2 GiB."""
+        if not self.holds_scores(inp):
+            return None
+        blocks = self._query_blocks(inp)
+        if blocks is None:
+            return dense_intermediate(inp)
+        if not blocks:  # no query sees a key: no kernel call at all
+            return None
+        itemsize = accum_dtype(inp.dtype).itemsize
+        sizes = [inp.b * inp.h * rows * keys * itemsize for rows, keys in blocks]
+        largest = max(sizes)
+        rows, keys = blocks[sizes.index(largest)]
+        kept = len(blocks) if inp.needs_grad else 0
+        return Intermediate(
+            sum(sizes) if kept else largest, (inp.b, inp.h, rows, keys), self.query_block, largest,
+            max(k for _, k in blocks), kept,
+        )  # fmt: skip
+
+    def _query_blocks(self, inp: AttnInputs) -> list[tuple[int, int]] | None:
+        """(rows, keys) of each kernel call `run(inp)` makes where it runs queries in blocks (`_structured`,
+        `_causal_blocks`; a block that sees no key makes none), or None where it makes one call over all i and j.
+        The same decisions as `_kernel`, read from the inputs' sizes and structure."""
+        if torch.compiler.is_compiling():
+            return None  # one call (a loop would specialise the graph on the length)
+        step = self.query_block
+        blocks = []
+        if inp.structured:
+            structure = Structure(inp)
+            for start in range(0, inp.i, step):
+                stop = min(start + step, inp.i)
+                lo, hi = structure.rows(start, stop)[:2]
+                if hi > lo:
+                    blocks.append((stop - start, hi - lo))
+            return blocks
+        if not inp.causal or (inp.i == inp.j and inp.mask is None and inp.bias is None) or inp.i <= step:
+            return None
+        caps = self.caps_for(inp.device)
+        if self._native_lower_right(inp, {"enable_gqa": True} if inp.gqa and caps and caps.native_gqa else {}):
+            return None
+        for start in range(0, inp.i, step):
+            stop = min(start + step, inp.i)
+            keys = max(0, min(inp.j, stop + inp.j - inp.i))
+            if keys:
+                blocks.append((stop - start, keys))
+        return blocks
 
     def _kernel(self, inp: AttnInputs, caps: Caps) -> Tensor:
         q, k, v = inp.q, inp.k, inp.v
@@ -720,6 +775,10 @@ class SdpaFlash(SdpaBackend):
             mask = torch.zeros(mask.shape, dtype=accum_dtype(inp.dtype), device=mask.device).masked_fill_(
                 ~mask, -torch.inf
             )
+        dead = None if mask is None else dead_rows(inp)  # (b|1, h|1, i, 1): rows that may attend no key
+        if dead is not None and not zeroes_dead_rows(self.variant, inp.device.type):
+            # a kernel without safe softmax (torch < 2.5) gives such rows NaN: un-masked here, zeroed below
+            mask = mask.masked_fill(dead, 0.0)
         k, v = inp.k, inp.v
         if inp.gqa and not has_enable_gqa():
             # the op takes fewer key/value heads where SDPA has enable_gqa (torch >= 2.5); on an older torch it
@@ -727,7 +786,6 @@ class SdpaFlash(SdpaBackend):
             k, v = _expand_kv(k, inp.h), _expand_kv(v, inp.h)
         with torch.autocast(inp.device.type, enabled=False):
             out, lse = _FlashLse.apply(inp.q, k, v, mask, flag, inp.scale, inp)
-        dead = None if mask is None else dead_rows(inp)  # (b|1, h|1, i, 1): rows that may attend no key
         if dead is not None:
             out, lse = out.masked_fill(dead, 0.0), lse.masked_fill(dead[..., 0], -torch.inf)
         return out, lse
@@ -794,10 +852,3 @@ class SdpaMath(SdpaBackend):
         "mps": Caps(dtypes=NO_FLOAT64),
     }
 
-
-# each SDPA backend's caps where this torch's SDPA has no enable_gqa: k and v expanded (`SdpaBackend.caps_for`)
-_NO_NATIVE_GQA = {
-    (cls.__name__, device): replace(caps, native_gqa=False)
-    for cls in (SdpaFlash, SdpaEfficient, SdpaCudnn, SdpaMath)
-    for device, caps in cls.caps.items()
-}
