@@ -61,11 +61,14 @@ mask or bias lined up with the folded heads).
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import features
 from ._helpers import accum_dtype, functorch_wrapped
 from .masks import Structure
 
@@ -423,9 +426,10 @@ class Plan:
             row_keys, col_terms = self.keep_rows(bs, r0, r1), self.keep_cols(c0, c1)
         else:  # the row keys are reused across a query tile's key tiles, the key terms across query tiles
             where = (bs.start, r0, r1)
-            if self._row_keys is None or self._row_keys[0] != where:
-                self._row_keys = (where, self.keep_rows(bs, r0, r1))
-            row_keys = self._row_keys[1]
+            held = self._row_keys  # read once: another thread of the split (`_each`) may replace it
+            if held is None or held[0] != where:
+                held = self._row_keys = (where, self.keep_rows(bs, r0, r1))
+            row_keys = held[1]
             cached = self._col_terms.get((c0, c1))
             col_terms = cached if cached is not None else self._col_terms.setdefault((c0, c1), self.keep_cols(c0, c1))
         return dropout_keep(row_keys.view(nbg, rows, 1), col_terms, self.dropout_p)
@@ -460,75 +464,77 @@ def forward(
         out = torch.empty(plan.b * g, r, plan.i, plan.e, dtype=acc, device=q.device)
     if lse is None:
         lse = torch.empty(plan.b * g, r, plan.i, dtype=acc, device=q.device)
-    for bs in plan.batches():
+
+    def one(bs: slice, r0: int, r1: int) -> None:
         gs = slice(bs.start * g, bs.stop * g)
         kb, vb = kk[gs], vv[gs]
         nbg = (bs.stop - bs.start) * g
-        for r0, r1 in plan.query_tiles():
-            qt = plan.q_tile_of(qg, bs, r0, r1)
-            rows = qt.shape[1]
-            # m, l, o are written by the first key tile (a row range that sees no key tile at all keeps l = 0)
-            m = l = o = torch.zeros(nbg, rows, dtype=acc, device=q.device)  # noqa: E741 - l: the papers' running row sum
-            first = True
-            ref, shifted = m, False  # lazy path: exp is taken against `ref`, see _LAZY
-            for c0, c1, crosses in plan.key_tiles(r0, r1):
-                if plan.lazy:
-                    shift = ref[..., None] if shifted else None
-                    s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=shift)
-                    t = s.amax(dim=-1) + ref  # the tile's row max, absolute
-                    m = t if first else torch.maximum(m, t)
-                    # move a row's reference only when its running max leaves [ref + LO, ref + HI]: usually
-                    # never after the first tile, which saves the subtract pass and the rescale of o
-                    move = torch.isfinite(m) & ((m > ref + _LAZY[1]) | (m < ref + _LAZY[0]))
-                    if bool(move.any()):
-                        new_ref = torch.where(move, m, ref)
-                        delta = new_ref - ref
-                        s.sub_(delta[..., None])
-                        if not first:
-                            factor = delta.neg_().exp_()
-                            l.mul_(factor)
-                            o.mul_(factor[..., None])
-                        ref, shifted = new_ref, True
-                    p = s.exp_()
-                    alpha = None
-                else:
-                    s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
-                    m_new = s.amax(dim=-1) if first else torch.maximum(m, s.amax(dim=-1))
-                    # a row with nothing visible so far has max -inf: subtract 0 so exp gives 0, not NaN
-                    m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if plan.may_be_empty else m_new
-                    p = s.sub_(m_safe[..., None]).exp_()
-                    alpha = None if first else (m - m_safe).exp_()
-                    m, ref = m_new, m_safe
-                if plan.dropout_p > 0:
-                    keep = plan.keep(bs, r0, r1, c0, c1)
-                if first:
-                    # nothing to rescale yet: write l and o instead of scaling zeros (two fewer passes)
-                    l = p.sum(dim=-1)  # noqa: E741
-                    if plan.dropout_p > 0:
-                        p.mul_(keep)  # 1 / (1 - p) is applied once, at the end
-                    o = torch.bmm(p.to(plan.mm), vb[:, c0:c1])
-                    o = o if o.dtype == acc else o.to(acc)
-                else:
-                    if alpha is not None:
-                        l.mul_(alpha)
-                        o.mul_(alpha[..., None])
-                    l.add_(p.sum(dim=-1))
-                    if plan.dropout_p > 0:
-                        p.mul_(keep)
-                    _add_bmm(o, p.to(plan.mm), vb[:, c0:c1])
-                first = False
-            if first:  # no key tile visible to these rows (causal, i > j): output 0
-                o = torch.zeros(nbg, rows, plan.e, dtype=acc, device=q.device)
-            alive = l > 0
-            l_safe = torch.where(alive, l, 1.0)
-            o.div_(l_safe[..., None])
+        qt = plan.q_tile_of(qg, bs, r0, r1)
+        rows = qt.shape[1]
+        # m, l, o are written by the first key tile (a row range that sees no key tile at all keeps l = 0)
+        m = l = o = torch.zeros(nbg, rows, dtype=acc, device=q.device)  # noqa: E741 - l: the papers' running row sum
+        first = True
+        ref, shifted = m, False  # lazy path: exp is taken against `ref`, see _LAZY
+        for c0, c1, crosses in plan.key_tiles(r0, r1):
+            if plan.lazy:
+                shift = ref[..., None] if shifted else None
+                s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=shift)
+                t = s.amax(dim=-1) + ref  # the tile's row max, absolute
+                m = t if first else torch.maximum(m, t)
+                # move a row's reference only when its running max leaves [ref + LO, ref + HI]: usually
+                # never after the first tile, which saves the subtract pass and the rescale of o
+                move = torch.isfinite(m) & ((m > ref + _LAZY[1]) | (m < ref + _LAZY[0]))
+                if bool(move.any()):
+                    new_ref = torch.where(move, m, ref)
+                    delta = new_ref - ref
+                    s.sub_(delta[..., None])
+                    if not first:
+                        factor = delta.neg_().exp_()
+                        l.mul_(factor)
+                        o.mul_(factor[..., None])
+                    ref, shifted = new_ref, True
+                p = s.exp_()
+                alpha = None
+            else:
+                s, _, _ = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses)
+                m_new = s.amax(dim=-1) if first else torch.maximum(m, s.amax(dim=-1))
+                # a row with nothing visible so far has max -inf: subtract 0 so exp gives 0, not NaN
+                m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if plan.may_be_empty else m_new
+                p = s.sub_(m_safe[..., None]).exp_()
+                alpha = None if first else (m - m_safe).exp_()
+                m, ref = m_new, m_safe
             if plan.dropout_p > 0:
-                o.mul_(1.0 / (1.0 - plan.dropout_p))
-            # p was exp(s - ref) with ref = the (lazy) reference or the running max, finite on every row
-            # (0 where nothing was visible): lse = ref + log(l), +inf on a row with no key
-            lse_t = torch.where(alive, ref + l_safe.log_(), math.inf)
-            out[gs, :, r0:r1] = o.view(nbg, r, r1 - r0, plan.e)
-            lse[gs, :, r0:r1] = lse_t.view(nbg, r, r1 - r0)
+                keep = plan.keep(bs, r0, r1, c0, c1)
+            if first:
+                # nothing to rescale yet: write l and o instead of scaling zeros (two fewer passes)
+                l = p.sum(dim=-1)  # noqa: E741
+                if plan.dropout_p > 0:
+                    p.mul_(keep)  # 1 / (1 - p) is applied once, at the end
+                o = torch.bmm(p.to(plan.mm), vb[:, c0:c1])
+                o = o if o.dtype == acc else o.to(acc)
+            else:
+                if alpha is not None:
+                    l.mul_(alpha)
+                    o.mul_(alpha[..., None])
+                l.add_(p.sum(dim=-1))
+                if plan.dropout_p > 0:
+                    p.mul_(keep)
+                _add_bmm(o, p.to(plan.mm), vb[:, c0:c1])
+            first = False
+        if first:  # no key tile visible to these rows (causal, i > j): output 0
+            o = torch.zeros(nbg, rows, plan.e, dtype=acc, device=q.device)
+        alive = l > 0
+        l_safe = torch.where(alive, l, 1.0)
+        o.div_(l_safe[..., None])
+        if plan.dropout_p > 0:
+            o.mul_(1.0 / (1.0 - plan.dropout_p))
+        # p was exp(s - ref) with ref = the (lazy) reference or the running max, finite on every row
+        # (0 where nothing was visible): lse = ref + log(l), +inf on a row with no key
+        lse_t = torch.where(alive, ref + l_safe.log_(), math.inf)
+        out[gs, :, r0:r1] = o.view(nbg, r, r1 - r0, plan.e)
+        lse[gs, :, r0:r1] = lse_t.view(nbg, r, r1 - r0)
+
+    _each(plan, q, one)
     return out, lse
 
 
@@ -582,53 +588,175 @@ def backward_into(
     g, r, acc = plan.g, plan.r, plan.acc
     fused = plan.tracing or not functorch_wrapped(dog)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
     keep_scale = 1.0 / (1.0 - plan.dropout_p)
-    for bs in plan.batches():
+
+    def one(bs: slice, r0: int, r1: int, into: tuple[Tensor, Tensor, Tensor | None]) -> None:
+        dk_, dv_, dbias_ = into  # this thread's accumulators (`_each`)
         gs = slice(bs.start * g, bs.stop * g)
-        kb, vb, dkb, dvb = kk[gs], vv[gs], dk[gs], dv[gs]
+        kb, vb, dkb, dvb = kk[gs], vv[gs], dk_[gs], dv_[gs]
         nbg = (bs.stop - bs.start) * g
-        for r0, r1 in plan.query_tiles():
-            n = r1 - r0
-            qt = plan.q_tile_of(qg, bs, r0, r1)
-            dot = dog[gs, :, r0:r1].to(plan.mm).reshape(nbg, r * n, plan.e)
-            lse_t = lse[gs, :, r0:r1].reshape(nbg, r * n, 1)
-            delta_t = delta[gs, :, r0:r1].reshape(nbg, r * n, 1)
-            dqt = dog.new_zeros(nbg, r * n, plan.d, dtype=acc)
-            for c0, c1, crosses in plan.key_tiles(r0, r1):
-                s, drops, tanh = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
-                p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
-                vt = vb[:, c0:c1].transpose(1, 2)
-                if plan.dropout_p > 0:
-                    dp = torch.bmm(dot, vt).to(acc)
-                    keep = plan.keep(bs, r0, r1, c0, c1)
-                    pd = p * keep * keep_scale
-                    dp.mul_(keep).mul_(keep_scale).sub_(delta_t)
-                elif dot.dtype == acc:
-                    dp = torch.baddbmm(delta_t.neg().expand(-1, -1, c1 - c0), dot, vt)  # dp - D in one pass
-                    pd = p
-                else:
-                    dp = torch.bmm(dot, vt).to(acc).sub_(delta_t)
-                    pd = p
-                _add_bmm(dvb[:, c0:c1], pd.transpose(1, 2).to(plan.mm), dot, fused)
-                ds = dp.mul_(p)
-                ds5 = ds.view(bs.stop - bs.start, g, r, n, c1 - c0)
-                for drop in drops:
-                    # p is 0 there, but dp may hold inf from garbage in masked values: 0 * inf is NaN
-                    ds5.masked_fill_(drop, 0.0)
-                if dbias is not None:
-                    _accumulate_bias_grad(dbias, ds5, bs, r0, r1, c0, c1)
-                if tanh is not None:
-                    # through the cap: d(c tanh(x / c)) / dx = 1 - tanh(x / c)^2 (masked keys again after: garbage
-                    # there may make it NaN, and ds is 0 there)
-                    ds = ds.mul_(tanh.square_().neg_().add_(1.0))
-                    for drop in drops:
-                        ds.view(ds5.shape).masked_fill_(drop, 0.0)
-                dsm = ds.to(plan.mm)
-                _add_bmm(dqt, dsm, kb[:, c0:c1], fused)
-                _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt, fused)  # qt carries the scale already
-            if accumulate_dq:
-                dq[gs, :, r0:r1] += dqt.view(nbg, r, n, plan.d)
+        n = r1 - r0
+        qt = plan.q_tile_of(qg, bs, r0, r1)
+        dot = dog[gs, :, r0:r1].to(plan.mm).reshape(nbg, r * n, plan.e)
+        lse_t = lse[gs, :, r0:r1].reshape(nbg, r * n, 1)
+        delta_t = delta[gs, :, r0:r1].reshape(nbg, r * n, 1)
+        dqt = dog.new_zeros(nbg, r * n, plan.d, dtype=acc)
+        for c0, c1, crosses in plan.key_tiles(r0, r1):
+            s, drops, tanh = plan.scores(qt, kb, bs, r0, r1, c0, c1, crosses, shift=lse_t)
+            p = s.exp_()  # a row with no key has lse = +inf: p = 0, so its grads are 0
+            vt = vb[:, c0:c1].transpose(1, 2)
+            if plan.dropout_p > 0:
+                dp = torch.bmm(dot, vt).to(acc)
+                keep = plan.keep(bs, r0, r1, c0, c1)
+                pd = p * keep * keep_scale
+                dp.mul_(keep).mul_(keep_scale).sub_(delta_t)
+            elif dot.dtype == acc:
+                dp = torch.baddbmm(delta_t.neg().expand(-1, -1, c1 - c0), dot, vt)  # dp - D in one pass
+                pd = p
             else:
-                dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
+                dp = torch.bmm(dot, vt).to(acc).sub_(delta_t)
+                pd = p
+            _add_bmm(dvb[:, c0:c1], pd.transpose(1, 2).to(plan.mm), dot, fused)
+            ds = dp.mul_(p)
+            ds5 = ds.view(bs.stop - bs.start, g, r, n, c1 - c0)
+            for drop in drops:
+                # p is 0 there, but dp may hold inf from garbage in masked values: 0 * inf is NaN
+                ds5.masked_fill_(drop, 0.0)
+            if dbias_ is not None:
+                _accumulate_bias_grad(dbias_, ds5, bs, r0, r1, c0, c1)
+            if tanh is not None:
+                # through the cap: d(c tanh(x / c)) / dx = 1 - tanh(x / c)^2 (masked keys again after: garbage
+                # there may make it NaN, and ds is 0 there)
+                ds = ds.mul_(tanh.square_().neg_().add_(1.0))
+                for drop in drops:
+                    ds.view(ds5.shape).masked_fill_(drop, 0.0)
+            dsm = ds.to(plan.mm)
+            _add_bmm(dqt, dsm, kb[:, c0:c1], fused)
+            _add_bmm(dkb[:, c0:c1], dsm.transpose(1, 2), qt, fused)  # qt carries the scale already
+        if accumulate_dq:
+            dq[gs, :, r0:r1] += dqt.view(nbg, r, n, plan.d)
+        else:
+            dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
+
+    _each(plan, dog, one, (dk, dv, dbias))
+
+
+# The split of a tile loop across threads (a busy CPU)
+#
+# Each (batch slice, query tile) of a loop is independent: its rows of out / lse / dq are its own, and the
+# backward's dk, dv, dbias are sums. On a CPU the loop's units are dealt round-robin (causal: later query tiles
+# see more keys) to `torch.get_num_threads()` threads, each running its ATen ops with ONE intra-op thread,
+# instead of one thread whose every small op is an OpenMP parallel region. A region ends in a barrier that
+# waits for its slowest thread: when other processes hold the cores, that is a descheduled thread, once per op
+# (tens of ops per tile), and chunked fell to 0.16-0.27x direct SDPA under load (shared/research/contention.md:
+# 655 ms with 2 threads against 415 ms with 1). Split, no op waits on another thread; the threads meet once,
+# at the end of the loop. Needs per-thread intra-op thread counts (ATen's OpenMP backend: `PER_THREAD`); not
+# while tracing, under torch.func transforms or for a loop of one unit.
+
+_SPLIT_MIN_UNITS = 2
+_POOL: Any = None
+_POOL_LOCK = threading.Lock()
+_STATE: dict[str, bool] = {}
+
+
+def _probe_per_thread() -> bool:
+    """Does `torch.set_num_threads` in one thread leave another thread's count alone (ATen's OpenMP backend:
+    omp_set_num_threads and MKL's local count are per thread)? Tried in a fresh thread, undone there."""
+    before, seen = torch.get_num_threads(), {}
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        seen["here"] = torch.get_num_threads()
+
+    t = threading.Thread(target=work, name="attend-probe", daemon=True)
+    t.start()
+    t.join()
+    after = torch.get_num_threads()
+    if after != before:  # a process-wide count: put it back
+        torch.set_num_threads(before)
+    return seen.get("here") == 1 and after == before
+
+
+def per_thread_counts() -> bool:
+    """`_probe_per_thread`, found once (at the first split loop)."""
+    found = _STATE.get("per_thread")
+    if found is None:
+        found = _STATE["per_thread"] = _probe_per_thread()
+    return found
+
+
+PER_THREAD = features.register(
+    "per_thread_intra_op",
+    api="per-thread intra-op thread counts (torch.set_num_threads in ATen's OpenMP backend)",
+    since="2.0",
+    without="chunked's tile loop runs in the calling thread with torch's intra-op parallelism inside each op "
+    "(several times slower when other processes hold the cores)",
+    present=per_thread_counts,
+)
+
+
+def _single_threaded(fn, grad: bool, inference: bool, units, into):
+    """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(inference) if inference else torch.set_grad_enabled(grad):
+            for unit in units:
+                fn(*unit) if into is None else fn(*unit, into)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pool(workers: int):
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attend-tiles")
+        return _POOL
+
+
+def split_ways(plan: Plan, like: Tensor, units: int) -> int:
+    """How many threads a loop of `units` units runs on (1: in the caller's thread, ops parallel inside)."""
+    if plan.tracing or units < _SPLIT_MIN_UNITS or plan.device.type != "cpu":
+        return 1
+    threads = torch.get_num_threads()
+    if (
+        threads < 2
+        or functorch_wrapped(like)
+        or not per_thread_counts()
+    ):
+        return 1
+    return min(threads, units)
+
+
+def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None) -> None:
+    """fn(bs, r0, r1[, into]) for every (batch slice, query tile) of the plan, split across threads where
+    `split_ways` says so. `into`: the accumulators the units add into (dk, dv, dbias or None); every thread
+    but the caller's gets zeroed copies, added in at the end."""
+    units = [(bs, r0, r1) for bs in plan.batches() for r0, r1 in plan.query_tiles()]
+    ways = split_ways(plan, like, len(units))
+    if ways == 1:
+        for unit in units:
+            fn(*unit) if into is None else fn(*unit, into)
+        return
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    shares = [units[w::ways] for w in range(ways)]
+    privates = [None if into is None else tuple(None if t is None else torch.zeros_like(t) for t in into)
+                for _ in shares[1:]]  # fmt: skip
+    pool = _pool(ways - 1)
+    futures = [pool.submit(_single_threaded, fn, grad, inference, share, mine)
+               for share, mine in zip(shares[1:], privates)]  # fmt: skip
+    try:
+        _single_threaded(fn, grad, inference, shares[0], into)
+    finally:
+        wait(futures)  # every thread done before anything (a result, an error) leaves here
+    for future in futures:
+        future.result()  # (re-raises the first error)
+    if into is not None:
+        for mine in privates:
+            assert mine is not None
+            for total, part in zip(into, mine):
+                if total is not None:
+                    total.add_(part)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds5: Tensor, bs: slice, r0, r1, c0, c1) -> None:
