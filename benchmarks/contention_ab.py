@@ -1,9 +1,10 @@
-"""chunked's tile loop split across threads (tiles._each) against the old single-thread loop, quiet and loaded.
+"""The loops split across threads (`attend._helpers.run_split`: chunked's tiles, sdpa's query blocks) against
+the old single-thread loops, quiet and loaded.
 
     python benchmarks/contention_ab.py [--load N] [--rounds R]
 
 One process; for each state (quiet, then N busy processes) times, interleaved round by round:
-direct SDPA, chunked with the split, chunked without it (`tiles._SPLIT_MIN_UNITS` set past any loop), on
+direct SDPA, chunked and auto with the split, and without it (the `per_thread_intra_op` feature switched off), on
 (1, 8, 2048, 64) float32: plain forward, and causal + key padding forward+backward. Prints medians and the
 ratios to SDPA. The busy processes are `while True: pass` Python loops, stopped at the end.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import attend
-from attend import tiles
+from attend import _helpers
 
 
 def timed(fn, reps: int) -> float:
@@ -67,13 +68,13 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
         got = results.setdefault(name, {})
         for _ in range(rounds):
             for split in (True, False):
-                tiles._SPLIT_MIN_UNITS = 2 if split else 10**9
+                _helpers._STATE["per_thread"] = split
                 for label, fn in fns.items():
                     if label == "sdpa" and not split:
                         continue
                     key = label if label == "sdpa" else f"{label} {'split' if split else 'one thread'}"
                     got.setdefault(key, []).append(timed(fn, 2))
-        tiles._SPLIT_MIN_UNITS = 2
+        _helpers._STATE.pop("per_thread")
     return {n: {k: statistics.median(v) for k, v in d.items()} for n, d in results.items()}
 
 

@@ -593,3 +593,37 @@ def test_instance_tiles_and_name():
     )
     with pytest.raises(ValueError, match="expected `q_tile` to be a positive int"):
         ChunkedBackend(q_tile=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "dropout_p": 0.3}, {"bias": True}, {"window": (40, 5)}],
+                         ids=["plain", "causal+dropout", "bias", "window"])  # fmt: skip
+def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
+    """The tile loop split across threads (`tiles._each`) gives the single-thread loop's out and gradients
+    (dq, dk, dv, dbias: the backward's per-thread accumulators summed), with dropout's keep-mask the same."""
+    from attend import tiles
+    from attend._helpers import per_thread_counts
+
+    if torch.get_num_threads() < 2 or not per_thread_counts():
+        pytest.skip(f"no split here: {torch.get_num_threads()} intra-op thread(s), per-thread counts "
+                    f"{per_thread_counts()}")  # fmt: skip
+    kw = dict(kw)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 300, 300, dtype=torch.float64, requires_grad=True) if kw.pop("bias", False) else None
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+
+    def run(split: bool):
+        monkeypatch.setattr(tiles, "_SPLIT_MIN_UNITS", 2 if split else 10**9)
+        torch.manual_seed(1)
+        out = attention(q, k, v, bias=bias, backend="chunked", **kw)
+        return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    seen = []
+    real = tiles.split_ways
+    monkeypatch.setattr(tiles, "split_ways", lambda *a: seen.append(real(*a)) or seen[-1])
+    split_out, split_grads = run(True)
+    assert max(seen) > 1, "the loop was not split"
+    one_out, one_grads = run(False)
+    torch.testing.assert_close(split_out, one_out, atol=1e-12, rtol=1e-12)
+    for a, b in zip(split_grads, one_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

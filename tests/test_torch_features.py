@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import attend
-from attend import _helpers, dispatch, features, grad2
+from attend import _helpers, dispatch, features, grad2, tiles
 from attend.backends import sdpa
 from attend.inputs import validate
 
@@ -53,6 +53,10 @@ def off_half_exact(mp):
 
 def off_dynamo_traces(mp):
     mp.setitem(dispatch._TRACES, "dynamo", False)
+
+
+def off_per_thread(mp):
+    mp.setitem(_helpers._STATE, "per_thread", False)
 
 
 def off_fused_choice(mp):
@@ -162,6 +166,22 @@ def compile_without_tracing():
     torch._dynamo.reset()
 
 
+def chunked_without_per_thread_counts():
+    """chunked's tile loop in the calling thread (no split): the reference's result, forward and backward."""
+    q, k, v = make_qkv(b=2, h=4, g=2, i=300, j=300, grad=True)
+    inp = validate(q, k, v, causal=True)
+    plan = tiles.Plan(q, k, v, None, None, True, inp.scale, 0.0, 0, 64, 64)
+    assert tiles.split_ways(plan, q, 5) == 1
+    out = attend.attention(q, k, v, causal=True, backend="chunked")
+    ref = dense_formula(*(t.detach() for t in (q, k, v)), causal=True)[0]
+    _close(out, ref)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), w)
+    want = torch.autograd.grad(attend.attention(q, k, v, causal=True, backend="einsum"), (q, k, v), w)
+    for a, b in zip(got, want):
+        _close(a, b, 1e-4)
+
+
 def plain_call_without_fused_choice():
     """Without PyTorch's own pick, every CPU call sets the switches: same results, switches restored."""
     q, k, v = make_qkv()
@@ -268,6 +288,7 @@ FALLBACKS: dict[str, tuple[Callable, Callable]] = {
     "fused_sdp_choice": (off_fused_choice, plain_call_without_fused_choice),
     "sdpa_cpu_half_exact": (off_half_exact, half_without_exact_kernels),
     "dynamo_traces_attend": (off_dynamo_traces, compile_without_tracing),
+    "per_thread_intra_op": (off_per_thread, chunked_without_per_thread_counts),
     "cpu_flash_lse": (off_flash_lse, lse_without_cpu_flash_op),
     "autograd_node_hooks": (off_node_hooks, grad2_without_node_hooks),
     "graph_task_keep_graph": (off_keep_graph, grad2_without_keep_graph),

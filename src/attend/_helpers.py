@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -16,7 +18,8 @@ T = TypeVar("T")
 
 __all__ = [
     "exists", "default", "fmt_dtype", "fmt_dtypes", "fmt_shape", "accum_dtype", "functorch_wrapped", "DIM_LEGEND",
-    "autocast_on", "any_autocast", "no_autocast", "autocast_inputs", "differentiable",
+    "autocast_on", "any_autocast", "no_autocast", "autocast_inputs", "differentiable", "run_split", "split_threads",
+    "per_thread_counts",
 ]
 
 DIM_LEGEND = (
@@ -143,3 +146,117 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+# Work split across threads (a busy CPU)
+#
+# A loop of independent units (chunked's query tiles, sdpa's query blocks) is dealt to `torch.get_num_threads()`
+# threads, each running its ATen ops with ONE intra-op thread, instead of one thread whose every op is an OpenMP
+# parallel region. A region ends in a barrier that waits for its slowest thread: when other processes hold the
+# cores that is a descheduled thread, once per op (tens of ops per tile), and chunked fell to 0.16-0.27x direct
+# SDPA under load (shared/research/contention.md: 655 ms with 2 threads against 415 ms with 1). Split, no op
+# waits on another thread; the threads meet once, at the end. Needs per-thread intra-op thread counts (ATen's
+# OpenMP backend: `PER_THREAD`). The units are dealt in a fixed snake order (0, 3, 4, 7 | 1, 2, 5, 6): the same
+# thread adds the same units every call (deterministic sums), and units in order of cost balance.
+
+_POOL: Any = None
+_POOL_LOCK = threading.Lock()
+_STATE: dict[str, bool] = {}
+
+
+def _probe_per_thread() -> bool:
+    """Does `torch.set_num_threads` in one thread leave another thread's count alone (ATen's OpenMP backend:
+    omp_set_num_threads and MKL's local count are per thread)? Tried in a fresh thread, undone there."""
+    before, seen = torch.get_num_threads(), {}
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        seen["here"] = torch.get_num_threads()
+
+    t = threading.Thread(target=work, name="attend-probe", daemon=True)
+    t.start()
+    t.join()
+    after = torch.get_num_threads()
+    if after != before:  # a process-wide count: put it back
+        torch.set_num_threads(before)
+    return seen.get("here") == 1 and after == before
+
+
+def per_thread_counts() -> bool:
+    """`_probe_per_thread`, found once (at the first loop that could split)."""
+    found = _STATE.get("per_thread")
+    if found is None:
+        found = _STATE["per_thread"] = _probe_per_thread()
+    return found
+
+
+PER_THREAD = features.register(
+    "per_thread_intra_op",
+    api="per-thread intra-op thread counts (torch.set_num_threads in ATen's OpenMP backend)",
+    since="2.0",
+    without="chunked's tiles and sdpa's query blocks run in the calling thread with torch's intra-op parallelism "
+    "inside each op (several times slower when other processes hold the cores)",
+    present=per_thread_counts,
+)
+
+
+def split_threads(like: torch.Tensor, units: int) -> int:
+    """How many threads a loop of `units` independent CPU units on `like`'s device may use (1: no split)."""
+    if units < 2 or torch.compiler.is_compiling() or like.device.type != "cpu" or functorch_wrapped(like):
+        return 1
+    threads = torch.get_num_threads()
+    if threads < 2 or not per_thread_counts():
+        return 1
+    return min(threads, units)
+
+
+def _single_threaded(fn: Callable, grad: bool, inference: bool, units: list, into: Any) -> None:
+    """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
+            for unit in units:
+                fn(*unit) if into is None else fn(*unit, into)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attend-split")
+        return _POOL
+
+
+def run_split(units: list, fn: Callable, ways: int, into: tuple | None = None) -> None:
+    """fn(*unit[, into]) for every unit; with `ways` > 1 dealt to that many threads (the caller's one of them).
+    `into`: accumulators the units add into (tensors or None); every thread but the caller's gets zeroed copies,
+    added in at the end."""
+    if ways <= 1:
+        for unit in units:
+            fn(*unit) if into is None else fn(*unit, into)
+        return
+    shares: list[list] = [[] for _ in range(ways)]
+    for n, unit in enumerate(units):
+        turn, place = divmod(n, ways)
+        shares[place if turn % 2 == 0 else ways - 1 - place].append(unit)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    privates = [None if into is None else tuple(None if t is None else torch.zeros_like(t) for t in into)
+                for _ in shares[1:]]  # fmt: skip
+    pool = _pool(ways - 1)
+    futures = [pool.submit(_single_threaded, fn, grad, inference, share, mine)
+               for share, mine in zip(shares[1:], privates)]  # fmt: skip
+    try:
+        _single_threaded(fn, grad, inference, shares[0], into)
+    finally:
+        wait(futures)  # every thread done before anything (a result, an error) leaves here
+    for future in futures:
+        future.result()  # (re-raises the first error)
+    if into is not None:
+        for mine in privates:
+            assert mine is not None
+            for total, part in zip(into, mine):
+                if total is not None:
+                    total.add_(part)

@@ -61,15 +61,12 @@ mask or bias lined up with the folded heads).
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import features
-from ._helpers import accum_dtype, functorch_wrapped
+from ._helpers import accum_dtype, functorch_wrapped, run_split, split_threads
 from .masks import Structure
 
 __all__ = [
@@ -640,123 +637,26 @@ def backward_into(
     _each(plan, dog, one, (dk, dv, dbias))
 
 
-# The split of a tile loop across threads (a busy CPU)
-#
-# Each (batch slice, query tile) of a loop is independent: its rows of out / lse / dq are its own, and the
-# backward's dk, dv, dbias are sums. On a CPU the loop's units are dealt round-robin (causal: later query tiles
-# see more keys) to `torch.get_num_threads()` threads, each running its ATen ops with ONE intra-op thread,
-# instead of one thread whose every small op is an OpenMP parallel region. A region ends in a barrier that
-# waits for its slowest thread: when other processes hold the cores, that is a descheduled thread, once per op
-# (tens of ops per tile), and chunked fell to 0.16-0.27x direct SDPA under load (shared/research/contention.md:
-# 655 ms with 2 threads against 415 ms with 1). Split, no op waits on another thread; the threads meet once,
-# at the end of the loop. Needs per-thread intra-op thread counts (ATen's OpenMP backend: `PER_THREAD`); not
-# while tracing, under torch.func transforms or for a loop of one unit.
+# The split of a tile loop across threads (a busy CPU): each (batch slice, query tile) of a loop is independent
+# (its rows of out / lse / dq are its own; the backward's dk, dv, dbias are sums), so `_helpers.run_split` deals
+# the units to `torch.get_num_threads()` threads, each running its ops with one intra-op thread (why:
+# `_helpers.run_split`). Causal: later query tiles see more keys, so the units go in order of cost.
 
 _SPLIT_MIN_UNITS = 2
-_POOL: Any = None
-_POOL_LOCK = threading.Lock()
-_STATE: dict[str, bool] = {}
-
-
-def _probe_per_thread() -> bool:
-    """Does `torch.set_num_threads` in one thread leave another thread's count alone (ATen's OpenMP backend:
-    omp_set_num_threads and MKL's local count are per thread)? Tried in a fresh thread, undone there."""
-    before, seen = torch.get_num_threads(), {}
-
-    def work() -> None:
-        torch.set_num_threads(1)
-        seen["here"] = torch.get_num_threads()
-
-    t = threading.Thread(target=work, name="attend-probe", daemon=True)
-    t.start()
-    t.join()
-    after = torch.get_num_threads()
-    if after != before:  # a process-wide count: put it back
-        torch.set_num_threads(before)
-    return seen.get("here") == 1 and after == before
-
-
-def per_thread_counts() -> bool:
-    """`_probe_per_thread`, found once (at the first split loop)."""
-    found = _STATE.get("per_thread")
-    if found is None:
-        found = _STATE["per_thread"] = _probe_per_thread()
-    return found
-
-
-PER_THREAD = features.register(
-    "per_thread_intra_op",
-    api="per-thread intra-op thread counts (torch.set_num_threads in ATen's OpenMP backend)",
-    since="2.0",
-    without="chunked's tile loop runs in the calling thread with torch's intra-op parallelism inside each op "
-    "(several times slower when other processes hold the cores)",
-    present=per_thread_counts,
-)
-
-
-def _single_threaded(fn, grad: bool, inference: bool, units, into):
-    """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode(inference) if inference else torch.set_grad_enabled(grad):
-            for unit in units:
-                fn(*unit) if into is None else fn(*unit, into)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _pool(workers: int):
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attend-tiles")
-        return _POOL
 
 
 def split_ways(plan: Plan, like: Tensor, units: int) -> int:
     """How many threads a loop of `units` units runs on (1: in the caller's thread, ops parallel inside)."""
     if plan.tracing or units < _SPLIT_MIN_UNITS or plan.device.type != "cpu":
         return 1
-    threads = torch.get_num_threads()
-    if (
-        threads < 2
-        or functorch_wrapped(like)
-        or not per_thread_counts()
-    ):
-        return 1
-    return min(threads, units)
+    return split_threads(like, units)
 
 
 def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None) -> None:
     """fn(bs, r0, r1[, into]) for every (batch slice, query tile) of the plan, split across threads where
-    `split_ways` says so. `into`: the accumulators the units add into (dk, dv, dbias or None); every thread
-    but the caller's gets zeroed copies, added in at the end."""
+    `split_ways` says so (`into`: the accumulators the units add into: dk, dv, dbias or None)."""
     units = [(bs, r0, r1) for bs in plan.batches() for r0, r1 in plan.query_tiles()]
-    ways = split_ways(plan, like, len(units))
-    if ways == 1:
-        for unit in units:
-            fn(*unit) if into is None else fn(*unit, into)
-        return
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    shares = [units[w::ways] for w in range(ways)]
-    privates = [None if into is None else tuple(None if t is None else torch.zeros_like(t) for t in into)
-                for _ in shares[1:]]  # fmt: skip
-    pool = _pool(ways - 1)
-    futures = [pool.submit(_single_threaded, fn, grad, inference, share, mine)
-               for share, mine in zip(shares[1:], privates)]  # fmt: skip
-    try:
-        _single_threaded(fn, grad, inference, shares[0], into)
-    finally:
-        wait(futures)  # every thread done before anything (a result, an error) leaves here
-    for future in futures:
-        future.result()  # (re-raises the first error)
-    if into is not None:
-        for mine in privates:
-            assert mine is not None
-            for total, part in zip(into, mine):
-                if total is not None:
-                    total.add_(part)
+    run_split(units, fn, split_ways(plan, like, len(units)), into)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds5: Tensor, bs: slice, r0, r1, c0, c1) -> None:

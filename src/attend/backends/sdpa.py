@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import features, grad2
-from .._helpers import accum_dtype, differentiable, functorch_wrapped
+from .._helpers import accum_dtype, differentiable, functorch_wrapped, run_split, split_threads
 from ..grad2 import Gate, gate, recompute_grads, records_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
@@ -344,16 +344,21 @@ class _BlockGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, blocks, q, k, v):
         ctx.blocks = blocks
-        ctx.graphs = []
-        outs = []
-        with torch.enable_grad():
-            for rows, cols, masked in blocks:
-                qb = q[:, :, rows].detach().requires_grad_(q.requires_grad)
-                kb = (k if cols is None else k[:, :, cols]).detach().requires_grad_(k.requires_grad)
-                vb = (v if cols is None else v[:, :, cols]).detach().requires_grad_(v.requires_grad)
-                out = block(rows, cols, masked, qb, kb, vb)
-                ctx.graphs.append((out, qb, kb, vb))
-                outs.append(out.detach())
+        graphs: list = [None] * len(blocks)
+        outs: list = [None] * len(blocks)
+
+        def one(n: int, rows: slice, cols: slice | None, masked: bool) -> None:
+            qb = q[:, :, rows].detach().requires_grad_(q.requires_grad)
+            kb = (k if cols is None else k[:, :, cols]).detach().requires_grad_(k.requires_grad)
+            vb = (v if cols is None else v[:, :, cols]).detach().requires_grad_(v.requires_grad)
+            out = block(rows, cols, masked, qb, kb, vb)
+            graphs[n] = (out, qb, kb, vb)
+            outs[n] = out.detach()
+
+        with torch.enable_grad():  # each block on its own thread where the CPU has several (`run_split`)
+            units = [(n, *b) for n, b in enumerate(blocks)]
+            run_split(units, one, split_threads(q, len(units)))
+        ctx.graphs = graphs
         # what the backward's accumulators need, not q, k, v themselves (the node outlives the backward with the
         # caller's loss: holding them would keep the activations until the next step); they are saved (freed with
         # the graph) for grad2's hook, which reads them under create_graph
@@ -373,16 +378,22 @@ class _BlockGrads(torch.autograd.Function):
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
         keep = grad2.keep_graph is None or grad2.keep_graph()  # (read here: one binding, in grad2)
         grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
-        for (out, qb, kb, vb), (rows, cols, _) in zip(ctx.graphs, ctx.blocks):
+
+        def one(graph: tuple, rows: slice, cols: slice | None, into: tuple) -> None:
+            out, qb, kb, vb = graph
             wanted = [t for t in (qb, kb, vb) if t.requires_grad]
             if cols is None or not wanted or not out.requires_grad:
-                continue
+                return
             got = iter(torch.autograd.grad(out, wanted, dout[:, :, rows], retain_graph=keep, allow_unused=True))
             for n, (leaf, where) in enumerate(((qb, rows), (kb, cols), (vb, cols))):
                 if leaf.requires_grad:
                     g = next(got)
                     if g is not None:
-                        grads[n][:, :, where] += g
+                        into[n][:, :, where] += g
+
+        # each block's backward on its own thread where the CPU has several; dk, dv summed from per-thread copies
+        units = [(graph, rows, cols) for graph, (rows, cols, _) in zip(ctx.graphs, ctx.blocks)]
+        run_split(units, one, split_threads(dout, len(units)), tuple(grads))
         if not keep:
             ctx.graphs = None
         return None, None, *grads
@@ -572,9 +583,13 @@ class SdpaBackend(Backend):
         would add a zero-filled full-size dk, dv per block: quadratic in the number of blocks)."""
         if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q, k, v):
             return _BlockGrads.apply(block, blocks, q, k, v)
-        outs = []
-        for rows, cols, masked in blocks:
-            outs.append(block(rows, cols, masked, q[:, :, rows], *(k[:, :, cols], v[:, :, cols]) if cols else (k, v)))
+        outs: list = [None] * len(blocks)
+
+        def one(n: int, rows: slice, cols: slice | None, masked: bool) -> None:
+            kv = (k[:, :, cols], v[:, :, cols]) if cols else (k, v)
+            outs[n] = block(rows, cols, masked, q[:, :, rows], *kv)
+
+        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
@@ -776,7 +791,7 @@ class SdpaFlash(SdpaBackend):
                 ~mask, -torch.inf
             )
         dead = None if mask is None else dead_rows(inp)  # (b|1, h|1, i, 1): rows that may attend no key
-        if dead is not None and not zeroes_dead_rows(self.variant, inp.device.type):
+        if mask is not None and dead is not None and not zeroes_dead_rows(self.variant, inp.device.type):
             # a kernel without safe softmax (torch < 2.5) gives such rows NaN: un-masked here, zeroed below
             mask = mask.masked_fill(dead, 0.0)
         k, v = inp.k, inp.v
