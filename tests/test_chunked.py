@@ -600,12 +600,13 @@ def test_instance_tiles_and_name():
 def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
     """The tile loop split across threads (`tiles._each`) gives the single-thread loop's out and gradients
     (dq, dk, dv, dbias: the backward's per-thread accumulators summed), with dropout's keep-mask the same."""
-    from attend import tiles
+    from attend import _helpers, tiles
     from attend._helpers import per_thread_counts
 
     if torch.get_num_threads() < 2 or not per_thread_counts():
         pytest.skip(f"no split here: {torch.get_num_threads()} intra-op thread(s), per-thread counts "
                     f"{per_thread_counts()}")  # fmt: skip
+    monkeypatch.setattr(_helpers, "cpu_contended", lambda: True)  # the split runs only on a busy CPU
     kw = dict(kw)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -627,3 +628,63 @@ def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
     torch.testing.assert_close(split_out, one_out, atol=1e-12, rtol=1e-12)
     for a, b in zip(split_grads, one_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_no_split_on_a_quiet_cpu_or_for_a_deterministic_call(monkeypatch, tmp_path):
+    """The split engages only while the CPU is contended (PSI's "some avg10" over 30 %, else the load average),
+    and never for deterministic=True or torch.use_deterministic_algorithms (bit-for-bit repeatable sums)."""
+    from attend import _helpers
+
+    if torch.get_num_threads() < 2 or not _helpers.per_thread_counts():
+        pytest.skip(f"no split here: {torch.get_num_threads()} intra-op thread(s)")
+    x = torch.zeros(1)
+    pressure = tmp_path / "cpu"
+    monkeypatch.setattr(_helpers, "_PRESSURE", str(pressure))
+    for avg10, busy in (("4.10", False), ("66.85", True)):
+        pressure.write_text(f"some avg10={avg10} avg60=1.00 avg300=1.00 total=1\nfull avg10=0.00\n")
+        monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False])  # (not the cached answer)
+        assert _helpers.cpu_contended() is busy
+        assert _helpers.split_threads(x, 4) == (2 if busy else 1)
+    assert _helpers.split_threads(x, 4, deterministic=True) == 1
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _helpers.split_threads(x, 4) == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(_helpers, "_PRESSURE", str(tmp_path / "absent"))  # no PSI: the load average decides
+    monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False])
+    monkeypatch.setattr(_helpers.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    assert _helpers.cpu_contended() is True
+
+
+def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch):
+    """sdpa's query blocks (causal + key padding, i > query_block) split across threads give the single-thread
+    path's out and gradients."""
+    from attend import _helpers
+
+    if torch.get_num_threads() < 2 or not _helpers.per_thread_counts():
+        pytest.skip(f"no split here: {torch.get_num_threads()} intra-op thread(s)")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1100, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.ones(1, 1100, dtype=torch.bool)
+    pad[:, 1000:] = False
+
+    def run(busy: bool):
+        monkeypatch.setattr(_helpers, "cpu_contended", lambda: busy)
+        out = attention(q, k, v, mask=pad, causal=True, backend="sdpa:math")
+        return out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    seen = []
+    real = _helpers.run_split
+    monkeypatch.setattr(_helpers, "run_split", lambda units, fn, ways, into=None: seen.append(ways)
+                        or real(units, fn, ways, into))  # fmt: skip
+    from attend.backends import sdpa
+
+    monkeypatch.setattr(sdpa, "run_split", _helpers.run_split)
+    split_out, split_grads = run(True)
+    assert max(seen) == 2, seen
+    one_out, one_grads = run(False)
+    torch.testing.assert_close(split_out, one_out, atol=1e-12, rtol=1e-12)
+    for a, b in zip(split_grads, one_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
@@ -150,6 +152,10 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
 
 # Work split across threads (a busy CPU)
 #
+# Only while the CPU is contended (`cpu_contended`): on a quiet machine the split cost up to a third more
+# (sdpa's query blocks, (1, 8, 2048, 64) causal + padding training: 150 ms against 113 ms, 2-vCPU EPYC,
+# benchmarks/contention_ab.py), under two busy processes per core it gained 1.4-4x.
+#
 # A loop of independent units (chunked's query tiles, sdpa's query blocks) is dealt to `torch.get_num_threads()`
 # threads, each running its ATen ops with ONE intra-op thread, instead of one thread whose every op is an OpenMP
 # parallel region. A region ends in a barrier that waits for its slowest thread: when other processes hold the
@@ -200,12 +206,49 @@ PER_THREAD = features.register(
 )
 
 
-def split_threads(like: torch.Tensor, units: int) -> int:
-    """How many threads a loop of `units` independent CPU units on `like`'s device may use (1: no split)."""
+# CPU pressure (Linux PSI): the share of the last 10 s in which some runnable task waited for a CPU. A process
+# that has the machine to itself (its intra-op threads <= cores) reads a few %; with two busy processes per core
+# beside it, 60-70 % (2-vCPU VM). Read at most every half second; elsewhere the 1-minute load average against
+# the core count (it lags a minute behind).
+_PRESSURE = "/proc/pressure/cpu"
+_CONTENDED_PERCENT = 30.0
+_CONTENDED_LOAD = 1.5  # load average per core
+_CONTENTION: list = [-1.0, False]  # (when read, contended)
+
+
+def _read_contention() -> bool:
+    try:
+        with open(_PRESSURE) as f:
+            some = f.readline().split()  # "some avg10=66.85 avg60=57.97 avg300=39.57 total=..."
+        return float(some[1].split("=")[1]) > _CONTENDED_PERCENT
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        return os.getloadavg()[0] > _CONTENDED_LOAD * (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        return False
+
+
+def cpu_contended() -> bool:
+    """Are other processes competing for this machine's cores now (`_PRESSURE`)? Cached for half a second."""
+    now = time.monotonic()
+    when, contended = _CONTENTION
+    if now - when > 0.5:
+        contended = _read_contention()
+        _CONTENTION[:] = [now, contended]
+    return contended
+
+
+def split_threads(like: torch.Tensor, units: int, deterministic: bool = False) -> int:
+    """How many threads a loop of `units` independent CPU units on `like`'s device uses (1: no split). Only while
+    `cpu_contended`; never for a `deterministic` call or under torch.use_deterministic_algorithms (a split adds
+    dk, dv in another order: the same values to rounding, not bit for bit)."""
     if units < 2 or torch.compiler.is_compiling() or like.device.type != "cpu" or functorch_wrapped(like):
         return 1
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return 1
     threads = torch.get_num_threads()
-    if threads < 2 or not per_thread_counts():
+    if threads < 2 or not cpu_contended() or not per_thread_counts():
         return 1
     return min(threads, units)
 

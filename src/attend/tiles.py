@@ -186,6 +186,7 @@ class Facts(NamedTuple):
     bias_inf: bool = True  # the bias may hold -inf: each tile masks those entries
     structure: Any = None  # masks.Structure: window / documents; the key tiles each query tile visits
     softcap: float | None = None  # logit soft-capping: s = c * tanh(s / c) on the scaled logits, before the bias
+    deterministic: bool = False  # bit-for-bit repeatable: the loop is never split across threads (`_each`)
 
 
 NO_FACTS = Facts()
@@ -305,6 +306,7 @@ class Plan:
         self.bias_inf = facts.bias_inf and bias is not None
         self.structure: Structure | None = facts.structure
         self.softcap = facts.softcap
+        self.deterministic = facts.deterministic
         if self.structure is not None:
             self.may_be_empty = True
 
@@ -649,7 +651,7 @@ def split_ways(plan: Plan, like: Tensor, units: int) -> int:
     """How many threads a loop of `units` units runs on (1: in the caller's thread, ops parallel inside)."""
     if plan.tracing or units < _SPLIT_MIN_UNITS or plan.device.type != "cpu":
         return 1
-    return split_threads(like, units)
+    return split_threads(like, units, plan.deterministic)
 
 
 def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None) -> None:

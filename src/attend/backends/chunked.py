@@ -225,6 +225,8 @@ def chunked_attention(
         facts = facts._replace(structure=Structure(inp))
     if inp.softcap is not None:
         facts = facts._replace(softcap=inp.softcap)
+    if inp.deterministic:
+        facts = facts._replace(deterministic=True)
     if positions is not None and (
         not isinstance(positions, Tensor)
         or positions.shape != (inp.i,)

@@ -342,8 +342,9 @@ class _BlockGrads(torch.autograd.Function):
     full-size gradient per block. First-order only: `grad2.gate` handles create_graph above it."""
 
     @staticmethod
-    def forward(ctx, block, blocks, q, k, v):
+    def forward(ctx, block, blocks, q, k, v, deterministic):
         ctx.blocks = blocks
+        ctx.ways = split_threads(q, len(blocks), deterministic)  # the backward splits as the forward did
         graphs: list = [None] * len(blocks)
         outs: list = [None] * len(blocks)
 
@@ -357,7 +358,7 @@ class _BlockGrads(torch.autograd.Function):
 
         with torch.enable_grad():  # each block on its own thread where the CPU has several (`run_split`)
             units = [(n, *b) for n, b in enumerate(blocks)]
-            run_split(units, one, split_threads(q, len(units)))
+            run_split(units, one, ctx.ways)
         ctx.graphs = graphs
         # what the backward's accumulators need, not q, k, v themselves (the node outlives the backward with the
         # caller's loss: holding them would keep the activations until the next step); they are saved (freed with
@@ -393,10 +394,10 @@ class _BlockGrads(torch.autograd.Function):
 
         # each block's backward on its own thread where the CPU has several; dk, dv summed from per-thread copies
         units = [(graph, rows, cols) for graph, (rows, cols, _) in zip(ctx.graphs, ctx.blocks)]
-        run_split(units, one, split_threads(dout, len(units)), tuple(grads))
+        run_split(units, one, ctx.ways, tuple(grads))
         if not keep:
             ctx.graphs = None
-        return None, None, *grads
+        return None, None, *grads, None
 
 
 def _expand_kv(t: Tensor, h: int) -> Tensor:
@@ -582,14 +583,14 @@ class SdpaBackend(Backend):
         create_graph): one graph per block, its gradients added into dq, dk, dv in place (autograd's own slicing
         would add a zero-filled full-size dk, dv per block: quadratic in the number of blocks)."""
         if inp.needs_grad and not inp.bias_needs_grad and caps is not None and not caps.grad2 and _plain_eager(q, k, v):
-            return _BlockGrads.apply(block, blocks, q, k, v)
+            return _BlockGrads.apply(block, blocks, q, k, v, inp.deterministic)
         outs: list = [None] * len(blocks)
 
         def one(n: int, rows: slice, cols: slice | None, masked: bool) -> None:
             kv = (k[:, :, cols], v[:, :, cols]) if cols else (k, v)
             outs[n] = block(rows, cols, masked, q[:, :, rows], *kv)
 
-        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks)))
+        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks), inp.deterministic))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
