@@ -67,7 +67,7 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
     for name, fns in cases().items():
         got = results.setdefault(name, {})
         for _ in range(rounds):
-            for split in (True, False):
+            for split in (True, False):  # split: as shipped (it engages only on a contended CPU); False: never
                 _helpers._STATE["per_thread"] = split
                 for label, fn in fns.items():
                     if label == "sdpa" and not split:
@@ -85,12 +85,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     states = {}
-    print(f"quiet: load average {os.getloadavg()[0]:.2f}")
+    print(f"quiet: load average {os.getloadavg()[0]:.2f}, contended: {_helpers.cpu_contended()}")
     states["quiet"] = measure(args.rounds)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
-        time.sleep(2)
-        print(f"loaded ({args.load} busy processes): load average {os.getloadavg()[0]:.2f}")
+        time.sleep(12)  # PSI (the split's signal) averages over 10 s
+        print(f"loaded ({args.load} busy processes): load average {os.getloadavg()[0]:.2f}, "
+              f"contended: {_helpers.cpu_contended()}")
         states["loaded"] = measure(args.rounds)
     finally:
         for p in busy:
