@@ -8,7 +8,9 @@ On a torch that really lacks a feature (the nox matrix's older sessions) the sam
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -326,11 +328,17 @@ def test_a_reason_names_the_missing_feature():
     )
 
 
+@pytest.mark.skipif(bool(os.environ.get("ATTEND_TORCH_MATRIX")), reason="a nox matrix session: the matrix itself "
+                    "is writing docs/torch-matrix.json (checked after it, by `nox -s support_table`)")
 def test_tested_releases_are_the_last_matrix_run():
-    """`features.TESTED` (what `attend info` says) is the set of torch releases docs/torch-matrix.json passed."""
+    """`features.TESTED` (what `attend info` says) and README's support table are docs/torch-matrix.json's."""
     matrix = json.loads((ROOT / "docs" / "torch-matrix.json").read_text())["sessions"]
     passed = sorted(features.torch_release(s["torch"]) for s in matrix.values() if s["result"] == "pass")
     assert passed == sorted(features.torch_release(v) for v in features.TESTED)
+    spec = importlib.util.spec_from_file_location("support_table", ROOT / "docs" / "support_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--check"]) == 0, "README's table or features.TESTED: run `python docs/support_table.py`"
 
 
 @pytest.mark.parametrize(

@@ -73,8 +73,8 @@ def missing() -> list[str]:
     return [f.name for f in registered() if not f.present()]
 
 
-# The torch releases the whole suite passed on, in the last matrix run (docs/torch-matrix.json; a test keeps
-# the two equal). `attend info` says whether the running torch is one of them.
+# The torch releases the whole suite passed on, in the last matrix run: written from docs/torch-matrix.json by
+# docs/support_table.py (a test keeps the two equal). `attend info` says whether the running torch is one of them.
 TESTED: tuple[str, ...] = ("2.4.1", "2.9.1", "2.13.0", "2.15.0")
 
 
