@@ -606,7 +606,8 @@ def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
     if torch.get_num_threads() < 2 or not per_thread_counts():
         pytest.skip(f"no split here: {torch.get_num_threads()} intra-op thread(s), per-thread counts "
                     f"{per_thread_counts()}")  # fmt: skip
-    monkeypatch.setattr(_helpers, "cpu_contended", lambda: True)  # the split runs only on a busy CPU
+    monkeypatch.setattr(_helpers, "cpu_contended", lambda: True)  # the split runs only on a busy CPU,
+    monkeypatch.setattr(_helpers, "SPLIT_MIN_WORK", 0)  # and for calls larger than this one
     kw = dict(kw)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -644,11 +645,12 @@ def test_no_split_on_a_quiet_cpu_or_for_a_deterministic_call(monkeypatch, tmp_pa
         pressure.write_text(f"some avg10={avg10} avg60=1.00 avg300=1.00 total=1\nfull avg10=0.00\n")
         monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False])  # (not the cached answer)
         assert _helpers.cpu_contended() is busy
-        assert _helpers.split_threads(x, 4) == (2 if busy else 1)
-    assert _helpers.split_threads(x, 4, deterministic=True) == 1
+        assert _helpers.split_threads(x, 4, work=1 << 30) == (2 if busy else 1)
+        assert _helpers.split_threads(x, 4, work=1 << 20) == 1  # too little work to hand out
+    assert _helpers.split_threads(x, 4, deterministic=True, work=1 << 30) == 1
     torch.use_deterministic_algorithms(True)
     try:
-        assert _helpers.split_threads(x, 4) == 1
+        assert _helpers.split_threads(x, 4, work=1 << 30) == 1
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(_helpers, "_PRESSURE", str(tmp_path / "absent"))  # no PSI: the load average decides
@@ -668,6 +670,8 @@ def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch):
     q, k, v = (torch.randn(1, 2, 1100, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pad = torch.ones(1, 1100, dtype=torch.bool)
     pad[:, 1000:] = False
+
+    monkeypatch.setattr(_helpers, "SPLIT_MIN_WORK", 0)  # (a call this small is not split otherwise)
 
     def run(busy: bool):
         monkeypatch.setattr(_helpers, "cpu_contended", lambda: busy)

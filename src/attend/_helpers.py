@@ -239,11 +239,19 @@ def cpu_contended() -> bool:
     return contended
 
 
-def split_threads(like: torch.Tensor, units: int, deterministic: bool = False) -> int:
+# below this many multiply-adds (b * h * i * j * d) a loop is not split: handing work to a thread that the busy
+# machine has descheduled costs up to a time slice (milliseconds), more than a small call's whole run
+SPLIT_MIN_WORK = 1 << 26
+
+
+def split_threads(like: torch.Tensor, units: int, deterministic: bool = False, work: int = 0) -> int:
     """How many threads a loop of `units` independent CPU units on `like`'s device uses (1: no split). Only while
-    `cpu_contended`; never for a `deterministic` call or under torch.use_deterministic_algorithms (a split adds
-    dk, dv in another order: the same values to rounding, not bit for bit)."""
-    if units < 2 or torch.compiler.is_compiling() or like.device.type != "cpu" or functorch_wrapped(like):
+    `cpu_contended`, for a loop of at least `SPLIT_MIN_WORK` multiply-adds (`work`); never for a `deterministic`
+    call or under torch.use_deterministic_algorithms (a split adds dk, dv in another order: the same values to
+    rounding, not bit for bit)."""
+    if units < 2 or work < SPLIT_MIN_WORK:
+        return 1
+    if torch.compiler.is_compiling() or like.device.type != "cpu" or functorch_wrapped(like):
         return 1
     if deterministic or torch.are_deterministic_algorithms_enabled():
         return 1

@@ -413,17 +413,37 @@ def cmd_check(args) -> int:
 # attend bench
 
 
-def cmd_bench(args) -> int:
-    """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run."""
+EXIT_REGRESSED = 1  # --fail-on-regression: a row regressed beyond --threshold and the runs' spread
+EXIT_INCONCLUSIVE = 3  # --compare: a run's load average exceeded its CPU count, no verdict either way
+LONG_RUN_S = 600.0  # on CPU, a run estimated above this needs --yes (structured and vocabulary: 2-5 min)
 
-    from .bench.cases import DECODE_SUITES, HIDDEN_SUITES, STRUCTURED_SUITES, SUITE_NAMES
-    from .bench.report import (
-        load_json,
-        markdown_table,
-        rich_table,
-        save_json,
-        save_plot,
+
+def cmd_bench(args) -> int:
+    """Run a benchmark suite; print the table; write JSON, markdown and PNG; compare with an older run.
+
+    Before the first case: every output path is checked (a folder that cannot be written is a CliError, not a
+    traceback after the run), the run's cost is estimated from its cases and printed on stderr, a GPU suite
+    without a GPU is refused (`--device cpu` runs its shapes on the CPU anyway) and a CPU run estimated above
+    10 minutes (LONG_RUN_S) needs `--yes`. While it runs, --json and --markdown are rewritten after every row
+    (`complete` false), so an interrupt or a later error keeps what was measured; progress goes to stderr (a bar
+    on a terminal, one plain line per row otherwise). `--load N` runs N busy processes beside the cases
+    (`--suite contention` measures each row quiet and then under them; N defaults to two per core there).
+
+    Exit codes: 0 done; 1 a floor missed with --fail-on-floor, or a row REGRESSED with --fail-on-regression;
+    2 a mistake on the command line, or --compare files of different suites (or no row in common);
+    3 (EXIT_INCONCLUSIVE) --compare where either run's 1-minute load average exceeded its CPU count.
+    """
+
+    from .bench.cases import (
+        CONTENTION_MIN_TIME,
+        CONTENTION_SUITES,
+        DECODE_SUITES,
+        GPU_SUITES,
+        HIDDEN_SUITES,
+        STRUCTURED_SUITES,
+        SUITE_NAMES,
     )
+    from .bench.report import comparable, load_json, rich_table
     from .bench.run import BenchConfig, plan, run_suite
 
     console = _console()
@@ -460,31 +480,47 @@ def cmd_bench(args) -> int:
         raise CliError(f"expected --suite among {visible}, got {args.suite!r}")
     structured = args.suite in STRUCTURED_SUITES
     decode = args.suite in DECODE_SUITES
+    contention = args.suite in CONTENTION_SUITES
     if structured and (args.plot or args.backends):
         given = "--plot" if args.plot else "--backends"
         raise CliError(
             f"expected no {given} with --suite {args.suite} (its rows time fixed formulations of the same attention, "
             f"in the table, --json and --markdown), got {given}"
         )
-    if decode:
+    if decode or contention:
         wrong = [
             flag
             for flag, on in (
                 ("--plot", args.plot),
                 ("--backends", args.backends),
-                ("--mode " + str(args.mode), args.mode not in (None, "fwd")),
+                ("--mode " + str(args.mode), args.mode not in (None, "fwd") or (contention and args.mode)),
                 ("--memory " + str(args.memory), args.memory not in (None, "none")),
             )
             if on
         ]
+        what = (
+            "one decoding step, no grad, against fixed candidates, measured as time and bandwidth, not memory"
+            if decode
+            else "each row's pass and candidates are fixed: attend against a direct SDPA call, timed quiet and loaded"
+        )
         if wrong:
-            raise CliError(
-                f"expected no {wrong[0]} with --suite {args.suite} (one decoding step, no grad, against fixed "
-                f"candidates, measured as time and bandwidth, not memory), got {wrong[0]}"
-            )
-    if args.fail_on_floor and not (structured or decode):
+            raise CliError(f"expected no {wrong[0]} with --suite {args.suite} ({what}), got {wrong[0]}")
+    if args.fail_on_floor and not (structured or decode or contention):
         raise CliError(
-            f"expected --fail-on-floor with --suite structured or decode (they have floors), got --suite {args.suite}"
+            f"expected --fail-on-floor with --suite structured, decode or contention (they have floors), "
+            f"got --suite {args.suite}"
+        )
+    busy = _bench_load(args, contention)
+    # peak memory: the quick and structured tables show one candidate's (attend's, the subject's) alone
+    default_memory = "none" if decode or contention else "attend" if structured or args.suite == "quick" else "all"
+    memory = "none" if args.no_memory else args.memory or default_memory
+    if args.suite in GPU_SUITES and args.device is None and not torch.cuda.is_available():
+        cpu_cfg = BenchConfig(suite=args.suite, min_time=args.min_time or 0.3, memory=memory)
+        _, cpu_s = _bench_estimate(cpu_cfg)
+        raise CliError(
+            f"expected a CUDA device for --suite {args.suite} (its shapes are sized for a GPU), got none "
+            f"(torch.cuda.is_available() is False); hint: `--device cpu --yes` runs its shapes on the CPU anyway, "
+            f"about {_fmt_duration(cpu_s)} here, or pick --suite quick"
         )
     device = parse_device(args.device)
     if device.type not in ("cpu", "cuda"):
@@ -494,45 +530,65 @@ def cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise CliError("--plot needs matplotlib; install it with `pip install 'torch-attend[plot]'`") from None
-    if args.min_time <= 0:
+    min_time = args.min_time if args.min_time is not None else CONTENTION_MIN_TIME if contention else 0.3
+    if not min_time > 0:
         raise CliError(f"expected --min-time > 0 seconds, got {args.min_time}")
-    # peak memory: the quick and structured tables show one candidate's (attend's, the subject's) alone
-    default_memory = "none" if decode else "attend" if structured or args.suite == "quick" else "all"
     cfg = BenchConfig(
         suite=args.suite,
         device=device,
         dtype=parse_dtype(args.dtype) if args.dtype else None,
         backends=parse_backends(args.backends),
         modes=MODES[args.mode] if args.mode else None,
-        min_time=args.min_time,
-        memory="none" if args.no_memory else args.memory or default_memory,
+        min_time=min_time,
+        memory=memory,
+        load=busy,
     )
-    total = len(plan(cfg))
-    with _progress("bench") as progress:
-        task = progress.add_task(f"--suite {cfg.suite}", total=total)
-        doc = run_suite(
-            cfg,
-            on_status=lambda msg: progress.update(task, description=msg),
-            on_row=lambda row: progress.advance(task),
-        )
-    doc["command"] = "attend " + " ".join(args.argv)
-    console.print(rich_table(doc))
-    if args.json:
-        save_json(doc, args.json)
-        console.print(f"wrote {args.json}", markup=False)
-    if args.markdown:
-        from pathlib import Path
+    pairs = plan(cfg)
+    if old is not None:  # a comparison that cannot be made is said now, not after the run
+        why = comparable(old, {"suite": cfg.suite, "rows": old["rows"]})
+        planned = {c.name for c, _ in pairs}
+        if why is None and not planned & {r["case"] for r in old["rows"]}:
+            had, runs = (", ".join(sorted(names)[:4]) for names in ({r["case"] for r in old["rows"]}, planned))
+            why = f"expected a run with cases in common with it, got none (old: {had}; this run: {runs})"
+        if why:
+            raise CliError(f"--compare {compare[0]}: {why}")
+    _bench_announce(cfg, args)
 
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown_table(doc) + "\n")
-        console.print(f"wrote {args.markdown}", markup=False)
+    written = {"rows": 0}
+    command = "attend " + " ".join(args.argv)
+
+    def keep(doc: dict) -> None:  # after every row: what was measured so far, on disk
+        doc["command"] = command
+        _write_bench_outputs(doc, args)
+        written["rows"] = len(doc["rows"])
+
+    try:
+        with _BenchProgress(cfg, len(pairs)) as (on_status, on_row):
+            doc = run_suite(cfg, on_status=on_status, on_row=on_row, on_document=keep)
+    except BaseException as exc:
+        if args.json or args.markdown:
+            kept = ", ".join(p for p in (args.json, args.markdown) if p)
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}"
+            _console(stderr=True).print(
+                f"attend bench: {why} after {written['rows']} row(s); {kept} keep(s) them ('complete': false)",
+                markup=False,
+            )
+        raise
+    doc["command"] = command
+    _write_bench_outputs(doc, args)
+    console.print(rich_table(doc))
+    for path in (args.json, args.markdown):
+        if path:
+            console.print(f"wrote {path}", markup=False)
     if args.plot:
+        from .bench.report import save_plot
+
         save_plot(doc, args.plot)
         console.print(f"wrote {args.plot}", markup=False)
     rc = 0 if old is None else _report_comparison(console, old, doc, args)
-    if structured or decode:
+    if structured or decode or contention:
         failed = [r["case"] + (f" {r['dtype']}" if decode else "") for r in doc["rows"] if r["pass"] is False]
-        for case, why in doc["omitted"].items():
+        for case, why in doc.get("omitted", {}).items():
             console.print(f"{case}: left out: {why}", markup=False)
         if failed and args.fail_on_floor:
             console.print(f"attend bench: {len(failed)} row(s) below a floor: {', '.join(failed)}", markup=False)
@@ -540,31 +596,185 @@ def cmd_bench(args) -> int:
     return rc
 
 
+def _bench_load(args, contention: bool) -> int:
+    """The busy processes --load asks for: N >= 0; --suite contention needs some (default 2 per core)."""
+    cpus = os.cpu_count() or 1
+    if args.load is None:
+        return 2 * cpus if contention else 0
+    if args.load < 0 or (contention and args.load == 0):
+        least = 1 if contention else 0
+        hint = "--load 0 (the default) runs none"
+        if contention:
+            hint = f"--suite contention compares quiet with loaded, e.g. --load {2 * cpus} (two per core here)"
+        raise CliError(f"expected --load N >= {least} (busy processes beside the cases), got {args.load}; hint: {hint}")
+    return args.load
+
+
+def _fmt_duration(seconds: float) -> str:
+    from .bench.cost import fmt_duration
+
+    return fmt_duration(seconds)
+
+
+def _bench_estimate(cfg) -> tuple[int, float]:
+    """(rows, estimated seconds) of the run `cfg` describes, on this machine as it is now."""
+    from .bench.cost import estimate_seconds
+
+    return estimate_seconds(cfg)
+
+
+def _bench_announce(cfg, args) -> None:
+    """Say before the first case what the run will cost (an estimate from its cases, on stderr); refuse a CPU
+    run estimated above LONG_RUN_S without --yes."""
+    from .bench.cases import CONTENTION_SUITES
+    from .bench.harness import load_average
+
+    rows, seconds = _bench_estimate(cfg)
+    what = f"{rows} row{'s' if rows != 1 else ''}"
+    if cfg.suite in CONTENTION_SUITES:
+        what = f"{rows // 2} rows, each quiet and then beside {cfg.load} busy processes"
+    elif cfg.load:
+        what += f", beside {cfg.load} busy processes"
+    if cfg.device.type == "cpu" and seconds > LONG_RUN_S and not args.yes:
+        raise CliError(
+            f"expected --yes to start a run of about {_fmt_duration(seconds)} (--suite {cfg.suite} on the CPU: "
+            f"{what}), got none; hint: add --yes to run it anyway, lower --min-time, or pick --suite quick"
+        )
+    la = load_average()
+    busy = "" if la is None else f"; 1-minute load average {la:.2f} on {os.cpu_count()} CPUs"
+    _console(stderr=True).print(
+        f"attend bench --suite {cfg.suite} on {cfg.device}: {what}, about {_fmt_duration(seconds)} here "
+        f"(an estimate from its cases{busy})",
+        markup=False,
+    )
+
+
+class _PlainProgress:
+    """Progress on a stderr that is no terminal (a log file, CI): one plain line per finished row."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.console = _console(stderr=True)
+        self.last = time.perf_counter()
+
+    def row(self, row: dict) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        phase = ""
+        if row.get("kind") == "contention":
+            phase = " loaded" if row.get("loaded") is not None else " quiet"
+        label = f"{row['case']} {'fwd+bwd' if row['mode'] == 'fwdbwd' else row['mode']} {row['dtype']}{phase}"
+        self.console.print(f"[{self.done}/{self.total}] {label}: {now - self.last:.1f} s", markup=False)
+        self.last = now
+
+
+class _BenchProgress:
+    """(on_status, on_row) for `run_suite`: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, cfg, total: int):
+        self.cfg, self.total = cfg, total
+        self.bar = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self.bar = _progress("bench")
+            self.bar.__enter__()
+            task = self.bar.add_task(f"--suite {self.cfg.suite}", total=self.total)
+            bar = self.bar
+            return (lambda msg: bar.update(task, description=msg)), (lambda row: bar.advance(task))
+        plain = _PlainProgress(self.total)
+        return (lambda msg: None), plain.row
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            return self.bar.__exit__(*exc)
+        return None
+
+
+def _write_bench_outputs(doc: dict, args) -> None:
+    """--json and --markdown, rewritten whole (through a temporary file) with the document so far."""
+    from .bench.report import markdown_table, save_json, save_text
+
+    if args.json:
+        save_json(doc, args.json)
+    if args.markdown:
+        text = markdown_table(doc)
+        if not doc.get("complete", True):
+            text += f"\n\n*incomplete: the {len(doc['rows'])} row(s) measured so far*"
+        save_text(text + "\n", args.markdown)
+
+
 def _check_output(flag: str, path: str) -> None:
-    """Before any work: an output path must be a file we can write (its folder existing or creatable)."""
+    """Before any work: an output path must be a file we can write (its folder existing or creatable).
+    `os.access` says yes to root even where nothing can be written (/proc, a read-only mount), so the folder
+    is tried: a temporary file in it, or a temporary folder in its nearest existing ancestor, removed again."""
+    import tempfile
+
     target = os.path.abspath(path)
+    hint = "hint: pick a path in a folder you can write, e.g. ./" + (os.path.basename(target) or "bench.json")
     if os.path.isdir(target):
-        raise CliError(f"expected {flag} to name a file, got the folder {path!r}")
+        suffix = {"--plot": ".png", "--markdown": ".md"}.get(flag, ".json")
+        raise CliError(
+            f"expected {flag} to name a file, got the folder {path!r}; hint: add a file name, e.g. "
+            f"{os.path.join(path, 'bench' + suffix)}"
+        )
     folder = os.path.dirname(target)
-    while not os.path.exists(folder):  # the nearest existing ancestor must let us create what is missing
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"expected {flag} in a folder that can be written, got {path!r} ({folder} is not writable)")
+    existing = folder
+    while not os.path.exists(existing):  # the nearest existing ancestor must let us create what is missing
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(
+            f"expected {flag} in a folder that can be written, got {path!r} ({existing} is not writable); {hint}"
+        )
     if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise CliError(f"expected {flag} to be a writable file, got {path!r} (read-only)")
+        raise CliError(f"expected {flag} to be a writable file, got {path!r} (read-only); {hint}")
+    try:
+        if os.path.exists(target):
+            with open(target, "a"):
+                pass
+        elif existing == folder:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".attend-check-", dir=existing))
+    except OSError as exc:
+        what = "open" if os.path.exists(target) else "write in" if existing == folder else "create a folder in"
+        where = target if os.path.exists(target) else existing
+        raise CliError(
+            f"expected {flag} in a folder that can be written, got {path!r} (cannot {what} {where}: "
+            f"{exc.strerror or exc}); {hint}"
+        ) from None
 
 
 def _report_comparison(console, old: dict, new: dict, args) -> int:
-    """Print the comparison; 1 when a row regressed and --fail-on-regression asks for it (CI), else 0."""
-    from .bench.report import compare_lines
+    """Print the comparison and return the exit code: 3 (EXIT_INCONCLUSIVE) when either run's 1-minute load
+    average exceeded its CPU count (a busy machine: no verdict either way); 1 when a row REGRESSED (beyond
+    --threshold and beyond the two runs' spread) and --fail-on-regression asks for it (CI); else 0. Files of
+    different suites, or with no row in common, are a CliError (exit 2)."""
+    from .bench.report import busy_runs, comparable, compare_lines
 
+    why = comparable(old, new)
+    if why:
+        raise CliError(why)
     regressed = 0
     for line in compare_lines(old, new, args.threshold):
         regressed += line.startswith("REGRESSED")
         console.print(line, markup=False)
+    busy = busy_runs(old, new)
+    if busy:
+        console.print(
+            f"attend bench: INCONCLUSIVE: {'; '.join(busy)}: on a busy machine a change says more about the load "
+            f"than about the code (exit {EXIT_INCONCLUSIVE}); hint: rerun when the load average is below the core "
+            "count",
+            markup=False,
+        )
+        return EXIT_INCONCLUSIVE
     if regressed and args.fail_on_regression:
-        console.print(f"attend bench: {regressed} row(s) regressed by more than {args.threshold:.0%}", markup=False)
-        return 1
+        console.print(
+            f"attend bench: {regressed} row(s) regressed by more than {args.threshold:.0%} and the runs' spread",
+            markup=False,
+        )
+        return EXIT_REGRESSED
     return 0
 
 
@@ -616,12 +826,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         default="quick",
-        metavar="{quick,small,cpu,gan,vit,llm,long,gpu,structured,decode}",
-        help="default quick (< 1 min on 2 CPU cores); structured: packed documents, sliding window, score='l2' "
+        metavar="{quick,small,cpu,gan,vit,llm,long,gpu,structured,vocabulary,decode,contention}",
+        help="default quick (the README's headline shapes, < 1 min on 2 CPU cores); structured: packed documents, "
+        "sliding window, score='l2' "
         "and varlen_attn, each against the formulations it replaces, with the issue's floors (2-4 min on 2 CPU cores); "
         "decode: one decoding step against a KV cache (1k-32k keys, b=1 and 8, float32 and bfloat16): "
         "attend.kvcache.with_kvcache, contiguous and paged, vs SDPA on the valid slice, as GB/s of cache read and "
-        "%% of a copy's bandwidth, with the issue's floors (a few minutes on 2 CPU cores)",
+        "%% of a copy's bandwidth, with the issue's floors (a few minutes on 2 CPU cores); contention: chunked "
+        "(plain forward) and auto (causal + key padding, training) at (1, 8, 2048, 64) against direct SDPA, each "
+        "row timed quiet and then beside --load busy processes, floor: the loaded ratio >= 0.8x the quiet one "
+        "(about a minute on 2 CPU cores); gpu: needs a CUDA device (or --device cpu --yes). Every run says what it "
+        "will cost before it starts",
     )
     p.add_argument("--device", help="cpu or cuda; default cuda when available, else cpu")
     p.add_argument(
@@ -630,44 +845,74 @@ def build_parser() -> argparse.ArgumentParser:
         "(b, j) row once, in this dtype)",
     )
     p.add_argument(
-        "--backends", metavar="A,B", help="backends to time besides auto; default every registered one but einsum"
+        "--backends",
+        metavar="A,B",
+        help="backends to time besides auto; default every registered one but einsum (and, in the quick suite, "
+        "sdpa:math, which took a seventh of its time)",
     )
     p.add_argument("--mode", choices=tuple(MODES), help="fwd, fwdbwd or both; default: each case's own")
-    p.add_argument("--json", metavar="PATH", help="write the results (with device, torch, threads, date)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results (with device, torch, threads, date, load average, CPU count, each timing's spread); "
+        'rewritten after every row with "complete": false, so an interrupt keeps what was measured',
+    )
     p.add_argument(
         "--plot", metavar="PATH", help="write a PNG: GFLOP/s and peak memory vs key length (needs matplotlib)"
     )
-    p.add_argument("--markdown", metavar="PATH", help="write the table as GitHub markdown")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as GitHub markdown (rewritten after every row)")
     p.add_argument(
         "--compare",
         nargs="+",
         metavar="JSON",
-        help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs",
+        help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs. A row is REGRESSED "
+        "(or IMPROVED) only beyond --threshold and beyond the two runs' recorded spread; runs of different suites "
+        "(or with no row in common) are an error (exit 2); a run whose 1-minute load average exceeded its CPU "
+        f"count makes the comparison INCONCLUSIVE (exit {EXIT_INCONCLUSIVE})",
     )
     p.add_argument(
         "--threshold", type=float, default=0.10, help="relative change that counts as IMPROVED/REGRESSED (default 0.10)"
     )
     p.add_argument(
-        "--min-time", type=float, default=0.3, metavar="S", help="seconds of samples per candidate (default 0.3)"
+        "--min-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of samples per candidate (default 0.3; --suite contention: 2)",
     )
     p.add_argument(
         "--fail-on-regression",
         action="store_true",
-        help="with --compare: exit 1 when a row regressed by more than --threshold (for CI)",
+        help=f"with --compare: exit {EXIT_REGRESSED} when a row regressed by more than --threshold and the runs' "
+        f"spread (for CI); an INCONCLUSIVE comparison (a busy machine) exits {EXIT_INCONCLUSIVE} instead",
     )
     p.add_argument(
         "--memory",
         choices=("all", "attend", "none"),
         help="peak memory of every candidate, of attend alone (structured: the subject), or none; default: attend "
         "for the quick and structured suites (their tables show that one; keeps quick near 50 s on 2 cores), none "
-        "for decode (it measures bandwidth), all for the others",
+        "for decode (it measures bandwidth) and contention, all for the others",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (= --memory none)")
     p.add_argument(
         "--fail-on-floor",
         action="store_true",
-        help="--suite structured or decode: exit 1 when a row's ratio (or the subject's peak memory or share of the "
-        "copy bandwidth) misses its floor",
+        help="--suite structured, decode or contention: exit 1 when a row's ratio (or the subject's peak memory, "
+        "share of the copy bandwidth, or loaded / quiet ratio) misses its floor",
+    )
+    p.add_argument(
+        "--load",
+        type=int,
+        metavar="N",
+        help="start N busy processes (pure-Python spin loops) before the first case and stop them after the last: "
+        "speed on a shared CPU; recorded in the results and the table's title (default 0; --suite contention: "
+        "2 per core, its rows timed quiet first, then under the load)",
+    )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a CPU run even when its estimate is above 10 minutes (without it such a run stops before the "
+        "first case, saying what it would cost)",
     )
     p.set_defaults(func=cmd_bench)
     return parser

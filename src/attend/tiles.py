@@ -651,7 +651,7 @@ def split_ways(plan: Plan, like: Tensor, units: int) -> int:
     """How many threads a loop of `units` units runs on (1: in the caller's thread, ops parallel inside)."""
     if plan.tracing or units < _SPLIT_MIN_UNITS or plan.device.type != "cpu":
         return 1
-    return split_threads(like, units, plan.deterministic)
+    return split_threads(like, units, plan.deterministic, plan.b * plan.h * plan.i * plan.j * plan.d)
 
 
 def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None) -> None:

@@ -344,7 +344,8 @@ class _BlockGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, blocks, q, k, v, deterministic):
         ctx.blocks = blocks
-        ctx.ways = split_threads(q, len(blocks), deterministic)  # the backward splits as the forward did
+        work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        ctx.ways = split_threads(q, len(blocks), deterministic, work)  # the backward splits as the forward did
         graphs: list = [None] * len(blocks)
         outs: list = [None] * len(blocks)
 
@@ -590,7 +591,8 @@ class SdpaBackend(Backend):
             kv = (k[:, :, cols], v[:, :, cols]) if cols else (k, v)
             outs[n] = block(rows, cols, masked, q[:, :, rows], *kv)
 
-        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks), inp.deterministic))
+        work = inp.b * inp.h * inp.i * inp.j * inp.d
+        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks), inp.deterministic, work))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:

@@ -177,7 +177,7 @@ def layer_count(case: DecodeCase, llc: int) -> int:
     return max(1, min(MAX_LAYERS, -(-2 * llc // case.cache_bytes)))
 
 
-def _copy_mb(case: DecodeCase, llc: int) -> int:
+def copy_mb(case: DecodeCase, llc: int) -> int:
     return max(case.copy_mb, -(-llc // 2**20)) if case.beyond_llc else case.copy_mb
 
 
@@ -377,7 +377,7 @@ def omitted(cfg: BenchConfig) -> dict[str, str]:
     out = {}
     llc = llc_bytes(cfg.device)
     for case in _cases(cfg):
-        need = layer_count(case, llc) * case.cache_bytes + 2 * _copy_mb(case, llc) * 2**20
+        need = layer_count(case, llc) * case.cache_bytes + 2 * copy_mb(case, llc) * 2**20
         reason = missing(case.needs) or _fits(need, "its caches and the copy probe", cfg.device)
         if reason:
             out[f"{case.name} {fmt_dtype(case.dtype)}"] = reason
@@ -413,7 +413,7 @@ def _measure(case: DecodeCase, cfg: BenchConfig, status: Callable[[str], None]) 
     layers = layer_count(case, llc)
     status(f"{case.name} {dtype}: building the caches ({layers} x {_gib(case.cache_bytes)})")
     built, skipped = build(case, device, layers=layers)
-    probe, copy_bytes, copy_note = copy_probe(_copy_mb(case, llc), device)
+    probe, copy_bytes, copy_note = copy_probe(copy_mb(case, llc), device)
     calls: dict[str, Callable[[], object]] = {n: b.call for n, b in built.items()}
     calls[COPY] = probe
     count = len(calls)
@@ -530,6 +530,7 @@ def run_decode(
     *,
     on_status: Callable[[str], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    on_document: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run a decode suite and return the result document (what `--json` writes).
 
@@ -547,5 +548,6 @@ def run_decode(
     status("warming up")
     _warm_up([c for c, _ in pairs], cfg.device)
     return run_rows(
-        cfg, lambda pair: _measure(pair[0], cfg, status), pairs, on_row, kind="decode", memory="none", omitted=gone
-    )
+        cfg, lambda pair: _measure(pair[0], cfg, status), pairs, on_row, on_document,
+        kind="decode", memory="none", omitted=gone,
+    )  # fmt: skip

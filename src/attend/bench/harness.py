@@ -14,6 +14,7 @@ import datetime as dt
 import importlib
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "load_average",
     "missing",
     "run_rows",
+    "document",
+    "spread",
     "timing_fields",
 ]
 
@@ -54,6 +57,8 @@ class BenchConfig:
     # peak memory: "all" candidates, "attend" alone (what the table shows; each CPU measurement reruns every
     # candidate it covers once, in a child process), or "none"
     memory: str = "all"
+    # busy processes (`load.busy`) running while the cases are measured: `attend bench --load N`
+    load: int = 0
 
 
 # helpers
@@ -155,13 +160,47 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def spread(samples: list[float]) -> float | None:
+    """The run-to-run spread of a candidate's samples: (p75 - p25) / median, the interquartile range relative
+    to the median (0.05: the middle half of the samples lies within 5 % of the median's size); None with
+    fewer than 2 samples or no positive median."""
+    if len(samples) < 2:
+        return None
+    median = statistics.median(samples)
+    if not median > 0:
+        return None
+    p25, _, p75 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (p75 - p25) / median
+
+
 def timing_fields(t: Any) -> dict[str, Any]:
-    """A candidate's timing as result files store it: median and samples in ms, runs, error."""
+    """A candidate's timing as result files store it: median and samples in ms, runs, spread, error."""
+    x = spread(t.samples) if t.error is None else None
     return {
         "median_ms": None if t.median is None else t.median * 1e3,
         "samples_ms": [round(s * 1e3, 5) for s in t.samples],  # to 10 ns: a small call keeps up to 1000
         "runs": len(t.samples),
+        # (p75 - p25) / median of the samples: `--compare` calls a change a regression only beyond it
+        "spread": None if x is None else round(x, 5),
         "error": t.error,
+    }
+
+
+def document(cfg: BenchConfig, env: dict, rows: list[dict], complete: bool, **extra: Any) -> dict:
+    """The result document: schema, suite, `extra` (kind, ...), the environment at the start, the load
+    (`load`: the busy processes `--load` started; `load_average`, `load_average_end`: the 1-minute load
+    average at the start, before they started, and at the end, while they still ran; `cpu_count`), the rows,
+    and `complete`: False while the run is still going (or was cut short: the rows measured so far)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "suite": cfg.suite,
+        **extra,
+        **env,
+        "load": cfg.load,
+        "load_average_end": load_average(),
+        "min_time_s": cfg.min_time,
+        "complete": complete,
+        "rows": list(rows),
     }
 
 
@@ -170,24 +209,24 @@ def run_rows(
     measure: Callable[[Any], dict],
     items: list,
     on_row: Callable[[dict], None] | None,
-    **document: Any,
+    on_document: Callable[[dict], None] | None = None,
+    **extra: Any,
 ) -> dict:
     """Measure every item (`measure(item)` -> row) in order, report each row as it lands, and return the
-    result document: schema, suite, the environment at the start (date, load average, ...), the load average
-    at the end, `document`'s extra fields, and the rows. `environment` is read before the first row."""
+    result document (`document`: schema, suite, the environment at the start, the load, `extra`'s fields, the
+    rows). `environment` is read before the first row, and then `cfg.load` busy processes start (`load.busy`);
+    they stop when the last row is measured, or when a row raises. After each row, `on_document` gets the
+    document so far (`complete` False), so a caller can save what was measured before a later row fails."""
+    from .load import busy
+
     env = environment(cfg.device)
-    rows = []
-    for item in items:
-        row = measure(item)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": cfg.suite,
-        **document,
-        **env,
-        "load_average_end": load_average(),
-        "min_time_s": cfg.min_time,
-        "rows": rows,
-    }
+    rows: list[dict] = []
+    with busy(cfg.load):
+        for item in items:
+            row = measure(item)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if on_document is not None:
+                on_document(document(cfg, env, rows, False, **extra))
+        return document(cfg, env, rows, True, **extra)

@@ -7,6 +7,8 @@ are keyed by (case, mode, dtype) when two documents are compared.
 from __future__ import annotations
 
 import json
+import os
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,7 +27,11 @@ __all__ = [
     "load_json",
     "save_plot",
     "compare",
+    "compare_rows",
     "compare_lines",
+    "comparable",
+    "busy_runs",
+    "load_text",
 ]
 
 REQUIRED_KEYS = {
@@ -114,10 +120,25 @@ CAPTION = (
 
 
 
+def load_text(doc: dict) -> str:
+    """The run's load in a few words: the 1-minute load average at the start and end on so many CPUs, and
+    the busy processes `--load N` started ("" when the file records none of it: an older run)."""
+    start, end, cpus, n = (doc.get(k) for k in ("load_average", "load_average_end", "cpu_count", "load"))
+    parts = []
+    if start is not None:
+        shown = f"{start:.2f}" + ("" if end is None else f" → {end:.2f}")
+        parts.append(f"load average {shown}" + ("" if cpus is None else f" on {cpus} CPUs"))
+    if n:
+        parts.append(f"--load {n}: {n} busy processes")
+    return ", ".join(parts)
+
+
 def _title(doc: dict) -> str:
+    load = load_text(doc)
+    partial = "" if doc.get("complete", True) else "  ·  INCOMPLETE: the rows measured so far"
     return (
         f"attend bench --suite {doc['suite']}  ·  {doc['device_name']} ({doc['device']}), "
-        f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+        f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}" + (f"  ·  {load}" if load else "") + partial
     )
 
 
@@ -263,6 +284,79 @@ def _decode_markdown(doc: dict) -> str:
     return "\n".join(lines + ["", DECODE_CAPTION, "", *[f"* {n}" for n in [env, *_structured_notes(doc)]]])
 
 
+# a contention suite (bench/contention.py): one line per row, its quiet and its loaded pass side by side
+
+CONTENTION_HEADERS = [
+    "case", "shape", "pass", "subject", "baseline", "quiet ms", "× quiet", "loaded ms", "× loaded", "loaded / quiet",
+    "floor", "verdict",
+]  # fmt: skip
+CONTENTION_CAPTION = (
+    "Each row timed twice in one run, the subject and a direct SDPA call interleaved: quiet, then beside --load N "
+    "busy processes. ms: the subject's median / the baseline's; ×: the baseline's time / the subject's (above 1: "
+    "attend is faster); loaded / quiet: the loaded × over the quiet ×, the share of its standing against SDPA "
+    "attend keeps when the cores are shared; floor: the least share the issue accepts."
+)
+
+
+def _pair_ms(results: dict | None, row: dict) -> str:
+    if results is None:
+        return "—"
+    cells = []
+    for name in (row["subject"], row["baseline"]):
+        res = results.get(name, {})
+        cells.append(res.get("error") or _fmt(res.get("median_ms"), ".2f"))
+    return " / ".join(cells)
+
+
+def _contention_lines(doc: dict) -> list[list[str]]:
+    lines = []
+    for row in doc["rows"]:
+        floor = row["floor"]
+        ratio = {k: _fmt(row[k], ".2f") + ("×" if row[k] is not None else "") for k in ("ratio_quiet", "ratio_loaded")}
+        lines.append([
+            row["case"], row["label"], _mode(row), row["subject"], row["baseline"],
+            _pair_ms(row["results"], row), ratio["ratio_quiet"], _pair_ms(row["loaded"], row), ratio["ratio_loaded"],
+            _fmt(row["retained"], ".2f"), f"≥ {floor['min']:g}", _verdict(floor["pass"]),
+        ])  # fmt: skip
+    return lines
+
+
+def _contention_notes(doc: dict) -> list[str]:
+    notes = []
+    start, cpus = doc.get("load_average"), doc.get("cpu_count")
+    if start is not None and cpus and start > cpus:
+        notes.append(
+            f"warning: the quiet pass was not quiet (1-minute load average {start:.2f} on {cpus} CPUs before the busy "
+            "processes started): its ratios already include someone else's load"
+        )
+    if doc.get("load") is not None:
+        quiet_end = doc.get("load_average_quiet_end")
+        quiet = "" if quiet_end is None else f", {quiet_end:.2f} when the quiet pass ended"
+        notes.append(f"loaded pass: {doc['load']} busy processes on {doc.get('cpu_count')} CPUs{quiet}")
+    return notes
+
+
+def _contention_rich_table(doc: dict) -> Table:
+    table = Table(title=_title(doc), caption=" ".join([CONTENTION_CAPTION, *_contention_notes(doc)]))
+    for h in CONTENTION_HEADERS:
+        left = h in ("case", "shape", "pass", "subject", "baseline", "verdict")
+        table.add_column(h, justify="left" if left else "right")
+    for cells in _contention_lines(doc):
+        style = {"PASS": "bold green", "FAIL": "bold red"}.get(cells[11], "")
+        table.add_row(*[Text(c, style=style if i == 11 else "") for i, c in enumerate(cells)])
+    return table
+
+
+def _contention_markdown(doc: dict) -> str:
+    headers = CONTENTION_HEADERS
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for cells in _contention_lines(doc):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    env = f"{doc['device_name']} ({doc['device']}), torch {doc['torch']}, {doc['threads']} threads, {doc['date']}"
+    notes = [env, *([load_text(doc)] if load_text(doc) else []), *_contention_notes(doc)]
+    return "\n".join(lines + ["", CONTENTION_CAPTION, "", *[f"* {n}" for n in notes]])
+
+
 # main functions
 
 
@@ -273,6 +367,8 @@ def rich_table(doc: dict) -> Table:
         return _structured_rich_table(doc)
     if doc.get("kind") == "decode":
         return _decode_rich_table(doc)
+    if doc.get("kind") == "contention":
+        return _contention_rich_table(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
     table = Table(title=_title(doc), caption=CAPTION)
@@ -300,6 +396,8 @@ def markdown_table(doc: dict) -> str:
         return _structured_markdown(doc)
     if doc.get("kind") == "decode":
         return _decode_markdown(doc)
+    if doc.get("kind") == "contention":
+        return _contention_markdown(doc)
     rows = doc["rows"]
     ratio_cols = _ratio_columns(rows)
     headers = HEADERS + [f"× {n}" for n in ratio_cols]
@@ -309,10 +407,22 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines + ["", CAPTION])
 
 
-def save_json(doc: dict, path: str | Path) -> None:
+def save_text(text: str, path: str | Path) -> None:
+    """Write `text` to `path` (its folders created) through a temporary file in the same folder and a rename:
+    an interrupt mid-write leaves the previous content, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(doc: dict, path: str | Path) -> None:
+    save_text(json.dumps(doc, indent=1) + "\n", path)
 
 
 def load_json(path: str | Path) -> dict:
@@ -435,40 +545,114 @@ def save_plot(doc: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _subject(row: dict) -> dict:
+    return row["results"].get(row.get("subject", "attend"), {})
+
+
 def _subject_ms(row: dict) -> float | None:
     """attend's time, or a structured row's subject's."""
-    return row["results"].get(row.get("subject", "attend"), {}).get("median_ms")
+    return _subject(row).get("median_ms")
+
+
+def _spread(row: dict) -> float | None:
+    """The subject's run-to-run spread, (p75 - p25) / median: as recorded, else from its samples (a file
+    written before `spread` was recorded), else None (unknown)."""
+    res = _subject(row)
+    if res.get("spread") is not None:
+        return float(res["spread"])
+    samples = res.get("samples_ms") or []
+    if len(samples) < 2 or not statistics.median(samples) > 0:
+        return None
+    p25, _, p75 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (p75 - p25) / statistics.median(samples)
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return (row["case"], row["mode"], row["dtype"])
+
+
+def _rid(row: dict) -> str:
+    return f"{row['case']} {_mode(row)} {row['dtype']}"
+
+
+def compare_rows(old: dict, new: dict, threshold: float = 0.10) -> list[dict]:
+    """Per row of `new` (matched to `old` by case, pass and dtype), the verdict on attend's own time (a
+    structured or contention row's: its subject's) as a dict: verdict, id, old_ms, new_ms, spread (the
+    two runs' spreads added, None when either is unknown), note.
+
+    REGRESSED: new / old - 1 is at least `threshold` and more than the combined spread (a slowdown inside
+    the two runs' own run-to-run noise is no regression); IMPROVED: old / new - 1 likewise; SAME otherwise
+    (the note says when a change beyond `threshold` stayed within the spread); NEW when `old` has no such
+    row, SAME when either has no time for it. An unknown spread counts as 0 (`threshold` alone decides)."""
+    before = {_key(r): r for r in old["rows"]}
+    out = []
+    for r in new["rows"]:
+        o = before.get(_key(r))
+        t_new, t_old = _subject_ms(r), None if o is None else _subject_ms(o)
+        spreads = [None if o is None else _spread(o), _spread(r)]
+        spread = None if None in spreads else sum(spreads)  # type: ignore[arg-type]
+        entry = {"verdict": "SAME", "id": _rid(r), "old_ms": t_old, "new_ms": t_new, "spread": spread, "note": ""}
+        out.append(entry)
+        if o is None:
+            entry["verdict"] = "NEW"
+            continue
+        if t_old is None or t_new is None or not t_old > 0 or not t_new > 0:
+            continue
+        noise = spread or 0.0
+        slower, faster = t_new / t_old - 1, t_old / t_new - 1
+        for change, verdict, word in ((slower, "REGRESSED", "slower"), (faster, "IMPROVED", "faster")):
+            if change >= threshold:
+                if change > noise:
+                    entry["verdict"] = verdict
+                else:
+                    entry["note"] = f"{change:.0%} {word}, within the runs' spread of {noise:.0%}"
+    return out
 
 
 def compare(old: dict, new: dict, threshold: float = 0.10) -> list[tuple[str, str, float | None, float | None]]:
-    """Per row of `new` (matched to `old` by case, pass and dtype): (verdict, row id, old ms, new ms) for
-    attend's own time (a structured row's: its subject's). IMPROVED: new <= old * (1 - threshold);
-    REGRESSED: new >= old * (1 + threshold); SAME in between; NEW when `old` has no such row (or no time
-    for it)."""
+    """`compare_rows` as (verdict, row id, old ms, new ms) tuples."""
+    return [(e["verdict"], e["id"], e["old_ms"], e["new_ms"]) for e in compare_rows(old, new, threshold)]
 
-    def key(r):
-        return (r["case"], r["mode"], r["dtype"])
 
-    before = {key(r): r for r in old["rows"]}
+def comparable(old: dict, new: dict) -> str | None:
+    """Why two result files cannot be compared row by row (different suites, or no row in common), in the
+    house style ("expected ..., got ...; hint: ..."); None when they can."""
+    if old.get("suite") != new.get("suite"):
+        return (
+            f"expected runs of the same suite, got {old.get('suite')} vs {new.get('suite')}; hint: compare with a "
+            f"file of --suite {new.get('suite')}, or rerun with --suite {old.get('suite')}"
+        )
+    if not {_key(r) for r in old["rows"]} & {_key(r) for r in new["rows"]}:
+        shown = [", ".join(sorted({_rid(r) for r in doc["rows"]})[:4]) or "none" for doc in (old, new)]
+        return (
+            f"expected runs of --suite {new.get('suite')} with rows in common (matched by case, pass and dtype), "
+            f"got none in common (old: {shown[0]}; new: {shown[1]}); hint: rerun with the old run's --dtype and --mode"
+        )
+    return None
+
+
+def busy_runs(old: dict, new: dict) -> list[str]:
+    """Why the comparison is inconclusive: each run whose 1-minute load average (at its start or its end)
+    exceeded its CPU count, in words; [] when neither did or the files do not record it."""
     out = []
-    for r in new["rows"]:
-        rid = f"{r['case']} {_mode(r)} {r['dtype']}"
-        t_new = _subject_ms(r)
-        o = before.get(key(r))
-        t_old = None if o is None else _subject_ms(o)
-        if t_old is None or t_new is None:
-            out.append(("NEW" if o is None else "SAME", rid, t_old, t_new))
-        elif t_new <= t_old * (1 - threshold):
-            out.append(("IMPROVED", rid, t_old, t_new))
-        elif t_new >= t_old * (1 + threshold):
-            out.append(("REGRESSED", rid, t_old, t_new))
-        else:
-            out.append(("SAME", rid, t_old, t_new))
+    for which, doc in (("old", old), ("new", new)):
+        cpus = doc.get("cpu_count")
+        loads = [
+            (float(doc[k]), when)
+            for k, when in (("load_average", "start"), ("load_average_end", "end"))
+            if doc.get(k) is not None
+        ]
+        if not cpus or not loads or max(x for x, _ in loads) <= cpus:
+            continue
+        shown = " and ".join(f"{x:.2f} at the {when}" for x, when in loads)
+        busy = f" ({doc['load']} busy processes from --load)" if doc.get("load") else ""
+        out.append(f"the {which} run's 1-minute load average was {shown}, above its {cpus} CPUs{busy}")
     return out
 
 
 def compare_lines(old: dict, new: dict, threshold: float = 0.10) -> Iterable[str]:
-    """`compare` as printable lines, with a warning first when the two runs are not like for like."""
+    """`compare_rows` as printable lines, with warnings first when the two runs are not like for like (and
+    when a file records no spread: an older file)."""
     for field in ("device_name", "torch", "threads", "cpu_count"):
         if old.get(field) != new.get(field):
             yield f"warning: {field} differs: {old.get(field)} -> {new.get(field)} (not like for like)"
@@ -476,8 +660,23 @@ def compare_lines(old: dict, new: dict, threshold: float = 0.10) -> Iterable[str
     if any(x is not None and x >= 1.5 for x in loads):
         shown = " -> ".join("unknown" if x is None else f"{x:.2f}" for x in loads)
         yield f"warning: a busy machine (1-minute load average {shown}): expect noise beyond --threshold"
-    for verdict, rid, t_old, t_new in compare(old, new, threshold):
+    rows = compare_rows(old, new, threshold)
+    unknown = [
+        which
+        for which, doc in (("old", old), ("new", new))
+        if any(_spread(r) is None for r in doc["rows"] if _subject_ms(r) is not None)
+    ]
+    if unknown:
+        yield (
+            f"note: the run-to-run spread is unknown for some rows of the {' and '.join(unknown)} file (no `spread`, "
+            "fewer than 2 samples): counted as 0, --threshold alone decides there"
+        )
+    for e in rows:
+        t_old, t_new = e["old_ms"], e["new_ms"]
+        spread = "" if e["spread"] is None else f", spread {e['spread']:.0%}"
+        note = f"; {e['note']}" if e["note"] else ""
         if t_old is not None and t_new is not None:
-            yield f"{verdict:<9} {rid}: attend {t_old:.3f} ms -> {t_new:.3f} ms ({t_old / t_new:.2f}x)"
+            ratio = f"{t_old / t_new:.2f}x{spread}{note}"
+            yield f"{e['verdict']:<9} {e['id']}: attend {t_old:.3f} ms -> {t_new:.3f} ms ({ratio})"
         else:
-            yield f"{verdict:<9} {rid}: attend {_fmt(t_old, '.3f')} ms -> {_fmt(t_new, '.3f')} ms"
+            yield f"{e['verdict']:<9} {e['id']}: attend {_fmt(t_old, '.3f')} ms -> {_fmt(t_new, '.3f')} ms"

@@ -16,8 +16,8 @@ from .._helpers import fmt_dtype
 from ..dispatch import explain_inputs, get_backend, list_backends
 from ..inputs import validate
 from ..testing import Case
-from . import decode, structured
-from .cases import DECODE_SUITES, STRUCTURED_SUITES, SUITES, BenchCase
+from . import contention, decode, structured
+from .cases import CONTENTION_SUITES, DECODE_SUITES, STRUCTURED_SUITES, SUITE_SKIPS, SUITES, BenchCase
 from .flops import attention_flops, matmul_flops
 from .harness import (
     SCHEMA_VERSION,
@@ -64,9 +64,17 @@ def _matmul_call(shape: dict, dtype: torch.dtype, device: torch.device) -> tuple
     return mm, matmul_flops(n, i, j, d, e)
 
 
+def default_backends(cfg: BenchConfig) -> list[str]:
+    """The backends a run times besides auto: `cfg.backends`, else every registered one but the einsum
+    reference and the suite's `SUITE_SKIPS`."""
+    if cfg.backends is not None:
+        return list(cfg.backends)
+    return [n for n in list_backends() if n != "einsum" and n not in SUITE_SKIPS.get(cfg.suite, ())]
+
+
 def _candidates(cfg: BenchConfig, inp) -> tuple[list[str], dict[str, str]]:
     """Backends to time for these inputs, and the reason each other one is left out."""
-    names = cfg.backends if cfg.backends is not None else [n for n in list_backends() if n != "einsum"]
+    names = default_backends(cfg)
     chosen, skipped = [], {}
     for name in names:
         reasons = get_backend(name).reasons_unsupported(inp)
@@ -84,6 +92,8 @@ def plan(cfg: BenchConfig) -> list[tuple[Any, str]]:
         return list(structured.plan(cfg))
     if cfg.suite in DECODE_SUITES:
         return list(decode.plan(cfg))
+    if cfg.suite in CONTENTION_SUITES:
+        return list(contention.plan(cfg))
     pairs: list[tuple[Any, str]] = []
     for case in SUITES[cfg.suite]:
         for mode in cfg.modes or case.modes:
@@ -216,6 +226,7 @@ def run_suite(
     *,
     on_status: Callable[[str], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    on_document: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run `cfg.suite` and return the result document (what `--json` writes).
 
@@ -224,13 +235,21 @@ def run_suite(
     (above 1: attend is faster); `fastest` names the quickest candidate (`attend:unchecked`, the cost of
     the NaN/inf check, is timed but never `fastest`). A structured suite (`cases.STRUCTURED_SUITES`) runs
     through `structured.run_structured` instead: its document has `kind: "structured"` and rows of its own;
-    a decode suite (`cases.DECODE_SUITES`) through `decode.run_decode` (`kind: "decode"`).
+    a decode suite (`cases.DECODE_SUITES`) through `decode.run_decode` (`kind: "decode"`); a contention suite
+    (`cases.CONTENTION_SUITES`) through `contention.run_contention` (`kind: "contention"`).
+
+    `cfg.load` busy processes run while the rows are measured (`load.busy`; a contention suite measures each
+    row quiet first, then under them). `on_row` gets each row as it lands; `on_document` the document so far
+    (`complete` False) after each row, so what was measured survives a later error or an interrupt.
     """
-    if cfg.suite in STRUCTURED_SUITES:
-        return structured.run_structured(cfg, on_status=on_status, on_row=on_row)
-    if cfg.suite in DECODE_SUITES:
-        return decode.run_decode(cfg, on_status=on_status, on_row=on_row)
+    for kinds, runner in (
+        (STRUCTURED_SUITES, structured.run_structured),
+        (DECODE_SUITES, decode.run_decode),
+        (CONTENTION_SUITES, contention.run_contention),
+    ):
+        if cfg.suite in kinds:
+            return runner(cfg, on_status=on_status, on_row=on_row, on_document=on_document)
     status = on_status or (lambda _msg: None)
     status("warming up")
     _warm_up(cfg)
-    return run_rows(cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), plan(cfg), on_row)
+    return run_rows(cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), plan(cfg), on_row, on_document)

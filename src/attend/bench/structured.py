@@ -495,6 +495,7 @@ def run_structured(
     *,
     on_status: Callable[[str], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    on_document: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run a structured suite and return the result document (what `--json` writes).
 
@@ -509,6 +510,6 @@ def run_structured(
     status("warming up")
     _warm_up(cfg, pairs)
     return run_rows(
-        cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), pairs, on_row,
+        cfg, lambda pair: _measure(pair[0], pair[1], cfg, status), pairs, on_row, on_document,
         kind="structured", memory=cfg.memory, omitted=omitted(cfg.suite),
     )  # fmt: skip
