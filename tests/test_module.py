@@ -170,3 +170,13 @@ def test_flash_true_in_training_on_cpu_runs_what_the_readme_says(monkeypatch):
     for gone in ("`attn_dropout`", "`cpu_config`", "`cuda_config`", "`flash_attn`"):
         assert gone in section
         assert not hasattr(attn, gone.strip("`")), f"{gone} is documented as gone"
+
+
+def test_flash_fallback_explains_the_backend_it_runs_without_calling_it_unfused():
+    """Attend(0.1, flash=True) in training on CPU falls back to auto (no fused CPU kernel has dropout): its
+    report names that backend with no reason against it, and says why the fused kernels could not run."""
+    q = k = v = torch.randn(1, 2, 300, 16)
+    report = Attend(0.1, flash=True).train().explain(q, k, v)
+    assert report.reasons[report.backend] == []
+    assert "not a fused kernel" not in str(report)
+    assert any("dropout" in r for r in report.reasons["sdpa:flash"])

@@ -7,7 +7,6 @@ d head dim (q and k), e value head dim.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -170,8 +169,9 @@ class Attend(nn.Module):
         fused_only = self.flash is True and self.backend is None
         report = explain_inputs(inp, self.backend, fused_only=fused_only)
         if fused_only and report.backend is None:
-            # forward falls back to auto here (see the class docstring): report the backend it will run
-            report = replace(report, backend=explain_inputs(inp).backend)
+            # forward falls back to auto here (see the class docstring): report what it will run, with auto's own
+            # reasons (the fused-only report would call the backend it picks "not a fused kernel")
+            report = explain_inputs(inp)
         return report
 
 
