@@ -352,3 +352,13 @@ def test_tested_releases_are_the_last_matrix_run():
 )
 def test_tested_status(version, says):
     assert features.tested_status(version).startswith(says)
+
+
+def test_import_prints_nothing_whatever_the_torch():
+    """`import attend` says nothing on any torch, tested or not (`attend info` says whether it is tested)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "default", "-c", "import attend"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
