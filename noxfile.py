@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -57,6 +58,17 @@ def _counts(junit: Path) -> dict[str, int]:
     return {"passed": tests - failed - errors - skipped, "failed": failed, "errors": errors, "skipped": skipped}
 
 
+def _commit() -> str:
+    """The commit the session tested, with "+changes" when the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _record(torch_spec: str, entry: dict) -> None:
     data = json.loads(MATRIX.read_text()) if MATRIX.exists() else {"sessions": {}}
     data["sessions"][torch_spec] = entry
@@ -92,6 +104,7 @@ def tests(session: nox.Session, torch: str) -> None:
         _record(torch, {
             "torch": version,
             "date": datetime.date.today().isoformat(),
+            "commit": _commit(),
             "result": "pass" if failed is None else "fail",
             **_counts(junit),
             "tests_s": round(ran),

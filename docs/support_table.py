@@ -32,8 +32,8 @@ def render(matrix: dict) -> str:
 
     rows = sorted(matrix["sessions"].items(), key=lambda kv: _release(kv[1]["torch"]))
     lines = [
-        "| torch | nox session | result | passed | skipped | failed | tests | install | lacks (`attend info`) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| torch | nox session | result | passed | skipped | failed | tests | venv | commit | lacks (`attend info`) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lacking: set[str] = set()
     for session, s in rows:
@@ -41,8 +41,8 @@ def render(matrix: dict) -> str:
         lacks = ", ".join(f"`{name}`" for name in s["lacks"]) or "nothing"
         lines.append(
             f"| {s['torch']} | `tests(torch='{session}')` | {s['result']} | {s['passed']} | {s['skipped']} | "
-            f"{s['failed'] + s['errors']} | {s['tests_s'] / 60:.1f} min | {s['venv_mb'] / 1024:.1f} GB, "
-            f"{s['install_s'] / 60:.1f} min | {lacks} |"
+            f"{s['failed'] + s['errors']} | {s['tests_s'] / 60:.1f} min | {s['venv_mb'] / 1024:.1f} GB | "
+            f"{s.get('commit', '?')} | {lacks} |"
         )
     dates = sorted({s["date"] for _, s in rows})
     loads = [s["load_after"] for _, s in rows]
@@ -50,8 +50,9 @@ def render(matrix: dict) -> str:
     lines += [
         "",
         f"Run {' to '.join(dates[:1] + dates[1:][-1:])} on {'/'.join(map(str, cores))} CPU cores (load average "
-        f"{min(loads):.1f} to {max(loads):.1f} at the end of a session); install: the session's venv on disk and "
-        "its install time (CUDA wheels, on a CPU machine). What attend does without each missing feature:",
+        f"{min(loads):.1f} to {max(loads):.1f} at the end of a session); venv: the session's environment on disk "
+        "(the index's CUDA wheels, on a CPU machine: a first install downloaded them in 1-2 minutes here). What "
+        "attend does without each missing feature:",
         "",
     ]
     for name in sorted(lacking):

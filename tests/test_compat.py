@@ -375,11 +375,21 @@ def test_mask_that_does_not_broadcast_raises_what_torch_callers_catch(mask_shape
     ids=["N0", "N0-mask", "N0-3d", "H0"],
 )
 def test_empty_batch_returns_empty_like_torch(shape, mask):
+    """An empty batch or no heads: an empty output shaped like torch's. Torch's own call runs in a child process
+    first: torch 2.9.1's CPU SDPA dies of SIGFPE on zero heads; where it does, attend still gives the empty
+    output torch documents, (N, ..., Hq, L, Ev)."""
+    import subprocess
+    import sys
+
     q = torch.randn(shape, requires_grad=True)
     keep = None if mask is None else torch.ones(mask, dtype=torch.bool)
     out = sdpa(q, q, q, attn_mask=keep)
-    ref = F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
+    probe = (f"import torch, torch.nn.functional as F; q = torch.randn({shape}); keep = None if {mask!r} is None "
+             f"else torch.ones({mask!r}, dtype=torch.bool); F.scaled_dot_product_attention(q, q, q, attn_mask=keep)")
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0:
+        ref = F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert out.shape == shape and out.dtype == q.dtype  # e == d here
     out.sum().backward()
     assert q.grad is not None and q.grad.shape == q.shape
 
