@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import attend
+from attend import features
 from attend import scaled_dot_product_attention as sdpa
 from attend.compat import SdpaArgumentError
 from attend.testing import tolerance
@@ -261,9 +262,14 @@ def test_mask_with_is_causal_does_what_torch_does(case):
             with pytest.raises(RuntimeError) as info:  # what PyTorch's callers catch
                 sdpa(q, k, v, **kwargs)
             assert isinstance(info.value, SdpaArgumentError) and isinstance(info.value, ValueError)
+            why = (
+                "PyTorch's own scaled_dot_product_attention refuses for these arguments (it runs them on its math "
+                "kernel)"
+                if features.get("sdpa_mask_with_causal").present()
+                else f"this torch's scaled_dot_product_attention ({torch.__version__}) refuses for every kernel"
+            )
             assert str(info.value) == (
-                "expected either `attn_mask` or `is_causal=True`, got both, which PyTorch's own "
-                "scaled_dot_product_attention refuses for these arguments (it runs them on its math kernel); "
+                f"expected either `attn_mask` or `is_causal=True`, got both, which {why}; "
                 "hint: fold the causal triangle into the mask (`attn_mask & torch.ones(L, S, "
                 "dtype=torch.bool).tril()`), or use `attend.attention(q, k, v, mask=..., causal=True)` "
                 "(bottom-right aligned)"
@@ -285,6 +291,7 @@ def _torch_with_both(q, k, v, **kwargs):
         pytest.skip(f"this torch's SDPA refuses attn_mask with is_causal here ({exc}); mirrored by the test above")
 
 
+@needs("sdpa_mask_with_causal")  # where torch refuses the two, so does the drop-in (test above)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("kind", ["bool-2d", "bool-4d", "float", "float-inf"])
 @pytest.mark.parametrize("shape", BOTH_SHAPES, ids=_id)
@@ -302,6 +309,7 @@ def test_mask_with_is_causal_matches_torch_forward(shape, kind, dtype):
     torch.testing.assert_close(out, sdpa(*ours, attn_mask=folded, enable_gqa=gqa), **tolerance(dtype))
 
 
+@needs("sdpa_mask_with_causal")  # where torch refuses the two, so does the drop-in (test above)
 @pytest.mark.parametrize("kind", ["bool-2d", "bool-4d", "float", "float-inf"])
 @pytest.mark.parametrize("shape", BOTH_SHAPES[:3], ids=_id)
 def test_mask_with_is_causal_matches_torch_backward(shape, kind):
@@ -316,6 +324,7 @@ def test_mask_with_is_causal_matches_torch_backward(shape, kind):
         torch.testing.assert_close(a.grad, b.grad, **tolerance(a.dtype), msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@needs("sdpa_mask_with_causal")  # where torch refuses the two, so does the drop-in (test above)
 @pytest.mark.usefixtures("fresh_dynamo")  # reset dynamo around it
 @needs("dynamo_traces_attend")
 def test_mask_with_is_causal_compiles():

@@ -61,6 +61,10 @@ def off_per_thread(mp):
     mp.setitem(_helpers._STATE, "per_thread", False)
 
 
+def off_mask_with_causal(mp):
+    mp.setitem(sdpa._PROBED, ("mask_with_causal",), False)
+
+
 def off_fused_choice(mp):
     mp.delattr(torch, "_fused_sdp_choice", raising=False)
 
@@ -184,6 +188,16 @@ def chunked_without_per_thread_counts():
         _close(a, b, 1e-4)
 
 
+def drop_in_refuses_mask_with_causal():
+    """Where torch's SDPA refuses attn_mask with is_causal=True, so does the drop-in (a RuntimeError, as torch's);
+    either alone runs."""
+    q, k, v = make_qkv(h=2, g=2, i=5, j=7)
+    keep = torch.ones(5, 7, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="refuses for every kernel"):
+        attend.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=True)
+    _close(attend.scaled_dot_product_attention(q, k, v, attn_mask=keep), dense_formula(q, k, v)[0])
+
+
 def plain_call_without_fused_choice():
     """Without PyTorch's own pick, every CPU call sets the switches: same results, switches restored."""
     q, k, v = make_qkv()
@@ -291,6 +305,7 @@ FALLBACKS: dict[str, tuple[Callable, Callable]] = {
     "sdpa_cpu_half_exact": (off_half_exact, half_without_exact_kernels),
     "dynamo_traces_attend": (off_dynamo_traces, compile_without_tracing),
     "per_thread_intra_op": (off_per_thread, chunked_without_per_thread_counts),
+    "sdpa_mask_with_causal": (off_mask_with_causal, drop_in_refuses_mask_with_causal),
     "cpu_flash_lse": (off_flash_lse, lse_without_cpu_flash_op),
     "autograd_node_hooks": (off_node_hooks, grad2_without_node_hooks),
     "graph_task_keep_graph": (off_keep_graph, grad2_without_keep_graph),

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._helpers import autocast_inputs, fmt_dtype, fmt_shape
-from .backends.sdpa import has_enable_gqa
+from .backends.sdpa import has_enable_gqa, takes_mask_with_causal
 from .dispatch import call
 from .inputs import Options, check_options
 
@@ -105,14 +105,15 @@ def _check_mask_with_causal(
     kernel would run them), or cannot be asked (then as PyTorch documents: an error)."""
     check_options(Options(scale=scale, dropout_p=dropout_p), query.shape[-1])  # a bad option's own error first
     choice = _torch_choice(query, key, value, attn_mask, dropout_p, scale, gqa)
-    if choice == _EMPTY or choice in _TAKES_MASK_WITH_CAUSAL:
+    if choice == _EMPTY or (choice in _TAKES_MASK_WITH_CAUSAL and takes_mask_with_causal()):
         return
-    why = (
-        "which PyTorch's own scaled_dot_product_attention refuses for these arguments (it runs them on its math "
-        "kernel)"
-        if choice == _MATH
-        else "which PyTorch documents as an error (this torch does not say which kernel would run them)"
-    )
+    if not takes_mask_with_causal():
+        why = f"which this torch's scaled_dot_product_attention ({torch.__version__}) refuses for every kernel"
+    elif choice == _MATH:
+        why = ("which PyTorch's own scaled_dot_product_attention refuses for these arguments (it runs them on its "
+               "math kernel)")  # fmt: skip
+    else:
+        why = "which PyTorch documents as an error (this torch does not say which kernel would run them)"
     raise SdpaArgumentError(
         f"expected either `attn_mask` or `is_causal=True`, got both, {why}; hint: fold the causal triangle into "
         "the mask (`attn_mask & torch.ones(L, S, dtype=torch.bool).tril()`), or use "

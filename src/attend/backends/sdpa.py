@@ -126,6 +126,18 @@ def _probe_half(variant: SDPBackend) -> bool:
     )
 
 
+def _probe_mask_with_causal() -> bool:
+    """Does this torch's SDPA run `attn_mask` with `is_causal=True` on its CPU flash kernel (the mask AND the
+    upper-left triangle; torch 2.4-2.13), or refuse the two before it picks a kernel (torch 2.15)?"""
+    q = torch.zeros(1, 1, 2, 8)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            _sdpa(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool), is_causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _probe_lower_right_gqa() -> bool:
     from torch.nn.attention.bias import CausalBias
 
@@ -178,6 +190,12 @@ def clear_probes() -> None:
     for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         zeroes_dead_rows(variant, "cpu")
         _PROBED[("half", variant.name)] = _isolated(functools.partial(_probe_half, variant))
+    _PROBED[("mask_with_causal",)] = _isolated(_probe_mask_with_causal)
+
+
+def takes_mask_with_causal() -> bool:
+    """Does this torch's SDPA take `attn_mask` with `is_causal=True` at all (`_probe_mask_with_causal`)?"""
+    return _PROBED[("mask_with_causal",)]
 
 
 def exact_in_half(variant: SDPBackend) -> bool:
@@ -188,6 +206,13 @@ def exact_in_half(variant: SDPBackend) -> bool:
 
 clear_probes()
 
+MASK_WITH_CAUSAL = features.register(
+    "sdpa_mask_with_causal",
+    api="F.scaled_dot_product_attention taking attn_mask with is_causal=True (its CPU flash kernel)",
+    since="2.1, until 2.15 refused it",
+    without="attend.scaled_dot_product_attention refuses attn_mask with is_causal=True, as this torch's own does",
+    present=takes_mask_with_causal,
+)
 HALF_CPU = features.register(
     "sdpa_cpu_half_exact",
     api="CPU SDPA kernels that keep float16 attention in float32 (a float32 bias beyond float16, huge values "
