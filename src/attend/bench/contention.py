@@ -33,7 +33,7 @@ from torch import Tensor
 from .._helpers import fmt_dtype
 from ..functional import attention
 from .cases import CONTENTION_SUITES, ContentionCase
-from .harness import BenchConfig, document, environment, load_average, timing_fields
+from .harness import BenchConfig, document, environment, load_average, timed_pass, timing_fields, warm_up
 from .load import busy
 from .timer import time_interleaved
 
@@ -70,18 +70,7 @@ def dense_mask(keep: Tensor, i: int) -> Tensor:
 
 
 def _pass(fwd: Callable[[], Tensor], leaves: list[Tensor], go: Tensor | None) -> Callable[[], object]:
-    if go is None:
-
-        def run():
-            with torch.no_grad():
-                return fwd()
-
-        return run
-
-    def run_bwd():
-        return torch.autograd.grad(fwd(), leaves, go)
-
-    return run_bwd
+    return timed_pass(fwd, leaves, go)
 
 
 def build(case: ContentionCase, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict[str, Built]:
@@ -191,11 +180,7 @@ def _row(case: ContentionCase, cfg: BenchConfig, quiet: dict, loaded: dict | Non
 def _warm_up(cfg: BenchConfig) -> None:
     """One call of every candidate at 32 positions, so one-time set-up lands in no row's timing."""
     for case in CONTENTION_SUITES[cfg.suite]:
-        for b in build(case.tiny(), cfg.device, cfg.dtype or torch.float32).values():
-            try:
-                b.call()
-            except (RuntimeError, ValueError):
-                pass
+        warm_up(build(case.tiny(), cfg.device, cfg.dtype or torch.float32).values())
 
 
 # main function

@@ -46,7 +46,17 @@ from torch import Tensor
 from .._helpers import fmt_dtype
 from ..backends.sdpa import has_enable_gqa
 from .cases import DECODE_SUITES, DecodeCase
-from .harness import BenchConfig, Skip, available_bytes, guard, import_object, missing, run_rows, timing_fields
+from .harness import (
+    BenchConfig,
+    Skip,
+    available_bytes,
+    guard,
+    import_object,
+    missing,
+    run_rows,
+    timing_fields,
+    warm_up,
+)
 from .timer import time_interleaved
 
 __all__ = [
@@ -515,11 +525,7 @@ def _warm_up(cases: list[DecodeCase], device: torch.device) -> None:
         seen.add(case.dtype)
         built, _ = build(case.tiny(), device)
         with torch.no_grad():
-            for b in built.values():
-                try:
-                    b.call()
-                except (RuntimeError, ValueError):
-                    pass
+            warm_up(built.values())
 
 
 # main function

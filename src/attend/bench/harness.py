@@ -114,6 +114,33 @@ def guard(call: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def timed_pass(fwd: Callable[[], Any], leaves: list, go: Any = None) -> Callable[[], object]:
+    """What a row times: the forward under no_grad (`go` None), else the forward and the gradients of `leaves`
+    for the output gradient `go`."""
+    if go is None:
+
+        def run():
+            with torch.no_grad():
+                return fwd()
+
+        return run
+
+    def run_bwd():
+        return torch.autograd.grad(fwd(), leaves, go)
+
+    return run_bwd
+
+
+def warm_up(built: Any) -> None:
+    """One call of each built candidate (`.call()`), so one-time set-up (kernel selection, caches) lands in no
+    row's timing; a candidate that cannot run the tiny case is left to its row to report."""
+    for b in built:
+        try:
+            b.call()
+        except (RuntimeError, ValueError):
+            pass
+
+
 def import_object(spec: str) -> Any:
     """`"module:attr"` (a row's `needs`) -> that attribute, imported."""
     module, _, attr = spec.partition(":")

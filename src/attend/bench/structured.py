@@ -50,7 +50,9 @@ from .harness import (
     import_object,
     missing,
     run_rows,
+    timed_pass,
     timing_fields,
+    warm_up,
 )
 from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .timer import time_interleaved
@@ -87,18 +89,7 @@ class Built:
 
 
 def _pass(fwd: Callable[[], Tensor], leaves: list[Tensor], go: Tensor | None, mode: str) -> Callable[[], object]:
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fwd()
-
-        return run
-
-    def run_bwd():
-        return torch.autograd.grad(fwd(), leaves, go)
-
-    return run_bwd
+    return timed_pass(fwd, leaves, None if mode == "fwd" else go)
 
 
 def _leaf(t: Tensor, grad: bool) -> Tensor:
@@ -480,11 +471,7 @@ def _warm_up(cfg: BenchConfig, pairs: list[tuple[StructuredCase, str]]) -> None:
     dtype = cfg.dtype or default_dtype(cfg.device)
     for case, mode in pairs:
         built, _ = build(case.tiny(), mode, cfg.device, dtype)
-        for b in built.values():
-            try:
-                b.call()
-            except (RuntimeError, ValueError):
-                pass
+        warm_up(built.values())
 
 
 # main function
