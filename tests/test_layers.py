@@ -1,4 +1,4 @@
-"""attend's import graph is layered (docs: DESIGN.md, Architecture): no cycle, no module imports another
+"""attend's import graph is layered (docs/architecture.md, "Layers"): no cycle, no module imports another
 module's private (single underscore) name, and no module imports from a layer above its own.
 
 Every module under src/attend is parsed with `ast` (nothing is imported), every `import` and `from ... import`
