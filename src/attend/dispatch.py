@@ -634,17 +634,12 @@ TRACED = features.register(
 )
 
 
-def _untraceable() -> bool:
-    """Under torch.compile on a torch whose dynamo cannot trace attend: the call must run eagerly."""
-    return torch.compiler.is_compiling() and not dynamo_traces_attend()
-
-
 def run(inp: AttnInputs, backend: str | None = None, *, fused_only: bool = False) -> Result:
     """The run policy for validated inputs: empty inputs, the choice (auto or named), the kernel, the
     narrow fallback, and the NaN/inf exact path (contract items 2 and 3). `call` is the same with the
     validation and the choice cached per call signature. Returns out (b, h, i, e), or (out, lse) with
     `inp.return_lse`."""
-    if _untraceable():
+    if torch.compiler.is_compiling() and not dynamo_traces_attend():
         return _eager_run(inp, backend, fused_only=fused_only)
     if inp.i == 0 or inp.j == 0:
         return _empty(inp, backend)
@@ -769,7 +764,7 @@ def call(
     (shapes, dtypes, devices, grad state, options) validates and chooses; later ones rebuild the inputs
     from the cached entry and run (`CACHE_SIZE` signatures are kept, the oldest first out).
     Calls with `documents` or `sinks` always validate (the ids are data; sinks are rare enough to skip the cache)."""
-    if _untraceable():
+    if torch.compiler.is_compiling() and not dynamo_traces_attend():  # (inline: every call passes here)
         return _eager_call(q, k, v, mask, bias, documents, sinks, options=options, backend=backend,
                            fused_only=fused_only)  # fmt: skip
     generation = _generation  # read first: a registry change during this call must not be cached after it

@@ -189,7 +189,6 @@ def clear_probes() -> None:
     _PROBED[("enable_gqa",)] = _isolated(_probe_enable_gqa)
     for variant in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         zeroes_dead_rows(variant, "cpu")
-        _PROBED[("half", variant.name)] = _isolated(functools.partial(_probe_half, variant))
     _PROBED[("mask_with_causal",)] = _isolated(_probe_mask_with_causal)
 
 
@@ -199,9 +198,19 @@ def takes_mask_with_causal() -> bool:
 
 
 def exact_in_half(variant: SDPBackend) -> bool:
-    """Does this CPU kernel keep float16/bfloat16 inputs exact to float32 statistics (`_probe_half`)? (A kernel
-    with no CPU implementation is not probed: its caps already keep it off the CPU.)"""
-    return _PROBED.get(("half", variant.name), True)
+    """Does this CPU kernel keep float16/bfloat16 inputs exact to float32 statistics (`_probe_half`)? Found at the
+    first half-precision CPU call (30-40 ms of first-use kernel set-up: not at import); while torch.compile traces
+    before that, no (chunked runs it, exactly). A kernel with no CPU implementation is not probed: its caps keep it
+    off the CPU."""
+    if variant not in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        return True
+    key = ("half", variant.name)
+    found = _PROBED.get(key)
+    if found is None:
+        if torch.compiler.is_compiling():
+            return False
+        found = _PROBED[key] = _isolated(functools.partial(_probe_half, variant))
+    return found
 
 
 clear_probes()
