@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Feature", "register", "registered", "missing", "get", "torch_release", "TESTED"]
+__all__ = ["Feature", "register", "registered", "missing", "get", "torch_release", "tested_status", "TESTED"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,6 @@ def registered() -> list[Feature]:
 
 def get(name: str) -> Feature:
     """The feature called `name`; a KeyError names the known ones."""
-    registered()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -94,6 +93,8 @@ def tested_status(version: str | None = None) -> str:
     here = torch_release(version)
     tested = sorted(torch_release(v) for v in TESTED)
     names = ", ".join(TESTED)
+    if not tested:
+        return "untested: no torch release passed the last matrix run (docs/torch-matrix.json)"
     if here in tested:
         return f"tested (the suite passed on {names}: docs/torch-matrix.json)"
     if here and here > tested[-1]:
