@@ -26,6 +26,11 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in version.split("+")[0].split(".")[:3])
 
 
+def _span(values: list[float]) -> str:
+    low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+    return low if low == high else f"{low} to {high}"
+
+
 def render(matrix: dict) -> str:
     """The Markdown table (and its legend) for `matrix` (docs/torch-matrix.json's content)."""
     from attend import features
@@ -50,7 +55,7 @@ def render(matrix: dict) -> str:
     lines += [
         "",
         f"Run {' to '.join(dates[:1] + dates[1:][-1:])} on {'/'.join(map(str, cores))} CPU cores (load average "
-        f"{min(loads):.1f} to {max(loads):.1f} at the end of a session); venv: the session's environment on disk "
+        f"{_span(loads)} at the end of a session); venv: the session's environment on disk "
         "(the index's CUDA wheels, on a CPU machine: a first install downloaded them in 1-2 minutes here). What "
         "attend does without each missing feature:",
         "",
@@ -72,7 +77,7 @@ def tested_line(matrix: dict) -> str:
     """features.py's TESTED: the releases whose session passed, lowest first."""
     passed = sorted((s["torch"].split("+")[0] for s in matrix["sessions"].values() if s["result"] == "pass"),
                     key=_release)  # fmt: skip
-    return f"TESTED: tuple[str, ...] = ({', '.join(repr(v) for v in passed)}{',' if len(passed) == 1 else ''})"
+    return f"TESTED: tuple[str, ...] = ({', '.join(json.dumps(v) for v in passed)}{',' if len(passed) == 1 else ''})"
 
 
 def main(argv: list[str]) -> int:

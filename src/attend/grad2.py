@@ -180,7 +180,7 @@ HOOKS = features.register(
 KEEP_GRAPH = features.register(
     "graph_task_keep_graph",
     api="torch._C._autograd._get_current_graph_task_keep_graph",
-    since="2.1",
+    since="2.5",
     without="a hooked kernel node keeps its inputs' mask until the node dies, not until backward frees the graph",
     present=lambda: keep_graph is not None,
 )
