@@ -48,3 +48,15 @@ def test_quick_candidates_are_timed_alike_whatever_their_bursts(monkeypatch, fir
         assert min(got[name].samples) == pytest.approx(1e-4) and max(got[name].samples) == pytest.approx(1e-4)
     assert got["slow"].median == pytest.approx(1.2e-3)  # one call a round: it pays the cold start
     assert len(got["a"].samples) >= 100 and len(got["b"].samples) >= 100
+
+
+@pytest.mark.parametrize("costs", [(0.8, 0.17, 0.17, 0.2), (1.0, 0.01, 0.3), (0.05, 0.05)])
+def test_the_estimate_is_what_the_timer_spends(monkeypatch, costs):
+    """`cost.timer_seconds` (the estimate `attend bench` prints first) and `time_interleaved` on a fake clock agree,
+    bursts included: one burst rule (`timer.burst_calls`) for both."""
+    from attend.bench import cost
+
+    m = _Machine(monkeypatch)
+    fns = {f"c{n}": m.candidate(f"c{n}", t, 0.0) for n, t in enumerate(costs)}
+    timer.time_interleaved(fns, torch.device("cpu"), min_time=0.3)
+    assert m.now == pytest.approx(cost.timer_seconds(list(costs), 0.3), rel=0.05)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .flops import attended_pairs, attention_flops
 from .harness import BenchConfig, default_dtype
+from .timer import burst_calls
 
 __all__ = ["Machine", "calibrate", "timer_seconds", "estimate_seconds", "fmt_duration"]
 
@@ -99,13 +100,13 @@ def _dense_s(score_bytes: float, mode: str, device: torch.device, m: Machine) ->
 def timer_seconds(calls: list[float], min_time: float, min_runs: int = 3, max_runs: int = 1000) -> float:
     """Wall seconds `time_interleaved` spends on candidates whose calls take `calls` seconds each: one warm-up
     call each (three more for a quick one), then rounds (a candidate k times faster than the slowest makes
-    about k / 2 timed calls a round, after one untimed call) until each has `min_time` seconds of samples and
+    about k / 4 timed calls a round, after one untimed call) until each has `min_time` seconds of samples and
     `min_runs` of them (2 for a call of 2 * `min_time` or more), or `max_runs`."""
     if not calls:
         return 0.0
     clock = sum(t + (3 * t if t < min_time else 0.0) for t in calls)
     slowest = max(calls)
-    reps = [max(1, min(20, int(slowest / max(t, 1e-9) / 2))) for t in calls]
+    reps = [burst_calls(slowest, t) for t in calls]
     need = [min(min_runs, 2) if t >= 2 * min_time else min_runs for t in calls]
     have = [0] * len(calls)
 

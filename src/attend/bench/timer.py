@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "time_interleaved"]
+__all__ = ["Timing", "time_interleaved", "burst_calls"]
+
+# a candidate k times faster than the slowest makes about k / BURST_SHARE timed calls a round (at most 20): with
+# 2, the quick suite's fast candidates spent three times the slowest's (the original einsum path's) time every
+# round, and its rows 17-19 s each on 2 cores
+BURST_SHARE = 4
+
+
+def burst_calls(slowest: float, t: float) -> int:
+    """Timed calls a round for a candidate of `t` seconds a call beside a slowest of `slowest` seconds."""
+    return max(1, min(20, int(slowest / max(t, 1e-9) / BURST_SHARE)))
 
 
 @dataclass
@@ -54,7 +64,7 @@ def time_interleaved(
     samples (or `max_runs` samples: a 100 us call reaches it after 0.1 s; with 200, the median of a small call
     moved by 5-10 % from run to run). A candidate whose warm-up call alone took 2 * `min_time` or more
     needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
-    A candidate k times faster than the slowest makes about k / 2 calls per round (a burst) and goes on
+    A candidate k times faster than the slowest makes about k / 4 calls per round (a burst, `burst_calls`) and goes on
     sampling until every candidate is done, so all medians cover the same stretch of time. A burst of two or
     more calls starts with one untimed call: quick candidates are timed with their own code and data in the
     caches, whatever their burst length (the slow ones, one call a round, pay the cold start, a few us of
@@ -99,12 +109,12 @@ def time_interleaved(
             if again:
                 first[name] = min(again)
 
-    # calls per round: a candidate k times faster than the slowest runs about k / 2 calls a round, so every
+    # calls per round: a candidate k times faster than the slowest runs about k / 4 calls a round, so every
     # candidate gathers its samples over the same stretch of time (a burst of load from elsewhere then hits
     # all of them alike, not whichever happened to be sampling then)
     def sized(times: dict[str, float]) -> dict[str, int]:
         slowest = max(times.values(), default=0.0)
-        return {n: max(1, min(20, int(slowest / max(times.get(n, slowest), 1e-9) / 2))) for n in fns}
+        return {n: burst_calls(slowest, times.get(n, slowest)) for n in fns}
 
     # The first call of a burst runs with another candidate's data in the caches: when its time was kept, two
     # candidates running the same code, one sized on a noisy first call to 2 calls a round and the other to 3,
