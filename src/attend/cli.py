@@ -890,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         choices=("all", "attend", "none"),
         help="peak memory of every candidate, of attend alone (structured: the subject), or none; default: attend "
-        "for the quick and structured suites (their tables show that one; keeps quick near 50 s on 2 cores), none "
+        "for the quick and structured suites (their tables show that one; keeps quick under a minute on 2 cores), none "
         "for decode (it measures bandwidth) and contention, all for the others",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (= --memory none)")
