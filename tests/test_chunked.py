@@ -620,11 +620,12 @@ def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
         out = attention(q, k, v, bias=bias, backend="chunked", **kw)
         return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-    seen = []
-    real = tiles.split_ways
-    monkeypatch.setattr(tiles, "split_ways", lambda *a: seen.append(real(*a)) or seen[-1])
+    seen = []  # the threads of every tile loop run: the forward's, then the backward's
+    real = tiles.run_split
+    monkeypatch.setattr(tiles, "run_split", lambda units, fn, ways, into=None: seen.append(ways)
+                        or real(units, fn, ways, into))  # fmt: skip
     split_out, split_grads = run(True)
-    assert max(seen) > 1, "the loop was not split"
+    assert seen == [2, 2], f"the forward's and the backward's loops were not both split: {seen}"
     one_out, one_grads = run(False)
     torch.testing.assert_close(split_out, one_out, atol=1e-12, rtol=1e-12)
     for a, b in zip(split_grads, one_grads):
@@ -632,8 +633,9 @@ def test_split_tile_loop_equals_the_single_thread_loop(kw, monkeypatch):
 
 
 def test_no_split_on_a_quiet_cpu_or_for_a_deterministic_call(monkeypatch, tmp_path):
-    """The split engages only while the CPU is contended (PSI's "some avg10" over 30 %, else the load average),
-    and never for deterministic=True or torch.use_deterministic_algorithms (bit-for-bit repeatable sums)."""
+    """The split engages only while the CPU is contended (PSI's stall share over 30 %: since the previous read when
+    that was at most 2 s ago, else its 10-second average; without PSI the load average), and never for
+    deterministic=True or torch.use_deterministic_algorithms (bit-for-bit repeatable sums)."""
     from attend import _helpers
 
     if torch.get_num_threads() < 2 or not _helpers.per_thread_counts():
@@ -641,9 +643,15 @@ def test_no_split_on_a_quiet_cpu_or_for_a_deterministic_call(monkeypatch, tmp_pa
     x = torch.zeros(1)
     pressure = tmp_path / "cpu"
     monkeypatch.setattr(_helpers, "_PRESSURE", str(pressure))
-    for avg10, busy in (("4.10", False), ("66.85", True)):
-        pressure.write_text(f"some avg10={avg10} avg60=1.00 avg300=1.00 total=1\nfull avg10=0.00\n")
-        monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False])  # (not the cached answer)
+    clock = [100.0]
+    monkeypatch.setattr(_helpers.time, "monotonic", lambda: clock[0])
+
+    def psi(avg10: str, total: int) -> None:
+        pressure.write_text(f"some avg10={avg10} avg60=1.00 avg300=1.00 total={total}\nfull avg10=0.00\n")
+
+    for avg10, busy in (("4.10", False), ("66.85", True)):  # a first read: the 10-second average decides
+        psi(avg10, 1)
+        monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False, None])  # (not the cached answer)
         assert _helpers.cpu_contended() is busy
         assert _helpers.split_threads(x, 4, work=1 << 30) == (2 if busy else 1)
         assert _helpers.split_threads(x, 4, work=1 << 20) == 1  # too little work to hand out
@@ -653,15 +661,35 @@ def test_no_split_on_a_quiet_cpu_or_for_a_deterministic_call(monkeypatch, tmp_pa
         assert _helpers.split_threads(x, 4, work=1 << 30) == 1
     finally:
         torch.use_deterministic_algorithms(False)
+
+    # busy processes that have just started: the 10-second average still reads 2 %, the last second 70 % stalled
+    monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False, None])
+    psi("2.00", 10_000_000)
+    assert _helpers.cpu_contended() is False  # the first read: nothing to take an interval from
+    clock[0] += 0.3
+    psi("2.00", 10_210_000)
+    assert _helpers.cpu_contended() is False  # cached for half a second
+    clock[0] += 0.7  # one second after the first read: 700 ms stalled in it
+    psi("2.00", 10_700_000)
+    assert _helpers.cpu_contended() is True
+    clock[0] += 1.0  # they stopped: 50 ms stalled in the last second, while the average still lags at 60 %
+    psi("60.00", 10_750_000)
+    assert _helpers.cpu_contended() is False
+    clock[0] += 30.0  # a long gap: the interval would be stale, the 10-second average decides
+    psi("60.00", 10_760_000)
+    assert _helpers.cpu_contended() is True
+
     monkeypatch.setattr(_helpers, "_PRESSURE", str(tmp_path / "absent"))  # no PSI: the load average decides
-    monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False])
+    monkeypatch.setattr(_helpers, "_CONTENTION", [-1.0, False, None])
     monkeypatch.setattr(_helpers.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
     assert _helpers.cpu_contended() is True
 
 
-def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch):
+@pytest.mark.parametrize(("backend", "loops"), [("sdpa:math", [2]), ("sdpa:flash", [2, 2])])
+def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch, backend, loops):
     """sdpa's query blocks (causal + key padding, i > query_block) split across threads give the single-thread
-    path's out and gradients."""
+    path's out and gradients. sdpa:math's blocks are twice differentiable, so autograd runs their backward (one
+    split loop); sdpa:flash's run in `_BlockGrads`, whose backward loop splits as its forward did."""
     from attend import _helpers
 
     if torch.get_num_threads() < 2 or not _helpers.per_thread_counts():
@@ -675,7 +703,7 @@ def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch):
 
     def run(busy: bool):
         monkeypatch.setattr(_helpers, "cpu_contended", lambda: busy)
-        out = attention(q, k, v, mask=pad, causal=True, backend="sdpa:math")
+        out = attention(q, k, v, mask=pad, causal=True, backend=backend)
         return out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
     seen = []
@@ -686,7 +714,7 @@ def test_split_query_blocks_equal_the_single_thread_blocks(monkeypatch):
 
     monkeypatch.setattr(sdpa, "run_split", _helpers.run_split)
     split_out, split_grads = run(True)
-    assert max(seen) == 2, seen
+    assert seen == loops, f"the forward's and the backward's blocks were not both split: {seen}"
     one_out, one_grads = run(False)
     torch.testing.assert_close(split_out, one_out, atol=1e-12, rtol=1e-12)
     for a, b in zip(split_grads, one_grads):

@@ -21,7 +21,7 @@ T = TypeVar("T")
 __all__ = [
     "exists", "default", "fmt_dtype", "fmt_dtypes", "fmt_shape", "accum_dtype", "functorch_wrapped", "DIM_LEGEND",
     "autocast_on", "any_autocast", "no_autocast", "autocast_inputs", "differentiable", "run_split", "split_threads",
-    "per_thread_counts",
+    "one_op_thread", "per_thread_counts",
 ]
 
 DIM_LEGEND = (
@@ -206,36 +206,44 @@ PER_THREAD = features.register(
 )
 
 
-# CPU pressure (Linux PSI): the share of the last 10 s in which some runnable task waited for a CPU. A process
-# that has the machine to itself (its intra-op threads <= cores) reads a few %; with two busy processes per core
-# beside it, 60-70 % (2-vCPU VM). Read at most every half second; elsewhere the 1-minute load average against
-# the core count (it lags a minute behind).
+# CPU pressure (Linux PSI): the share of time in which some runnable task waited for a CPU. A process that has
+# the machine to itself (its intra-op threads <= cores) reads a few %; with two busy processes per core beside it,
+# 60-80 % (2-vCPU VM). The share is taken over the interval since the previous read (PSI's cumulative `total`, in
+# microseconds), read at most every half second: PSI's own 10-second average lagged 6-8 s behind busy processes
+# that had just started (a loop timed in those seconds ran unsplit, at 0.12x SDPA instead of 0.7x). After a gap
+# of more than `_FRESH_S` the interval would average over stale time, so the 10-second average decides that once.
+# Without PSI, the 1-minute load average against the core count (it lags a minute behind).
 _PRESSURE = "/proc/pressure/cpu"
 _CONTENDED_PERCENT = 30.0
 _CONTENDED_LOAD = 1.5  # load average per core
-_CONTENTION: list = [-1.0, False]  # (when read, contended)
+_FRESH_S = 2.0
+_CONTENTION: list = [-1.0, False, None]  # (when read, contended, PSI's total then)
 
 
-def _read_contention() -> bool:
+def _read_contention(since: float, total_then: int | None, now: float) -> tuple[bool, int | None]:
+    """(contended, PSI's total now); `since`, `total_then`: the previous read's time and total."""
     try:
         with open(_PRESSURE) as f:
-            some = f.readline().split()  # "some avg10=66.85 avg60=57.97 avg300=39.57 total=..."
-        return float(some[1].split("=")[1]) > _CONTENDED_PERCENT
-    except (OSError, IndexError, ValueError):
+            some = dict(field.split("=") for field in f.readline().split()[1:])  # avg10=66.85 ... total=2121403533
+        total = int(some["total"])
+        if total_then is not None and 0 < now - since <= _FRESH_S:
+            return (total - total_then) / 1e4 / (now - since) > _CONTENDED_PERCENT, total
+        return float(some["avg10"]) > _CONTENDED_PERCENT, total
+    except (OSError, KeyError, ValueError):
         pass
     try:
-        return os.getloadavg()[0] > _CONTENDED_LOAD * (os.cpu_count() or 1)
+        return os.getloadavg()[0] > _CONTENDED_LOAD * (os.cpu_count() or 1), None
     except (AttributeError, OSError):  # no load average on this platform
-        return False
+        return False, None
 
 
 def cpu_contended() -> bool:
     """Are other processes competing for this machine's cores now (`_PRESSURE`)? Cached for half a second."""
     now = time.monotonic()
-    when, contended = _CONTENTION
+    when, contended, total = _CONTENTION
     if now - when > 0.5:
-        contended = _read_contention()
-        _CONTENTION[:] = [now, contended]
+        contended, total = _read_contention(when, total, now)
+        _CONTENTION[:] = [now, contended, total]
     return contended
 
 
@@ -261,16 +269,32 @@ def split_threads(like: torch.Tensor, units: int, deterministic: bool = False, w
     return min(threads, units)
 
 
-def _single_threaded(fn: Callable, grad: bool, inference: bool, units: list, into: Any) -> None:
-    """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread."""
+@contextlib.contextmanager
+def one_op_thread(on: bool = True):
+    """With `on`: the calling thread's ATen ops run single-threaded inside (torch's intra-op thread count is per
+    thread in its OpenMP backend, `per_thread_intra_op`). Around the serial steps of a split loop on a busy CPU
+    (allocating and summing accumulators, concatenating blocks): each parallel op's barrier waited for a descheduled
+    thread, which made those few memory-bound ops a quarter of a split call's time there."""
+    if not on:
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
-            for unit in units:
-                fn(*unit) if into is None else fn(*unit, into)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _single_threaded(fn: Callable, grad: bool, inference: bool, units: list, into: Any, zeroed: bool) -> Any:
+    """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread; with `zeroed`, into
+    zeroed copies of the accumulators `into` made here (in this thread), which it returns."""
+    with one_op_thread(), torch.inference_mode() if inference else torch.set_grad_enabled(grad):
+        if zeroed and into is not None:
+            into = tuple(None if t is None else torch.zeros_like(t) for t in into)
+        for unit in units:
+            fn(*unit) if into is None else fn(*unit, into)
+    return into
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -283,8 +307,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def run_split(units: list, fn: Callable, ways: int, into: tuple | None = None) -> None:
     """fn(*unit[, into]) for every unit; with `ways` > 1 dealt to that many threads (the caller's one of them).
-    `into`: accumulators the units add into (tensors or None); every thread but the caller's gets zeroed copies,
-    added in at the end."""
+    `into`: accumulators the units add into (tensors or None); every thread but the caller's makes its own zeroed
+    copies, added in at the end (in the caller's thread, its ops single-threaded: `one_op_thread`)."""
     if ways <= 1:
         for unit in units:
             fn(*unit) if into is None else fn(*unit, into)
@@ -294,20 +318,16 @@ def run_split(units: list, fn: Callable, ways: int, into: tuple | None = None) -
         turn, place = divmod(n, ways)
         shares[place if turn % 2 == 0 else ways - 1 - place].append(unit)
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    privates = [None if into is None else tuple(None if t is None else torch.zeros_like(t) for t in into)
-                for _ in shares[1:]]  # fmt: skip
     pool = _pool(ways - 1)
-    futures = [pool.submit(_single_threaded, fn, grad, inference, share, mine)
-               for share, mine in zip(shares[1:], privates)]  # fmt: skip
+    futures = [pool.submit(_single_threaded, fn, grad, inference, share, into, True) for share in shares[1:]]
     try:
-        _single_threaded(fn, grad, inference, shares[0], into)
+        _single_threaded(fn, grad, inference, shares[0], into, False)
     finally:
         wait(futures)  # every thread done before anything (a result, an error) leaves here
-    for future in futures:
-        future.result()  # (re-raises the first error)
+    privates = [future.result() for future in futures]  # (re-raises the first error)
     if into is not None:
-        for mine in privates:
-            assert mine is not None
-            for total, part in zip(into, mine):
-                if total is not None:
-                    total.add_(part)
+        with one_op_thread():
+            for mine in privates:
+                for total, part in zip(into, mine):
+                    if total is not None:
+                        total.add_(part)

@@ -66,7 +66,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._helpers import accum_dtype, functorch_wrapped, run_split, split_threads
+from ._helpers import accum_dtype, functorch_wrapped, one_op_thread, run_split, split_threads
 from .masks import Structure
 
 __all__ = [
@@ -548,18 +548,20 @@ def backward(
     g, r, acc = plan.g, plan.r, plan.acc
     dog = dout.reshape(plan.b * g, r, plan.i, plan.e)
     lse = lse.reshape(plan.b * g, r, plan.i)
-    # D = rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, dropout included
-    delta = (dog.to(acc) * out.reshape(dog.shape).to(acc)).sum(dim=-1)
-    if dlse is not None:
-        delta = delta - dlse.reshape(delta.shape).to(acc)
-    # accumulators from dout: under torch.func.vmap over the cotangent (jacrev) they are batched like it,
-    # so the in-place accumulation below stays legal (a plain zeros tensor cannot take a batched add)
-    dq = dout.new_zeros(plan.b * g, r, plan.i, plan.d, dtype=acc)
-    dk = dout.new_zeros(plan.b * g, plan.j, plan.d, dtype=acc)
-    dv = dout.new_zeros(plan.b * g, plan.j, plan.e, dtype=acc)
-    dbias = dout.new_zeros(plan.bias5.shape, dtype=acc) if bias_grad else None
-    backward_into(plan, dog, qg, kk, vv, lse, delta, dq, dk, dv, dbias, accumulate_dq=False)
-    dq.mul_(plan.scale)
+    ways = _loop_ways(plan, dout)  # (read here: inside one_op_thread the thread count is 1)
+    with one_op_thread(ways > 1):  # the loop split on a busy CPU: its serial steps too
+        # D = rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, dropout included
+        delta = (dog.to(acc) * out.reshape(dog.shape).to(acc)).sum(dim=-1)
+        if dlse is not None:
+            delta = delta - dlse.reshape(delta.shape).to(acc)
+        # accumulators from dout: under torch.func.vmap over the cotangent (jacrev) they are batched like it,
+        # so the in-place accumulation below stays legal (a plain zeros tensor cannot take a batched add)
+        dq = dout.new_zeros(plan.b * g, r, plan.i, plan.d, dtype=acc)
+        dk = dout.new_zeros(plan.b * g, plan.j, plan.d, dtype=acc)
+        dv = dout.new_zeros(plan.b * g, plan.j, plan.e, dtype=acc)
+        dbias = dout.new_zeros(plan.bias5.shape, dtype=acc) if bias_grad else None
+        backward_into(plan, dog, qg, kk, vv, lse, delta, dq, dk, dv, dbias, accumulate_dq=False, ways=ways)
+        dq.mul_(plan.scale)
     return dq, dk, dv, dbias
 
 
@@ -576,6 +578,7 @@ def backward_into(
     dv: Tensor,
     dbias: Tensor | None,
     accumulate_dq: bool = True,
+    ways: int | None = None,
 ) -> None:
     """The tile loop of `backward`, adding into given accumulators (in the accumulation dtype): dk (b*g, j, d),
     dv (b*g, j, e), dbias (the plan's grouped bias shape) always add; dq (b*g, r, i, d) adds too, *unscaled*
@@ -583,7 +586,8 @@ def backward_into(
 
     dog (b*g, r, i, e), lse and delta (b*g, r, i): the output gradient, the log-sum-exp and D = rowsum(dout *
     out) of the *whole* attention, so a plan over one block of keys gives exactly that block's part of the
-    gradients (context parallel's ring backward runs one plan per key block); qg, kk, vv from `plan.split`."""
+    gradients (context parallel's ring backward runs one plan per key block); qg, kk, vv from `plan.split`.
+    `ways`: the threads the loop runs on (None: as `split_ways` says for it)."""
     g, r, acc = plan.g, plan.r, plan.acc
     fused = plan.tracing or not functorch_wrapped(dog)  # vmapped cotangent (jacrev): no baddbmm_, see _add_bmm
     keep_scale = 1.0 / (1.0 - plan.dropout_p)
@@ -636,7 +640,7 @@ def backward_into(
         else:
             dq[gs, :, r0:r1] = dqt.view(nbg, r, n, plan.d)
 
-    _each(plan, dog, one, (dk, dv, dbias))
+    _each(plan, dog, one, (dk, dv, dbias), ways)
 
 
 # The split of a tile loop across threads (a busy CPU): each (batch slice, query tile) of a loop is independent
@@ -654,11 +658,20 @@ def split_ways(plan: Plan, like: Tensor, units: int) -> int:
     return split_threads(like, units, plan.deterministic, plan.b * plan.h * plan.i * plan.j * plan.d)
 
 
-def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None) -> None:
-    """fn(bs, r0, r1[, into]) for every (batch slice, query tile) of the plan, split across threads where
-    `split_ways` says so (`into`: the accumulators the units add into: dk, dv, dbias or None)."""
-    units = [(bs, r0, r1) for bs in plan.batches() for r0, r1 in plan.query_tiles()]
-    run_split(units, fn, split_ways(plan, like, len(units)), into)
+def _units(plan: Plan) -> list[tuple[slice, int, int]]:
+    return [(bs, r0, r1) for bs in plan.batches() for r0, r1 in plan.query_tiles()]
+
+
+def _loop_ways(plan: Plan, like: Tensor) -> int:
+    """How many threads the plan's tile loop runs on (`split_ways` for its units)."""
+    return split_ways(plan, like, len(_units(plan)))
+
+
+def _each(plan: Plan, like: Tensor, fn, into: tuple | None = None, ways: int | None = None) -> None:
+    """fn(bs, r0, r1[, into]) for every (batch slice, query tile) of the plan, split across `ways` threads (None:
+    as `split_ways` says; `into`: the accumulators the units add into: dk, dv, dbias or None)."""
+    units = _units(plan)
+    run_split(units, fn, split_ways(plan, like, len(units)) if ways is None else ways, into)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds5: Tensor, bs: slice, r0, r1, c0, c1) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import features, grad2
-from .._helpers import accum_dtype, differentiable, functorch_wrapped, run_split, split_threads
+from .._helpers import accum_dtype, differentiable, functorch_wrapped, one_op_thread, run_split, split_threads
 from ..grad2 import Gate, gate, recompute_grads, records_graph
 from ..inputs import AttnInputs, default_scale
 from ..masks import Structure, dead_rows, sdpa_attn_mask
@@ -401,7 +401,8 @@ class _BlockGrads(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.shapes = [(t.shape, t.dtype, t.device) if t.requires_grad else None for t in (q, k, v)]
         ctx.set_materialize_grads(True)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        with one_op_thread(ctx.ways > 1):  # split on a busy CPU: no barrier for the serial copy either
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @staticmethod
     def backward(ctx, dout):
@@ -413,7 +414,9 @@ class _BlockGrads(torch.autograd.Function):
         # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
         keep = grad2.keep_graph is None or grad2.keep_graph()  # (read here: one binding, in grad2)
-        grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in ctx.shapes]
+        with one_op_thread(ctx.ways > 1):
+            grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
+                     for spec in ctx.shapes]  # fmt: skip
 
         def one(graph: tuple, rows: slice, cols: slice | None, into: tuple) -> None:
             out, qb, kb, vb = graph
@@ -626,8 +629,10 @@ class SdpaBackend(Backend):
             outs[n] = block(rows, cols, masked, q[:, :, rows], *kv)
 
         work = inp.b * inp.h * inp.i * inp.j * inp.d
-        run_split([(n, *b) for n, b in enumerate(blocks)], one, split_threads(q, len(blocks), inp.deterministic, work))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        ways = split_threads(q, len(blocks), inp.deterministic, work)
+        run_split([(n, *b) for n, b in enumerate(blocks)], one, ways)
+        with one_op_thread(ways > 1):
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
         """Window and documents: each block of queries against only the keys it can see ([lo, hi) of
