@@ -269,19 +269,17 @@ def split_threads(like: torch.Tensor, units: int, deterministic: bool = False, w
     return min(threads, units)
 
 
-@contextlib.contextmanager
-def one_op_thread(on: bool = True):
-    """With `on`: the calling thread's ATen ops run single-threaded inside (torch's intra-op thread count is per
-    thread in its OpenMP backend, `per_thread_intra_op`). Around the serial steps of a split loop on a busy CPU
-    (allocating and summing accumulators, concatenating blocks): each parallel op's barrier waited for a descheduled
-    thread, which made those few memory-bound ops a quarter of a split call's time there."""
-    if not on:
-        yield
-        return
+def one_op_thread(fn: Callable[[], T]) -> T:
+    """fn(), its ATen ops single-threaded in the calling thread (torch's intra-op thread count is per thread in its
+    OpenMP backend, `per_thread_intra_op`). For the serial steps of a split loop on a busy CPU (making and summing
+    accumulators, concatenating blocks): each parallel op's barrier waited for a descheduled thread, which made
+    those few memory-bound ops a quarter of a split call's time there. (A function, not a context manager: callers
+    that torch.compile traces call it only when they split, which they never do while tracing, and dynamo 2.9
+    refused a graph break inside any generator context manager, even one that did nothing.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        return fn()
     finally:
         torch.set_num_threads(threads)
 
@@ -289,12 +287,15 @@ def one_op_thread(on: bool = True):
 def _single_threaded(fn: Callable, grad: bool, inference: bool, units: list, into: Any, zeroed: bool) -> Any:
     """Run `fn` over `units` with the caller's grad / inference mode and one intra-op thread; with `zeroed`, into
     zeroed copies of the accumulators `into` made here (in this thread), which it returns."""
-    with one_op_thread(), torch.inference_mode() if inference else torch.set_grad_enabled(grad):
-        if zeroed and into is not None:
-            into = tuple(None if t is None else torch.zeros_like(t) for t in into)
-        for unit in units:
-            fn(*unit) if into is None else fn(*unit, into)
-    return into
+
+    def run() -> Any:
+        mine = tuple(None if t is None else torch.zeros_like(t) for t in into) if zeroed and into is not None else into
+        with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
+            for unit in units:
+                fn(*unit) if mine is None else fn(*unit, mine)
+        return mine
+
+    return one_op_thread(run)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -326,8 +327,5 @@ def run_split(units: list, fn: Callable, ways: int, into: tuple | None = None) -
         wait(futures)  # every thread done before anything (a result, an error) leaves here
     privates = [future.result() for future in futures]  # (re-raises the first error)
     if into is not None:
-        with one_op_thread():
-            for mine in privates:
-                for total, part in zip(into, mine):
-                    if total is not None:
-                        total.add_(part)
+        one_op_thread(lambda: [total.add_(part) for mine in privates for total, part in zip(into, mine)
+                               if total is not None])  # fmt: skip

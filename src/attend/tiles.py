@@ -549,7 +549,8 @@ def backward(
     dog = dout.reshape(plan.b * g, r, plan.i, plan.e)
     lse = lse.reshape(plan.b * g, r, plan.i)
     ways = _loop_ways(plan, dout)  # (read here: inside one_op_thread the thread count is 1)
-    with one_op_thread(ways > 1):  # the loop split on a busy CPU: its serial steps too
+
+    def run() -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         # D = rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, dropout included
         delta = (dog.to(acc) * out.reshape(dog.shape).to(acc)).sum(dim=-1)
         if dlse is not None:
@@ -561,8 +562,10 @@ def backward(
         dv = dout.new_zeros(plan.b * g, plan.j, plan.e, dtype=acc)
         dbias = dout.new_zeros(plan.bias5.shape, dtype=acc) if bias_grad else None
         backward_into(plan, dog, qg, kk, vv, lse, delta, dq, dk, dv, dbias, accumulate_dq=False, ways=ways)
-        dq.mul_(plan.scale)
-    return dq, dk, dv, dbias
+        return dq.mul_(plan.scale), dk, dv, dbias
+
+    # the loop split on a busy CPU: its serial steps single-threaded too (never while tracing: ways is 1 there)
+    return one_op_thread(run) if ways > 1 else run()
 
 
 def backward_into(

@@ -370,6 +370,13 @@ def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return not functorch_wrapped(q, k, v)
 
 
+def _joined(outs: list[Tensor], ways: int) -> Tensor:
+    """The query blocks' outputs along i; single-threaded after a split loop (a busy CPU: `one_op_thread`)."""
+    if len(outs) == 1:
+        return outs[0]
+    return one_op_thread(lambda: torch.cat(outs, dim=2)) if ways > 1 else torch.cat(outs, dim=2)
+
+
 class _BlockGrads(torch.autograd.Function):
     """Query blocks of one call, each against its own keys, with a backward that writes each block's
     dq, dk, dv into preallocated full tensors (a slice-add per block) instead of letting autograd sum one
@@ -401,8 +408,7 @@ class _BlockGrads(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.shapes = [(t.shape, t.dtype, t.device) if t.requires_grad else None for t in (q, k, v)]
         ctx.set_materialize_grads(True)
-        with one_op_thread(ctx.ways > 1):  # split on a busy CPU: no barrier for the serial copy either
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return _joined(outs, ctx.ways)
 
     @staticmethod
     def backward(ctx, dout):
@@ -414,9 +420,11 @@ class _BlockGrads(torch.autograd.Function):
         # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
         keep = grad2.keep_graph is None or grad2.keep_graph()  # (read here: one binding, in grad2)
-        with one_op_thread(ctx.ways > 1):
-            grads = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
-                     for spec in ctx.shapes]  # fmt: skip
+        def zeros() -> list:
+            return [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
+                    for spec in ctx.shapes]  # fmt: skip
+
+        grads = one_op_thread(zeros) if ctx.ways > 1 else zeros()  # split on a busy CPU: serial steps too
 
         def one(graph: tuple, rows: slice, cols: slice | None, into: tuple) -> None:
             out, qb, kb, vb = graph
@@ -631,8 +639,7 @@ class SdpaBackend(Backend):
         work = inp.b * inp.h * inp.i * inp.j * inp.d
         ways = split_threads(q, len(blocks), inp.deterministic, work)
         run_split([(n, *b) for n, b in enumerate(blocks)], one, ways)
-        with one_op_thread(ways > 1):
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return _joined(outs, ways)
 
     def _structured(self, inp: AttnInputs, q, k, v, kwargs, bias_dtype) -> Tensor:
         """Window and documents: each block of queries against only the keys it can see ([lo, hi) of
