@@ -326,6 +326,13 @@ def run_split(units: list, fn: Callable, ways: int, into: tuple | None = None) -
     finally:
         wait(futures)  # every thread done before anything (a result, an error) leaves here
     privates = [future.result() for future in futures]  # (re-raises the first error)
-    if into is not None:
-        one_op_thread(lambda: [total.add_(part) for mine in privates for total, part in zip(into, mine)
-                               if total is not None])  # fmt: skip
+    if into is None:
+        return
+
+    def add_in() -> None:
+        for mine in privates:
+            for total, part in zip(into, mine):
+                if total is not None:
+                    total.add_(part)
+
+    one_op_thread(add_in)

@@ -420,6 +420,7 @@ class _BlockGrads(torch.autograd.Function):
         # the blocks' graphs live as long as this backward keeps the whole graph (retain_graph, and the recorded
         # pass of a create_graph backward: the gate then replaces these gradients, and a later backward runs here)
         keep = grad2.keep_graph is None or grad2.keep_graph()  # (read here: one binding, in grad2)
+
         def zeros() -> list:
             return [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
                     for spec in ctx.shapes]  # fmt: skip
