@@ -50,7 +50,7 @@ def test_quick_candidates_are_timed_alike_whatever_their_bursts(monkeypatch, fir
     assert len(got["a"].samples) >= 100 and len(got["b"].samples) >= 100
 
 
-@pytest.mark.parametrize("costs", [(0.8, 0.17, 0.17, 0.2), (1.0, 0.01, 0.3), (0.05, 0.05)])
+@pytest.mark.parametrize("costs", [(0.8, 0.17, 0.17, 0.2), (1.0, 0.01, 0.3), (2.5, 0.17, 0.17), (0.05, 0.05)])
 def test_the_estimate_is_what_the_timer_spends(monkeypatch, costs):
     """`cost.timer_seconds` (the estimate `attend bench` prints first) and `time_interleaved` on a fake clock agree,
     bursts included: one burst rule (`timer.burst_calls`) for both."""
@@ -60,3 +60,15 @@ def test_the_estimate_is_what_the_timer_spends(monkeypatch, costs):
     fns = {f"c{n}": m.candidate(f"c{n}", t, 0.0) for n, t in enumerate(costs)}
     timer.time_interleaved(fns, torch.device("cpu"), min_time=0.3)
     assert m.now == pytest.approx(cost.timer_seconds(list(costs), 0.3), rel=0.05)
+
+
+def test_a_very_slow_candidate_is_timed_once_after_its_warm_up(monkeypatch):
+    """A call of 4 * min_time or more (the seed's einsum at 4k on a slow VM: 2.5 s) gets one timed sample; one of
+    2 * min_time, two; the quick ones still their minimum."""
+    m = _Machine(monkeypatch)
+    fns = {"slowest": m.candidate("slowest", 1.3, 0.0), "slow": m.candidate("slow", 0.7, 0.0),
+           "quick": m.candidate("quick", 0.01, 0.0)}  # fmt: skip
+    got = timer.time_interleaved(fns, torch.device("cpu"), min_time=0.3)
+    assert len(got["slowest"].samples) == 1 and m.calls["slowest"] == 2  # warm-up and one sample
+    assert len(got["slow"].samples) == 2
+    assert len(got["quick"].samples) >= 3

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .flops import attended_pairs, attention_flops
 from .harness import BenchConfig, default_dtype
-from .timer import burst_calls
+from .timer import burst_calls, samples_needed
 
 __all__ = ["Machine", "calibrate", "timer_seconds", "estimate_seconds", "fmt_duration"]
 
@@ -101,13 +101,13 @@ def timer_seconds(calls: list[float], min_time: float, min_runs: int = 3, max_ru
     """Wall seconds `time_interleaved` spends on candidates whose calls take `calls` seconds each: one warm-up
     call each (three more for a quick one), then rounds (a candidate k times faster than the slowest makes
     about k / 4 timed calls a round, after one untimed call) until each has `min_time` seconds of samples and
-    `min_runs` of them (2 for a call of 2 * `min_time` or more), or `max_runs`."""
+    `min_runs` of them (fewer for slow calls: `timer.samples_needed`), or `max_runs`."""
     if not calls:
         return 0.0
     clock = sum(t + (3 * t if t < min_time else 0.0) for t in calls)
     slowest = max(calls)
     reps = [burst_calls(slowest, t) for t in calls]
-    need = [min(min_runs, 2) if t >= 2 * min_time else min_runs for t in calls]
+    need = [samples_needed(t, min_time, min_runs) for t in calls]
     have = [0] * len(calls)
 
     def done(k: int) -> bool:

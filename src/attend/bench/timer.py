@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "burst_calls"]
+__all__ = ["Timing", "time_interleaved", "burst_calls", "samples_needed"]
 
 # a candidate k times faster than the slowest makes about k / BURST_SHARE timed calls a round (at most 20): with
 # 2, the quick suite's fast candidates spent three times the slowest's (the original einsum path's) time every
@@ -26,6 +26,17 @@ BURST_SHARE = 4
 def burst_calls(slowest: float, t: float) -> int:
     """Timed calls a round for a candidate of `t` seconds a call beside a slowest of `slowest` seconds."""
     return max(1, min(20, int(slowest / max(t, 1e-9) / BURST_SHARE)))
+
+
+def samples_needed(t: float, min_time: float, min_runs: int) -> int:
+    """Timed samples a candidate whose warm-up call took `t` seconds needs: `min_runs`; 2 for a call of 2 *
+    `min_time` or more (a reference path at a long length); 1 for a call of 4 * `min_time` or more (the seed's
+    einsum at (1, 8, 4096, 64) took 0.77 s a call on this project's 2-core VM, and 2.5 s in hours when the VM's
+    fresh memory was slow: its second sample, and the rounds of bursts beside it, took the default bench from
+    about 45 s to 67-74 s)."""
+    if t >= 4 * min_time:
+        return 1
+    return min(min_runs, 2) if t >= 2 * min_time else min_runs
 
 
 @dataclass
@@ -63,7 +74,8 @@ def time_interleaved(
     round to round) until every candidate has at least `min_runs` samples and `min_time` seconds of
     samples (or `max_runs` samples: a 100 us call reaches it after 0.1 s; with 200, the median of a small call
     moved by 5-10 % from run to run). A candidate whose warm-up call alone took 2 * `min_time` or more
-    needs only 2 samples: the slow reference paths at long lengths would otherwise dominate a run.
+    needs only 2 samples, 1 from 4 * `min_time` (`samples_needed`): the slow reference paths at long lengths would
+    otherwise dominate a run.
     A candidate k times faster than the slowest makes about k / 4 calls per round (a burst, `burst_calls`) and goes on
     sampling until every candidate is done, so all medians cover the same stretch of time. A burst of two or
     more calls starts with one untimed call: quick candidates are timed with their own code and data in the
@@ -96,9 +108,8 @@ def time_interleaved(
                 t = call(name)
                 if t is not None:
                     first[name] = t
-                # a call that alone outlasts 2 * min_time (a reference path at a long length) gets 2 samples
-                if t is not None and t >= 2 * min_time:
-                    need[name] = min(min_runs, 2)
+                if t is not None:  # a slow call (a reference path at a long length) needs fewer samples
+                    need[name] = samples_needed(t, min_time, min_runs)
 
     # a quick candidate's first call may have paid one-time costs (attend validating and choosing for a new
     # signature, a lazy import): the quickest of three more calls gives the time its calls per round are sized
